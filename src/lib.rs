@@ -1,0 +1,5 @@
+pub mod wheel;
+#[cfg(feature = "cli")]
+pub mod units;
+#[cfg(feature = "cli")]
+pub mod load;
