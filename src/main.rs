@@ -1,1 +1,224 @@
-fn main(){}
+//! The `sockman` binary: `sockman serve` (an echo server with limits, idle timeouts and metrics)
+//! and `sockman load` (its load generator). It uses only the library's public API.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use log::{error, info, warn};
+use sockman::units::{parse_duration, parse_size};
+use sockman::{Config, Discard, Echo, Handler, Metrics, OnFull, Server};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sockman",
+    version,
+    about = "A TCP server core that never leaks a socket"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the echo server (defaults: 127.0.0.1:7000, 60s idle timeout).
+    Serve(ServeArgs),
+    /// Generate load against an echo server and report throughput and latency.
+    Load(sockman::load::LoadArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum HandlerKind {
+    /// Write back every byte.
+    Echo,
+    /// Read and drop every byte.
+    Discard,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OnFullArg {
+    /// Accept and close new connections at the cap.
+    Reject,
+    /// Close the longest-idle connection (idle at least --evict-min-idle) to make room.
+    EvictIdle,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on; repeat for several (replaces the default 127.0.0.1:7000).
+    #[arg(
+        long = "listen",
+        value_name = "ADDR",
+        env = "SOCKMAN_LISTEN",
+        value_delimiter = ','
+    )]
+    listen: Vec<SocketAddr>,
+    /// Close connections idle this long (e.g. 30s, 250ms); 0 = off.
+    #[arg(long, value_name = "DURATION", default_value = "60s", env = "SOCKMAN_IDLE_TIMEOUT", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// Deadline granularity: idle connections close within one tick after their timeout.
+    #[arg(long, value_name = "DURATION", default_value = "10ms", env = "SOCKMAN_TICK", value_parser = parse_duration)]
+    tick: Duration,
+    /// Close connections whose pending output makes no progress this long; 0 = off.
+    #[arg(long, value_name = "DURATION", default_value = "30s", env = "SOCKMAN_WRITE_TIMEOUT", value_parser = parse_duration)]
+    write_timeout: Duration,
+    /// Cap on output buffered for one slow reader (e.g. 64KiB); beyond it the connection closes.
+    #[arg(long, value_name = "SIZE", default_value = "64KiB", env = "SOCKMAN_MAX_PENDING", value_parser = parse_size)]
+    max_pending: usize,
+    /// Connection cap [default: the open-file limit minus a reserve].
+    #[arg(long, value_name = "N", env = "SOCKMAN_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// What to do with a new connection at the cap.
+    #[arg(long, value_enum, default_value = "reject", env = "SOCKMAN_ON_FULL")]
+    on_full: OnFullArg,
+    /// With --on-full evict-idle: only connections idle at least this long are evicted.
+    #[arg(long, value_name = "DURATION", default_value = "1s", env = "SOCKMAN_EVICT_MIN_IDLE", value_parser = parse_duration)]
+    evict_min_idle: Duration,
+    /// Connections allowed from one peer IP address; 0 = no cap.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        env = "SOCKMAN_MAX_PER_IP"
+    )]
+    max_per_ip: usize,
+    /// After accept fails for lack of file descriptors, retry after this long (or on the next close).
+    #[arg(long, value_name = "DURATION", default_value = "100ms", env = "SOCKMAN_ACCEPT_RETRY", value_parser = parse_duration)]
+    accept_retry: Duration,
+    /// Listen backlog.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1024,
+        env = "SOCKMAN_BACKLOG"
+    )]
+    backlog: u32,
+    /// TCP keepalive idle time, for peers that vanish without a FIN; 0 = off.
+    #[arg(long, value_name = "DURATION", default_value = "0", env = "SOCKMAN_TCP_KEEPALIVE", value_parser = parse_duration)]
+    tcp_keepalive: Duration,
+    /// Protocol: echo or discard.
+    #[arg(long, value_enum, default_value = "echo", env = "SOCKMAN_HANDLER")]
+    handler: HandlerKind,
+    /// Log a counters line this often; 0 = off.
+    #[arg(long, value_name = "DURATION", default_value = "5s", env = "SOCKMAN_STATS_INTERVAL", value_parser = parse_duration)]
+    stats_interval: Duration,
+}
+
+impl ServeArgs {
+    fn config(&self) -> Config {
+        let defaults = Config::default();
+        Config {
+            listen: if self.listen.is_empty() {
+                defaults.listen.clone()
+            } else {
+                self.listen.clone()
+            },
+            idle_timeout: self.idle_timeout,
+            tick: self.tick,
+            write_timeout: self.write_timeout,
+            max_pending: self.max_pending,
+            max_connections: self.max_connections,
+            on_full: match self.on_full {
+                OnFullArg::Reject => OnFull::Reject,
+                OnFullArg::EvictIdle => OnFull::EvictIdle,
+            },
+            evict_min_idle: self.evict_min_idle,
+            max_per_ip: self.max_per_ip,
+            accept_retry: self.accept_retry,
+            backlog: self.backlog,
+            tcp_keepalive: self.tcp_keepalive,
+            ..defaults
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let result = match cli.command {
+        Command::Serve(args) => {
+            let config = args.config();
+            match args.handler {
+                HandlerKind::Echo => serve(config, Echo, args.stats_interval),
+                HandlerKind::Discard => serve(config, Discard, args.stats_interval),
+            }
+            .map(|_| ())
+        }
+        Command::Load(args) => load(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            error!("{msg}");
+            eprintln!("sockman: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the server turn by turn, logging a counters line every `stats_interval`, until a signal.
+fn serve<H: Handler>(
+    config: Config,
+    handler: H,
+    stats_interval: Duration,
+) -> Result<Metrics, String> {
+    let mut server = Server::bind(config, handler).map_err(|e| e.to_string())?;
+    watch_signals(server.handle())?;
+    let interval = (!stats_interval.is_zero()).then_some(stats_interval);
+    let mut next_stats = interval.map(|i| Instant::now() + i);
+    while !server.is_stopped() {
+        let wait = next_stats.map(|t| t.saturating_duration_since(Instant::now()));
+        server.turn(wait).map_err(|e| e.to_string())?;
+        if let (Some(at), Some(every)) = (next_stats, interval) {
+            let now = Instant::now();
+            if now >= at {
+                info!("stats {}", server.metrics());
+                // Skip missed intervals rather than logging a burst after a long turn.
+                next_stats = Some(if now >= at + every {
+                    now + every
+                } else {
+                    at + every
+                });
+            }
+        }
+    }
+    info!("final {}", server.metrics());
+    Ok(server.metrics().clone())
+}
+
+/// A small thread turns SIGINT/SIGTERM into a shutdown of the loop (the library has no signal code).
+fn watch_signals(handle: sockman::Handle) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let name = if signal == SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                warn!("{name}: closing every connection and stopping");
+                handle.shutdown();
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    Ok(())
+}
+
+fn load(args: &sockman::load::LoadArgs) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let mut config = args.to_config()?;
+    config.progress = std::io::stderr().is_terminal();
+    let report = sockman::load::run(&config).map_err(|e| e.to_string())?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! Server configuration: [`Config`] with defaults, and [`Config::validate`].
+//!
+//! Plain data: nothing here reads the environment or argv, or does I/O. The binary maps its flags
+//! and `SOCKMAN_*` variables onto a `Config`; an embedder fills one in code.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::close::Error;
+
+/// Largest connection cap accepted: slab keys must fit the low half of a [`mio::Token`].
+pub const MAX_CONNECTIONS_LIMIT: usize = if usize::BITS >= 64 {
+    1 << 31
+} else {
+    (1 << 15) - 1
+};
+
+/// What to do with a new connection when the server already holds `max_connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFull {
+    /// Accept it and close it at once (counted as `rejected{full}`), so the kernel backlog never
+    /// silently fills with clients that hang.
+    #[default]
+    Reject,
+    /// Close the longest-idle connection (reason `Evicted`) to make room, if it has been idle for
+    /// at least [`Config::evict_min_idle`]; otherwise reject.
+    EvictIdle,
+}
+
+/// Everything the server loop needs to know. Durations of zero mean "off" where documented.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Addresses to listen on (at least one). Port 0 picks a free port: read it back with
+    /// [`Server::local_addrs`](crate::Server::local_addrs).
+    pub listen: Vec<SocketAddr>,
+    /// Close a connection after this long without activity (a read or write progress).
+    /// `Duration::ZERO` turns idle timeouts off. Default 60 s.
+    pub idle_timeout: Duration,
+    /// Granularity of every deadline: an idle connection is closed no earlier than
+    /// `idle_timeout` after its last activity and no later than one tick after that.
+    /// At least 1 ms. Default 10 ms.
+    pub tick: Duration,
+    /// Close a connection whose pending output made no progress for this long
+    /// (a peer that never reads). `Duration::ZERO` turns it off. Default 30 s.
+    pub write_timeout: Duration,
+    /// Cap on output buffered for one connection; a write beyond it closes the connection with
+    /// `Overflow`. A read never takes more than this many bytes, so a handler that writes back at
+    /// most what it read (echo) never overflows. Default 64 KiB.
+    pub max_pending: usize,
+    /// Size of the one loop-wide read buffer. Default 64 KiB.
+    pub read_buffer: usize,
+    /// Connection cap. `None` derives it from the open-file limit (raised to its hard limit when
+    /// [`raise_fd_limit`](Self::raise_fd_limit) is set) minus [`FD_RESERVE`](crate::FD_RESERVE);
+    /// a value above that is clamped with a warning.
+    pub max_connections: Option<usize>,
+    /// Policy at the connection cap. Default [`OnFull::Reject`].
+    pub on_full: OnFull,
+    /// With [`OnFull::EvictIdle`], only connections idle at least this long may be evicted.
+    /// Default 1 s.
+    pub evict_min_idle: Duration,
+    /// Connections allowed from one peer IP address; 0 = no per-IP cap. Default 0.
+    pub max_per_ip: usize,
+    /// After `accept` fails with EMFILE/ENFILE, accepting pauses until a connection closes or
+    /// this long has passed. Default 100 ms.
+    pub accept_retry: Duration,
+    /// Listen backlog. Default 1024.
+    pub backlog: u32,
+    /// Set `TCP_NODELAY` (on the listener; Linux copies it to accepted sockets). Default on.
+    pub nodelay: bool,
+    /// TCP keepalive idle time for peers that vanish without a FIN; zero = off. Default off.
+    pub tcp_keepalive: Duration,
+    /// Raise the soft `RLIMIT_NOFILE` to the hard limit at start. Default on.
+    pub raise_fd_limit: bool,
+    /// Accepts per listener per loop turn, so a connect flood cannot starve established
+    /// connections. Default 128.
+    pub accept_budget: usize,
+    /// Reads per connection per loop turn, so one fast peer cannot starve the rest. Default 16.
+    pub read_budget: usize,
+    /// Wheel entries handled per loop turn, so a mass expiry does not stall the loop. Default 4096.
+    pub expire_budget: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 7000))],
+            idle_timeout: Duration::from_secs(60),
+            tick: Duration::from_millis(10),
+            write_timeout: Duration::from_secs(30),
+            max_pending: 64 * 1024,
+            read_buffer: 64 * 1024,
+            max_connections: None,
+            on_full: OnFull::Reject,
+            evict_min_idle: Duration::from_secs(1),
+            max_per_ip: 0,
+            accept_retry: Duration::from_millis(100),
+            backlog: 1024,
+            nodelay: true,
+            tcp_keepalive: Duration::ZERO,
+            raise_fd_limit: true,
+            accept_budget: 128,
+            read_budget: 16,
+            expire_budget: 4096,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the settings against each other.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the first offending setting and why.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if self.listen.is_empty() {
+            return bad("the listen address list is empty".into());
+        }
+        if self.tick < Duration::from_millis(1) {
+            return bad(format!(
+                "tick must be at least 1ms (got {:?}): the poll timeout has millisecond resolution",
+                self.tick
+            ));
+        }
+        if self.tick > Duration::from_secs(60) {
+            return bad(format!("tick must be at most 60s (got {:?})", self.tick));
+        }
+        for (name, value) in [
+            ("idle timeout", self.idle_timeout),
+            ("write timeout", self.write_timeout),
+        ] {
+            if !value.is_zero() && value < self.tick {
+                return bad(format!(
+                    "{name} {value:?} is shorter than the tick {:?} (use 0 to turn it off)",
+                    self.tick
+                ));
+            }
+            if value > Duration::from_secs(365 * 24 * 3600) {
+                return bad(format!("{name} {value:?} is longer than a year"));
+            }
+        }
+        if self.max_pending == 0 {
+            return bad("max pending output must be at least 1 byte".into());
+        }
+        if self.read_buffer == 0 {
+            return bad("read buffer must be at least 1 byte".into());
+        }
+        if self.read_buffer > 64 << 20 {
+            return bad(format!("read buffer {} is over 64 MiB", self.read_buffer));
+        }
+        match self.max_connections {
+            Some(0) => return bad("max connections must be at least 1".into()),
+            Some(n) if n > MAX_CONNECTIONS_LIMIT => {
+                return bad(format!(
+                    "max connections {n} is over the limit {MAX_CONNECTIONS_LIMIT}"
+                ))
+            }
+            _ => {}
+        }
+        if self.backlog == 0 || self.backlog > i32::MAX as u32 {
+            return bad(format!(
+                "backlog must be in 1..={} (got {})",
+                i32::MAX,
+                self.backlog
+            ));
+        }
+        for (name, value) in [
+            ("accept budget", self.accept_budget),
+            ("read budget", self.read_budget),
+            ("expire budget", self.expire_budget),
+        ] {
+            if value == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+        }
+        if self.accept_retry.is_zero() {
+            return bad("accept retry must be above 0".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(c: &Config) -> String {
+        c.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let mut c = Config {
+            tick: Duration::ZERO,
+            ..Config::default()
+        };
+        assert!(err(&c).contains("tick"), "{}", err(&c));
+        c.tick = Duration::from_millis(10);
+        c.idle_timeout = Duration::from_millis(5);
+        assert!(err(&c).contains("idle timeout"), "{}", err(&c));
+        c.idle_timeout = Duration::ZERO;
+        c.validate().unwrap();
+        c.listen.clear();
+        assert!(err(&c).contains("listen"), "{}", err(&c));
+        let c = Config {
+            max_connections: Some(0),
+            ..Config::default()
+        };
+        assert!(err(&c).contains("max connections"));
+        let c = Config {
+            max_pending: 0,
+            ..Config::default()
+        };
+        assert!(err(&c).contains("pending"));
+        let c = Config {
+            write_timeout: Duration::from_micros(10),
+            ..Config::default()
+        };
+        assert!(err(&c).contains("write timeout"));
+    }
+}

@@ -1,0 +1,802 @@
+//! The event loop: one `mio::Poll`, a `Slab` of connections, one timer wheel, one close path.
+//!
+//! # One turn
+//! 1. Poll with a zero timeout if a budget left ready work behind (edge-triggered readiness will
+//!    not report it again), else until the next wheel tick that holds entries or the accept
+//!    resume, capped by the caller's `max_wait`.
+//! 2. Read the clock once, *after* the poll: everything below takes that tick as an argument.
+//! 3. Dispatch events: waker → stop; listener → accept; connection → flush and read.
+//! 4. Expire due wheel entries (within a budget).
+//! 5. Continue connections and listeners that a budget left with ready work; resume accepting.
+//!
+//! # Invariants
+//! - Every connection lives in `conns` from accept to [`Server::close`], the only code that
+//!   removes slab entries; it deregisters, closes the fd, frees the slot, calls `on_close` and
+//!   counts the reason, in that order.
+//! - A token and a wheel entry carry the slot's generation; one whose generation does not match
+//!   the slot's occupant is stale and is dropped (see [`token_for`]).
+//! - A connection with pending output is not read (backpressure), and has a write-stall deadline.
+
+use std::io::{self, Read};
+use std::mem;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, trace, warn};
+use mio::event::Event;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
+
+use crate::close::{CloseReason, Error};
+use crate::config::{Config, OnFull};
+use crate::conn::{Conn, Io, UNSCHEDULED};
+use crate::handler::{ConnId, Context, Handler};
+use crate::limits::{self, AcceptError, AcceptGate, Lru, PerIp};
+use crate::metrics::{Metrics, RejectReason};
+use crate::wheel::{Entry, Tick, Wheel};
+
+/// Events fetched per poll.
+const EVENTS_CAPACITY: usize = 1024;
+/// Most listeners one server takes (their tokens sit just below the waker's).
+const MAX_LISTENERS: usize = 1024;
+/// Low half of a token: the slab key; high half: the generation.
+const KEY_BITS: u32 = usize::BITS / 2;
+const KEY_MASK: usize = (1 << KEY_BITS) - 1;
+const GEN_MASK: u32 = if KEY_BITS >= 32 {
+    u32::MAX
+} else {
+    (1 << KEY_BITS) - 1
+};
+/// The waker's token; listener `i` has `WAKER - 1 - i`. Their key halves are far above any
+/// slab key ([`MAX_CONNECTIONS_LIMIT`](crate::config::MAX_CONNECTIONS_LIMIT)).
+const WAKER: Token = Token(usize::MAX);
+
+/// The token of the connection in slot `key` with generation `gen`.
+///
+/// Why a generation: epoll reports an fd at most once per batch, but a connection can be closed
+/// by something other than its own event (eviction, expiry, a handler, a shutdown) and its slot
+/// refilled by an accept before the rest of the batch is dispatched — slab reuses the most
+/// recently freed key first. mio only promises that a deregistered token is absent from *later*
+/// polls. The lazy wheel also holds entries of connections long gone. So events and wheel
+/// entries carry the generation, and a mismatch means stale. (nginx's `instance` bit and tokio's
+/// pre-1.29 token generation guard the same way.)
+fn token_for(key: usize, gen: u32) -> Token {
+    debug_assert!(key < KEY_MASK, "slab key {key} does not fit a token");
+    Token(((gen as usize) << (usize::BITS - KEY_BITS)) | key)
+}
+
+fn split_token(token: Token) -> (usize, u32) {
+    (
+        token.0 & KEY_MASK,
+        ((token.0 >> (usize::BITS - KEY_BITS)) as u32) & GEN_MASK,
+    )
+}
+
+fn listener_token(i: usize) -> Token {
+    Token(WAKER.0 - 1 - i)
+}
+
+/// Readiness of one event, as the loop uses it (also built for continuing budgeted work).
+#[derive(Debug, Clone, Copy, Default)]
+struct Readiness {
+    readable: bool,
+    writable: bool,
+    read_closed: bool,
+    error: bool,
+}
+
+impl Readiness {
+    fn of(event: &Event) -> Readiness {
+        Readiness {
+            readable: event.is_readable(),
+            writable: event.is_writable(),
+            read_closed: event.is_read_closed(),
+            error: event.is_error(),
+        }
+    }
+
+    /// Continuing a read that a budget interrupted.
+    const CONTINUE: Readiness = Readiness {
+        readable: true,
+        writable: false,
+        read_closed: false,
+        error: false,
+    };
+}
+
+/// A listening socket.
+#[derive(Debug)]
+struct Listener {
+    socket: TcpListener,
+    /// The bound address (with the real port when configured with port 0).
+    addr: SocketAddr,
+    /// The accept budget ran out with connections possibly still queued: no new edge will come
+    /// for them, so the next turn accepts again without waiting for an event.
+    ready: bool,
+}
+
+/// What the loop shares with [`Handle`]s on other threads.
+#[derive(Debug)]
+struct Shared {
+    waker: Waker,
+    stop: AtomicBool,
+}
+
+/// Stops a [`Server`] from any thread (a signal thread, a test, a supervisor).
+#[derive(Debug, Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Asks the loop to stop: at its next turn it closes every connection with
+    /// [`CloseReason::Shutdown`], closes its listeners, and [`Server::run`] returns.
+    pub fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Err(e) = self.shared.waker.wake() {
+            warn!("cannot wake the loop to stop it: {e}");
+        }
+    }
+}
+
+/// A single-threaded TCP server: listeners, connections, deadlines and metrics, driven by
+/// [`Server::run`] or turn by turn with [`Server::turn`].
+#[derive(Debug)]
+pub struct Server<H: Handler> {
+    poll: Poll,
+    /// Taken out while a batch is dispatched (dispatch needs `&mut self`), put back after.
+    events: Option<Events>,
+    listeners: Vec<Listener>,
+    /// Every open connection, keyed by the low half of its token.
+    conns: Slab<Conn<H::Conn>>,
+    /// Idle and write-stall deadlines, re-armed lazily (see `expire`).
+    wheel: Wheel,
+    handler: H,
+    config: Config,
+    /// The connection cap in force (the configured one clamped to the fd limit).
+    max_connections: usize,
+    metrics: Metrics,
+    /// The one read buffer of the loop: an idle connection owns no buffer.
+    buf: Vec<u8>,
+    /// Tick 0. Monotonic: wall-clock steps must not close connections.
+    start: Instant,
+    tick_ns: u64,
+    idle_ticks: Option<Tick>,
+    write_ticks: Option<Tick>,
+    evict_min_ticks: Tick,
+    retry_ticks: Tick,
+    /// Generation for the next connection (a wrapping accept counter).
+    next_gen: u32,
+    /// Connections a read budget left with data to read, as (key, generation).
+    ready: Vec<(usize, u32)>,
+    /// Scratch: last turn's `ready`, being continued.
+    carried: Vec<(usize, u32)>,
+    /// The expiry budget left due wheel entries.
+    expire_ready: bool,
+    /// Scratch for fired wheel entries.
+    fired: Vec<Entry>,
+    shared: Arc<Shared>,
+    stopped: bool,
+    /// Least-recently-active order, only with [`OnFull::EvictIdle`].
+    lru: Option<Lru>,
+    /// Connections per peer IP, only with a per-IP cap.
+    per_ip: Option<PerIp>,
+    gate: AcceptGate,
+}
+
+impl<H: Handler> Server<H> {
+    /// Validates `config`, raises the fd limit if configured, binds and registers the listeners.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid configuration, [`Error::Bind`] when an address cannot be
+    /// bound (e.g. in use), [`Error::Io`] when the poll cannot be created.
+    pub fn bind(config: Config, handler: H) -> Result<Server<H>, Error> {
+        config.validate()?;
+        if config.listen.len() > MAX_LISTENERS {
+            return Err(Error::Config(format!(
+                "at most {MAX_LISTENERS} listen addresses (got {})",
+                config.listen.len()
+            )));
+        }
+        let fd_limit = limits::fd_limit(config.raise_fd_limit);
+        let max_connections = limits::effective_max_connections(config.max_connections, fd_limit);
+        let poll = Poll::new()?;
+        let mut listeners = Vec::with_capacity(config.listen.len());
+        for (i, &addr) in config.listen.iter().enumerate() {
+            let mut socket =
+                bind_listener(addr, &config).map_err(|source| Error::Bind { addr, source })?;
+            let addr = socket.local_addr()?;
+            poll.registry()
+                .register(&mut socket, listener_token(i), Interest::READABLE)?;
+            listeners.push(Listener {
+                socket,
+                addr,
+                ready: false,
+            });
+        }
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        let tick_ns = config.tick.as_nanos().min(u64::MAX as u128) as u64;
+        let ticks = |d: Duration| -> Tick {
+            (d.as_nanos().div_ceil(tick_ns as u128)).min(Tick::MAX as u128 / 4) as Tick
+        };
+        let idle_ticks = (!config.idle_timeout.is_zero()).then(|| ticks(config.idle_timeout));
+        let write_ticks = (!config.write_timeout.is_zero()).then(|| ticks(config.write_timeout));
+        let span = idle_ticks.unwrap_or(0).max(write_ticks.unwrap_or(0));
+        let metrics = Metrics {
+            max_connections: max_connections as u64,
+            fd_limit: fd_limit.unwrap_or(0),
+            ..Metrics::default()
+        };
+        let addrs: Vec<String> = listeners.iter().map(|l| l.addr.to_string()).collect();
+        info!(
+            "listening on {} max_connections={max_connections} fd_limit={} on_full={:?} max_per_ip={} idle_timeout={:?} write_timeout={:?} tick={:?} max_pending={}",
+            addrs.join(","),
+            fd_limit.map_or("unknown".to_string(), |l| l.to_string()),
+            config.on_full,
+            config.max_per_ip,
+            config.idle_timeout,
+            config.write_timeout,
+            config.tick,
+            config.max_pending,
+        );
+        Ok(Server {
+            poll,
+            events: Some(Events::with_capacity(EVENTS_CAPACITY)),
+            listeners,
+            // Reserve up to 64 Ki slots up front: untouched pages cost no RSS, and growth by
+            // copying would briefly double the slab at the worst moment (a connection spike).
+            conns: Slab::with_capacity(max_connections.min(1 << 16)),
+            wheel: Wheel::for_span(span),
+            handler,
+            max_connections,
+            metrics,
+            buf: vec![0; config.read_buffer],
+            start: Instant::now(),
+            tick_ns,
+            idle_ticks,
+            write_ticks,
+            evict_min_ticks: ticks(config.evict_min_idle),
+            retry_ticks: ticks(config.accept_retry).max(1),
+            next_gen: 0,
+            ready: Vec::new(),
+            carried: Vec::new(),
+            expire_ready: false,
+            fired: Vec::new(),
+            shared: Arc::new(Shared {
+                waker,
+                stop: AtomicBool::new(false),
+            }),
+            stopped: false,
+            lru: (config.on_full == OnFull::EvictIdle).then(Lru::new),
+            per_ip: (config.max_per_ip > 0).then(PerIp::default),
+            gate: AcceptGate::new(),
+            config,
+        })
+    }
+
+    /// The bound listen addresses, in configuration order (with real ports for port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.addr).collect()
+    }
+
+    /// A handle that stops this server from any thread.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Counters and gauges so far.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The connection cap in force.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// The handler.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// The handler, mutably (between turns).
+    pub fn handler_mut(&mut self) -> &mut H {
+        &mut self.handler
+    }
+
+    /// Whether the server has stopped: every connection and listener is closed.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Runs turns until a [`Handle::shutdown`], then returns the final metrics.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if polling fails (anything but EINTR). Connections still open are closed
+    /// (their fds released) when the server is dropped.
+    pub fn run(mut self) -> Result<Metrics, Error> {
+        while !self.stopped {
+            self.turn(None)?;
+        }
+        Ok(self.metrics)
+    }
+
+    /// Runs one turn of the loop: waits for readiness at most `max_wait` (or less, for a deadline;
+    /// `None` = as long as needed), then handles what is ready and what is due.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if polling fails (anything but EINTR).
+    pub fn turn(&mut self, max_wait: Option<Duration>) -> Result<(), Error> {
+        if self.stopped {
+            return Ok(());
+        }
+        let timeout = self.poll_timeout(max_wait);
+        let mut events = self
+            .events
+            .take()
+            .unwrap_or_else(|| Events::with_capacity(EVENTS_CAPACITY));
+        let polled = self.poll.poll(&mut events, timeout);
+        // The clock is read after the poll: a `now` from before a blocking wait would be stale by
+        // the whole wait and stamp activity early.
+        let now = self.tick_at(Instant::now());
+        if let Err(e) = polled {
+            if e.kind() != io::ErrorKind::Interrupted {
+                self.events = Some(events);
+                return Err(Error::Io(e));
+            }
+        }
+        self.metrics.turns += 1;
+        mem::swap(&mut self.ready, &mut self.carried);
+        for event in events.iter() {
+            self.metrics.events += 1;
+            self.dispatch(event.token(), Readiness::of(event), now);
+        }
+        self.events = Some(events);
+        if self.stopped {
+            return Ok(());
+        }
+        self.expire(now);
+        self.continue_ready(now);
+        Ok(())
+    }
+
+    /// Closes every connection with [`CloseReason::Shutdown`] and every listener, now.
+    pub fn shutdown(&mut self) {
+        if self.stopped {
+            return;
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.close(key, CloseReason::Shutdown);
+        }
+        for l in &mut self.listeners {
+            let _ = self.poll.registry().deregister(&mut l.socket);
+        }
+        self.listeners.clear();
+        self.stopped = true;
+        info!("stopped: {}", self.metrics);
+    }
+
+    fn tick_at(&self, at: Instant) -> Tick {
+        (at.saturating_duration_since(self.start).as_nanos() / self.tick_ns as u128) as Tick
+    }
+
+    fn poll_timeout(&self, max_wait: Option<Duration>) -> Option<Duration> {
+        if !self.ready.is_empty() || self.expire_ready || self.listeners.iter().any(|l| l.ready) {
+            return Some(Duration::ZERO);
+        }
+        let mut next = self.wheel.next_deadline();
+        if let Some(resume) = self.gate.paused_until {
+            next = Some(next.map_or(resume, |n| n.min(resume)));
+        }
+        // A deadline too far to be an Instant is no deadline.
+        let wake = next
+            .and_then(|t| t.checked_mul(self.tick_ns))
+            .and_then(|ns| self.start.checked_add(Duration::from_nanos(ns)))
+            .map(|at| at.saturating_duration_since(Instant::now()));
+        match (wake, max_wait) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn dispatch(&mut self, token: Token, ready: Readiness, now: Tick) {
+        if token == WAKER {
+            if self.shared.stop.load(Ordering::Acquire) {
+                self.shutdown();
+            }
+            return;
+        }
+        let (key, gen) = split_token(token);
+        if key >= KEY_MASK - MAX_LISTENERS {
+            let i = WAKER.0 - 1 - token.0;
+            // While paused after fd exhaustion, listener events are ignored (resume accepts).
+            if i < self.listeners.len() && !self.gate.is_paused() {
+                self.accept(i, now);
+            }
+            return;
+        }
+        match self.conns.get(key) {
+            Some(conn) if conn.io.gen == gen => self.drive(key, ready, now),
+            _ => {
+                self.metrics.stale += 1;
+                trace!("stale event token={} key={key} gen={gen}", token.0);
+            }
+        }
+    }
+
+    /// Handles readiness on a live connection: flush pending output, then read.
+    fn drive(&mut self, key: usize, ready: Readiness, now: Tick) {
+        let io = &mut self.conns[key].io;
+        if ready.read_closed {
+            io.read_closed = true;
+        }
+        let mut want_read = ready.readable || ready.read_closed || ready.error;
+        if io.has_pending() {
+            if !(ready.writable || ready.error) {
+                return; // reading stays paused until the output drains
+            }
+            match io.flush(now, &mut self.metrics) {
+                Err(reason) => return self.close(key, reason),
+                Ok(false) => return,
+                // Reading was paused: data may be waiting with no new edge to announce it.
+                Ok(true) => want_read = true,
+            }
+            if let Some(lru) = &mut self.lru {
+                lru.touch(key);
+            }
+            let io = &self.conns[key].io;
+            if let Some(reason) = io.closing {
+                return self.close(key, reason);
+            }
+        }
+        if want_read {
+            self.read(key, now);
+        }
+    }
+
+    /// Reads until WouldBlock, a short read (unless the peer's write side is closed: data and
+    /// FIN can share one edge), pending output (backpressure), a close, or the read budget.
+    fn read(&mut self, key: usize, now: Tick) {
+        // A read never takes more than the output cap, so echoing it back cannot overflow.
+        let chunk = self.buf.len().min(self.config.max_pending);
+        let mut reads = 0;
+        loop {
+            let conn = &mut self.conns[key];
+            match conn.io.stream.read(&mut self.buf[..chunk]) {
+                Ok(0) => return self.close(key, CloseReason::PeerClosed),
+                Ok(n) => {
+                    conn.io.bytes_in += n as u64;
+                    conn.io.last_active = now;
+                    self.metrics.bytes_in += n as u64;
+                    if let Some(lru) = &mut self.lru {
+                        lru.touch(key);
+                    }
+                    let id = ConnId(token_for(key, conn.io.gen).0 as u64);
+                    let mut ctx = Context {
+                        io: &mut conn.io,
+                        metrics: &mut self.metrics,
+                        max_pending: self.config.max_pending,
+                        now,
+                        id,
+                    };
+                    self.handler
+                        .on_data(&mut conn.state, &mut ctx, &self.buf[..n]);
+                    let io = &mut conn.io;
+                    if io.failed.is_some() || io.closing.is_some() || io.has_pending() {
+                        return self.settle(key);
+                    }
+                    reads += 1;
+                    if n < chunk && !io.read_closed {
+                        return; // drained: the next data brings a new edge
+                    }
+                    if reads >= self.config.read_budget {
+                        if !io.queued {
+                            io.queued = true;
+                            self.ready.push((key, io.gen));
+                        }
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.close(key, CloseReason::from_io(&e)),
+            }
+        }
+    }
+
+    /// After a handler callback: close if it failed or asked to (once flushed), and arm the
+    /// write-stall deadline if output is now pending.
+    fn settle(&mut self, key: usize) {
+        let io = &mut self.conns[key].io;
+        if let Some(reason) = io.failed {
+            return self.close(key, reason);
+        }
+        if !io.has_pending() {
+            if let Some(reason) = io.closing {
+                return self.close(key, reason);
+            }
+        }
+        self.arm(key);
+    }
+
+    /// Inserts a wheel entry if the connection's earliest deadline is before its scheduled one
+    /// (at most one live entry per connection; later deadlines are re-armed lazily on fire).
+    fn arm(&mut self, key: usize) {
+        let io = &mut self.conns[key].io;
+        if let Some((when, _)) = io.deadline(self.idle_ticks, self.write_ticks) {
+            if when < io.scheduled {
+                self.wheel.insert(key as u32, io.gen, when);
+                io.scheduled = when;
+            }
+        }
+    }
+
+    /// Fires due wheel entries: stale → drop; deadline moved by activity → re-insert; else close.
+    fn expire(&mut self, now: Tick) {
+        let mut fired = mem::take(&mut self.fired);
+        self.expire_ready = self
+            .wheel
+            .advance(now, self.config.expire_budget, &mut fired);
+        for entry in fired.drain(..) {
+            let key = entry.key as usize;
+            let Some(conn) = self.conns.get_mut(key).filter(|c| c.io.gen == entry.gen) else {
+                self.metrics.stale += 1;
+                continue;
+            };
+            let io = &mut conn.io;
+            if io.scheduled != entry.when {
+                continue; // superseded by an earlier entry
+            }
+            io.scheduled = UNSCHEDULED;
+            match io.deadline(self.idle_ticks, self.write_ticks) {
+                Some((when, reason)) if when <= now => self.close(key, reason),
+                Some((when, _)) => {
+                    self.wheel.insert(entry.key, entry.gen, when);
+                    io.scheduled = when;
+                }
+                None => {}
+            }
+        }
+        self.fired = fired;
+    }
+
+    /// Continues what budgets left: connections with data, listeners with a queue, and a paused
+    /// accept whose retry time has come (or that a close resumed).
+    fn continue_ready(&mut self, now: Tick) {
+        let mut carried = mem::take(&mut self.carried);
+        for &(key, gen) in &carried {
+            if let Some(conn) = self.conns.get_mut(key).filter(|c| c.io.gen == gen) {
+                conn.io.queued = false;
+                self.drive(key, Readiness::CONTINUE, now);
+            }
+        }
+        carried.clear();
+        self.carried = carried;
+        if let Some(resume) = self.gate.paused_until {
+            if resume <= now {
+                self.gate.paused_until = None;
+                self.gate.reclaim_spare();
+                debug!("accept: retrying after pause");
+                // Edge-triggered: the queued connections produce no new event, so accept now.
+                for l in &mut self.listeners {
+                    l.ready = true;
+                }
+            }
+        }
+        for i in 0..self.listeners.len() {
+            if self.listeners[i].ready && !self.gate.is_paused() {
+                self.accept(i, now);
+            }
+        }
+    }
+
+    /// Accepts until WouldBlock or the per-turn budget.
+    fn accept(&mut self, i: usize, now: Tick) {
+        self.listeners[i].ready = false;
+        for _ in 0..self.config.accept_budget {
+            match self.listeners[i].socket.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer, now),
+                Err(e) => match limits::classify_accept_error(&e) {
+                    AcceptError::Drained => return,
+                    AcceptError::Retry => {}
+                    kind @ (AcceptError::ProcessFds | AcceptError::SystemFds) => {
+                        if kind == AcceptError::ProcessFds {
+                            self.metrics.accept_emfile += 1;
+                        } else {
+                            self.metrics.accept_enfile += 1;
+                        }
+                        return self.pause_accepting(i, &e, now);
+                    }
+                    AcceptError::Other => {
+                        self.metrics.accept_other += 1;
+                        warn!("accept on {} failed: {e}", self.listeners[i].addr);
+                        return self.pause_accepting(i, &e, now);
+                    }
+                },
+            }
+        }
+        self.listeners[i].ready = true;
+    }
+
+    /// Out of descriptors: shed what is queued with the spare fd, then pause accepting until a
+    /// connection closes or the retry time passes. Warns on the transition, not per attempt.
+    fn pause_accepting(&mut self, i: usize, err: &io::Error, now: Tick) {
+        let mut shed = 0;
+        if self.gate.release_spare() {
+            // One free descriptor: accept and close at once what is queued, so those clients
+            // learn now instead of hanging in the backlog. Bounded: a flood cannot hold us here.
+            for _ in 0..self.config.backlog.min(65_536) {
+                match self.listeners[i].socket.accept() {
+                    Ok((stream, _)) => {
+                        drop(stream);
+                        shed += 1;
+                    }
+                    Err(e) if limits::classify_accept_error(&e) == AcceptError::Retry => {}
+                    Err(_) => break,
+                }
+            }
+            self.gate.reclaim_spare();
+        }
+        self.metrics.rejected[RejectReason::Shed.index()] += shed;
+        self.gate.shed += shed;
+        let first = !self.gate.exhausted;
+        self.gate.exhausted = true;
+        self.gate.paused_until = Some(now + self.retry_ticks);
+        self.metrics.accept_pauses += 1;
+        if first {
+            warn!(
+                "accept paused: {err} (active={} max_connections={}); shed {shed} queued connections; resuming on the next close or in {:?}",
+                self.metrics.active, self.max_connections, self.config.accept_retry
+            );
+        } else {
+            debug!("accept paused again: {err}; shed {shed}");
+        }
+    }
+
+    /// Admits an accepted socket as a connection, or refuses it (cap, per-IP).
+    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr, now: Tick) {
+        if self.gate.exhausted {
+            self.gate.exhausted = false;
+            warn!(
+                "accept resumed: {} connections shed and {} pauses since it stopped",
+                self.gate.shed, self.metrics.accept_pauses
+            );
+            self.gate.shed = 0;
+        }
+        if self.conns.len() >= self.max_connections && !self.evict_for(now) {
+            self.metrics.rejected[RejectReason::Full.index()] += 1;
+            trace!("rejected peer={peer} reason=full");
+            return; // dropping the stream closes it: the client learns at once
+        }
+        if let Some(per_ip) = &mut self.per_ip {
+            if !per_ip.try_add(peer.ip(), self.config.max_per_ip) {
+                self.metrics.rejected[RejectReason::PerIp.index()] += 1;
+                trace!("rejected peer={peer} reason=per_ip");
+                return;
+            }
+        }
+        let key = self.conns.vacant_key();
+        let gen = self.next_gen & GEN_MASK;
+        self.next_gen = self.next_gen.wrapping_add(1);
+        let token = token_for(key, gen);
+        // Readable and writable, edge-triggered, once for the connection's life: backpressure
+        // is "do not read" rather than an interest change, so no epoll_ctl per stall.
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            self.metrics.rejected[RejectReason::Register.index()] += 1;
+            if let Some(per_ip) = &mut self.per_ip {
+                per_ip.remove(peer.ip());
+            }
+            warn!("cannot register connection from {peer}: {e}");
+            return;
+        }
+        #[cfg(not(target_os = "linux"))]
+        if self.config.nodelay {
+            let _ = stream.set_nodelay(true);
+        }
+        let mut io = Io::new(stream, peer, gen, now);
+        self.metrics.count_open();
+        let id = ConnId(token.0 as u64);
+        let state = self.handler.on_open(&mut Context {
+            io: &mut io,
+            metrics: &mut self.metrics,
+            max_pending: self.config.max_pending,
+            now,
+            id,
+        });
+        let inserted = self.conns.insert(Conn { io, state });
+        debug_assert_eq!(inserted, key, "slab did not use its vacant key");
+        if let Some(lru) = &mut self.lru {
+            lru.push(key);
+        }
+        debug!("accepted conn={id} peer={peer}");
+        self.settle(key);
+    }
+
+    /// At the cap with evict-idle: closes the longest-idle connection if it has been idle long
+    /// enough. Returns whether a slot was freed.
+    fn evict_for(&mut self, now: Tick) -> bool {
+        let Some(key) = self.lru.as_ref().and_then(Lru::oldest) else {
+            return false;
+        };
+        let idle = now.saturating_sub(self.conns[key].io.last_active);
+        if idle < self.evict_min_ticks {
+            return false;
+        }
+        self.close(key, CloseReason::Evicted);
+        true
+    }
+
+    /// The one close path: deregister, close the fd, free the slot, `on_close`, count.
+    fn close(&mut self, key: usize, reason: CloseReason) {
+        let conn = &mut self.conns[key];
+        // mio's contract: deregister before the source is dropped.
+        if let Err(e) = self.poll.registry().deregister(&mut conn.io.stream) {
+            trace!("deregister key={key}: {e}");
+        }
+        // Freeing the slot moves the connection out; its socket is closed just below, before
+        // anything else can run (one thread), so the order is not observable.
+        let Conn { io, state } = self.conns.remove(key);
+        let id = ConnId(token_for(key, io.gen).0 as u64);
+        let (peer, bytes_in, bytes_out, opened) = (io.peer, io.bytes_in, io.bytes_out, io.opened);
+        self.metrics.pending_bytes -= io.pending_len() as u64;
+        drop(io); // closes the fd
+        if let Some(lru) = &mut self.lru {
+            lru.remove(key);
+        }
+        if let Some(per_ip) = &mut self.per_ip {
+            per_ip.remove(peer.ip());
+        }
+        if self.gate.is_paused() {
+            // A descriptor came free: resume accepting this turn.
+            self.gate.paused_until = Some(0);
+        }
+        self.handler.on_close(state, id, reason);
+        self.metrics.count_close(reason);
+        debug!(
+            "closed conn={id} peer={peer} reason={reason} bytes_in={bytes_in} bytes_out={bytes_out} age_ms={}",
+            (self.tick_at(Instant::now()).saturating_sub(opened) as u128 * self.tick_ns as u128)
+                / 1_000_000
+        );
+    }
+}
+
+/// Creates a nonblocking listening socket with the configured options. Options set on the
+/// listener are inherited by accepted sockets on Linux (TCP_NODELAY, keepalive), which saves a
+/// `setsockopt` per connection.
+fn bind_listener(addr: SocketAddr, config: &Config) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Restart without waiting out TIME_WAIT of the previous run's connections.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_tcp_nodelay(config.nodelay)?;
+    if !config.tcp_keepalive.is_zero() {
+        let interval = (config.tcp_keepalive / 3).max(Duration::from_secs(1));
+        socket.set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(config.tcp_keepalive)
+                .with_interval(interval),
+        )?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(config.backlog as i32)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
