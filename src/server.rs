@@ -800,3 +800,126 @@ fn bind_listener(addr: SocketAddr, config: &Config) -> io::Result<TcpListener> {
     socket.listen(config.backlog as i32)?;
     Ok(TcpListener::from_std(socket.into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::Echo;
+    use std::io::Write as _;
+
+    fn local_config() -> Config {
+        Config {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            ..Config::default()
+        }
+    }
+
+    /// Turns until `done` holds; bounded in turns and time.
+    #[track_caller]
+    fn turn_until<H: Handler>(server: &mut Server<H>, mut done: impl FnMut(&Server<H>) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done(server) {
+            assert!(Instant::now() < deadline, "condition not reached in 5 s");
+            server.turn(Some(Duration::from_millis(50))).unwrap();
+        }
+    }
+
+    #[test]
+    fn tokens_round_trip_key_and_generation() {
+        for (key, gen) in [(0, 0), (1, 7), (12345, u32::MAX & GEN_MASK), (KEY_MASK - 2000, 3)] {
+            assert_eq!(split_token(token_for(key, gen)), (key, gen));
+        }
+        let (key, _) = split_token(listener_token(0));
+        assert!(key >= KEY_MASK - MAX_LISTENERS);
+        assert!(crate::config::MAX_CONNECTIONS_LIMIT < KEY_MASK - MAX_LISTENERS);
+    }
+
+    #[test]
+    fn stale_event_for_reused_slot_is_dropped() {
+        let mut server = Server::bind(local_config(), Echo).unwrap();
+        let addr = server.local_addrs()[0];
+        let _a = std::net::TcpStream::connect(addr).unwrap();
+        turn_until(&mut server, |s| s.metrics().accepted == 1);
+        let (key, old_gen) = {
+            let (key, conn) = server.conns.iter().next().unwrap();
+            (key, conn.io.gen)
+        };
+        let stale = token_for(key, old_gen);
+        // Closed by something other than its own event, then the slot is refilled.
+        server.close(key, CloseReason::Evicted);
+        let mut b = std::net::TcpStream::connect(addr).unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        turn_until(&mut server, |s| s.metrics().accepted == 2);
+        let new_gen = server.conns[key].io.gen;
+        assert_ne!(new_gen, old_gen, "the reused slot must get a new generation");
+        b.write_all(b"ping").unwrap();
+        // The old connection's event, as if still in the same batch: dropped, B untouched.
+        let readable = Readiness {
+            readable: true,
+            read_closed: true,
+            ..Readiness::default()
+        };
+        server.dispatch(stale, readable, 0);
+        assert_eq!(server.metrics().stale, 1);
+        assert_eq!(server.metrics().bytes_in, 0, "a stale event must not read B's data");
+        assert!(server.conns.contains(key));
+        // B still echoes through its own events.
+        turn_until(&mut server, |s| s.metrics().bytes_out == 4);
+        let mut reply = [0; 4];
+        b.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"ping");
+        // A stale wheel entry for the old generation is dropped as well.
+        server.wheel.insert(key as u32, old_gen, 0);
+        server.expire(server.tick_at(Instant::now()));
+        assert_eq!(server.metrics().stale, 2);
+        assert!(server.conns.contains(key));
+        server.shutdown();
+        assert_eq!(server.metrics().active, 0);
+        assert_eq!(server.metrics().closed_by(CloseReason::Shutdown), 1);
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_listener_options() {
+        // TCP_NODELAY and keepalive are set once on the listener; Linux copies them to each
+        // accepted socket, which saves a setsockopt per connection. Verify that it does.
+        let config = Config {
+            tcp_keepalive: Duration::from_secs(30),
+            ..local_config()
+        };
+        let listener = bind_listener(config.listen[0], &config).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (stream, _) = loop {
+            match listener.accept() {
+                Ok(pair) => break pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "no connection to accept");
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        assert!(stream.nodelay().unwrap(), "TCP_NODELAY not inherited");
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap(), "SO_KEEPALIVE not inherited");
+        #[cfg(target_os = "linux")]
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bind_reports_address_in_use() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = Config {
+            listen: vec![taken.local_addr().unwrap()],
+            ..Config::default()
+        };
+        match Server::bind(config, Echo) {
+            Err(Error::Bind { addr, source }) => {
+                assert_eq!(addr, taken.local_addr().unwrap());
+                assert_eq!(source.kind(), io::ErrorKind::AddrInUse);
+            }
+            other => panic!("expected a bind error, got {other:?}"),
+        }
+    }
+}
