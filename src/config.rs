@@ -71,6 +71,9 @@ pub struct Config {
     pub tcp_keepalive: Duration,
     /// Raise the soft `RLIMIT_NOFILE` to the hard limit at start. Default on.
     pub raise_fd_limit: bool,
+    /// During a drain, connections idle this long with nothing pending are closed.
+    /// Default 1 s.
+    pub drain_idle: Duration,
     /// Accepts per listener per loop turn, so a connect flood cannot starve established
     /// connections. Default 128.
     pub accept_budget: usize,
@@ -98,6 +101,7 @@ impl Default for Config {
             nodelay: true,
             tcp_keepalive: Duration::ZERO,
             raise_fd_limit: true,
+            drain_idle: Duration::from_secs(1),
             accept_budget: 128,
             read_budget: 16,
             expire_budget: 4096,

@@ -101,6 +101,12 @@ struct ServeArgs {
     /// Protocol: echo or discard.
     #[arg(long, value_enum, default_value = "echo", env = "SOCKMAN_HANDLER")]
     handler: HandlerKind,
+    /// On SIGINT/SIGTERM: close what is left after this long (a second signal stops at once).
+    #[arg(long, value_name = "DURATION", default_value = "10s", env = "SOCKMAN_DRAIN_TIMEOUT", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// During a drain, close connections idle this long with nothing pending.
+    #[arg(long, value_name = "DURATION", default_value = "1s", env = "SOCKMAN_DRAIN_IDLE", value_parser = parse_duration)]
+    drain_idle: Duration,
     /// Log a counters line this often; 0 = off.
     #[arg(long, value_name = "DURATION", default_value = "5s", env = "SOCKMAN_STATS_INTERVAL", value_parser = parse_duration)]
     stats_interval: Duration,
@@ -129,6 +135,7 @@ impl ServeArgs {
             accept_retry: self.accept_retry,
             backlog: self.backlog,
             tcp_keepalive: self.tcp_keepalive,
+            drain_idle: self.drain_idle,
             ..defaults
         }
     }
@@ -141,8 +148,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => {
             let config = args.config();
             match args.handler {
-                HandlerKind::Echo => serve(config, Echo, args.stats_interval),
-                HandlerKind::Discard => serve(config, Discard, args.stats_interval),
+                HandlerKind::Echo => serve(config, Echo, &args),
+                HandlerKind::Discard => serve(config, Discard, &args),
             }
             .map(|_| ())
         }
@@ -159,14 +166,10 @@ fn main() -> ExitCode {
 }
 
 /// Runs the server turn by turn, logging a counters line every `stats_interval`, until a signal.
-fn serve<H: Handler>(
-    config: Config,
-    handler: H,
-    stats_interval: Duration,
-) -> Result<Metrics, String> {
+fn serve<H: Handler>(config: Config, handler: H, args: &ServeArgs) -> Result<Metrics, String> {
     let mut server = Server::bind(config, handler).map_err(|e| e.to_string())?;
-    watch_signals(server.handle())?;
-    let interval = (!stats_interval.is_zero()).then_some(stats_interval);
+    watch_signals(server.handle(), args.drain_timeout)?;
+    let interval = (!args.stats_interval.is_zero()).then_some(args.stats_interval);
     let mut next_stats = interval.map(|i| Instant::now() + i);
     while !server.is_stopped() {
         let wait = next_stats.map(|t| t.saturating_duration_since(Instant::now()));
@@ -184,26 +187,41 @@ fn serve<H: Handler>(
             }
         }
     }
-    info!("final {}", server.metrics());
-    Ok(server.metrics().clone())
+    let m = server.metrics();
+    if m.drain_forced > 0 {
+        warn!(
+            "{} connections were still open at the drain deadline and were closed",
+            m.drain_forced
+        );
+    }
+    info!("final {m}");
+    Ok(m.clone())
 }
 
-/// A small thread turns SIGINT/SIGTERM into a shutdown of the loop (the library has no signal code).
-fn watch_signals(handle: sockman::Handle) -> Result<(), String> {
+/// A small thread turns the first SIGINT/SIGTERM into a drain of the loop and a second one into an
+/// immediate shutdown (the library has no signal code).
+fn watch_signals(handle: sockman::Handle, drain_timeout: Duration) -> Result<(), String> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            let mut draining = false;
             for signal in signals.forever() {
                 let name = if signal == SIGINT {
                     "SIGINT"
                 } else {
                     "SIGTERM"
                 };
-                warn!("{name}: closing every connection and stopping");
-                handle.shutdown();
+                if draining {
+                    warn!("{name} again: closing every connection now");
+                    handle.shutdown();
+                } else {
+                    warn!("{name}: draining (up to {drain_timeout:?}; signal again to stop now)");
+                    handle.drain(drain_timeout);
+                    draining = true;
+                }
             }
         })
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub events: u64,
     /// Events and wheel entries dropped because their generation no longer matched.
     pub stale: u64,
+    /// Connections still open at a drain's deadline, closed by force.
+    pub drain_forced: u64,
     /// Gauge: the effective connection cap.
     pub max_connections: u64,
     /// Gauge: the soft open-file limit in force (0 if unknown).

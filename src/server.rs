@@ -20,7 +20,7 @@
 use std::io::{self, Read};
 use std::mem;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -124,6 +124,8 @@ struct Listener {
 struct Shared {
     waker: Waker,
     stop: AtomicBool,
+    /// Requested drain timeout in nanoseconds; `u64::MAX` = no drain requested.
+    drain_ns: AtomicU64,
 }
 
 /// Stops a [`Server`] from any thread (a signal thread, a test, a supervisor).
@@ -133,12 +135,28 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Asks the loop to stop: at its next turn it closes every connection with
-    /// [`CloseReason::Shutdown`], closes its listeners, and [`Server::run`] returns.
+    /// Asks the loop to stop now: at its next turn it closes every connection with
+    /// [`CloseReason::Shutdown`], closes its listeners, and [`Server::run`] returns. Also ends a
+    /// drain early.
     pub fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    /// Asks the loop to drain: the data listeners close at once (connections already queued are
+    /// accepted and served; new connects are refused), connections idle for
+    /// [`Config::drain_idle`] with nothing pending are closed, active ones are served until they
+    /// end or go idle, and after `timeout` whatever is left is closed ([`CloseReason::Shutdown`]).
+    /// The loop stops when no connection is left.
+    pub fn drain(&self, timeout: Duration) {
+        let ns = timeout.as_nanos().min(u64::MAX as u128 - 1) as u64;
+        self.shared.drain_ns.store(ns, Ordering::Release);
+        self.wake();
+    }
+
+    fn wake(&self) {
         if let Err(e) = self.shared.waker.wake() {
-            warn!("cannot wake the loop to stop it: {e}");
+            warn!("cannot wake the loop: {e}");
         }
     }
 }
@@ -181,6 +199,8 @@ pub struct Server<H: Handler> {
     fired: Vec<Entry>,
     shared: Arc<Shared>,
     stopped: bool,
+    /// While draining: the tick at which whatever is left gets closed.
+    drain_deadline: Option<Tick>,
     /// Least-recently-active order, only with [`OnFull::EvictIdle`].
     lru: Option<Lru>,
     /// Connections per peer IP, only with a per-IP cap.
@@ -269,8 +289,10 @@ impl<H: Handler> Server<H> {
             shared: Arc::new(Shared {
                 waker,
                 stop: AtomicBool::new(false),
+                drain_ns: AtomicU64::new(u64::MAX),
             }),
             stopped: false,
+            drain_deadline: None,
             lru: (config.on_full == OnFull::EvictIdle).then(Lru::new),
             per_ip: (config.max_per_ip > 0).then(PerIp::default),
             gate: AcceptGate::new(),
@@ -368,7 +390,83 @@ impl<H: Handler> Server<H> {
         }
         self.expire(now);
         self.continue_ready(now);
+        if let Some(deadline) = self.drain_deadline {
+            self.check_drain(deadline, now);
+        }
         Ok(())
+    }
+
+    /// Whether a drain is under way.
+    pub fn is_draining(&self) -> bool {
+        self.drain_deadline.is_some()
+    }
+
+    /// Starts a drain now (see [`Handle::drain`]); a second call only shortens the deadline.
+    pub fn drain(&mut self, timeout: Duration) {
+        let now = self.tick_at(Instant::now());
+        self.begin_drain(timeout, now);
+    }
+
+    fn begin_drain(&mut self, timeout: Duration, now: Tick) {
+        if self.stopped {
+            return;
+        }
+        let deadline = now.saturating_add(self.ticks(timeout));
+        if let Some(current) = self.drain_deadline {
+            self.drain_deadline = Some(current.min(deadline));
+            return;
+        }
+        // Serve what the kernel already queued (those clients connected before the drain), then
+        // close the data listeners so that new connects are refused instead of left hanging.
+        for i in 0..self.listeners.len() {
+            for _ in 0..self.config.backlog.min(65_536) {
+                match self.listeners[i].socket.accept() {
+                    Ok((stream, peer)) => self.admit(stream, peer, now),
+                    Err(e) if limits::classify_accept_error(&e) == AcceptError::Retry => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        for l in &mut self.listeners {
+            let _ = self.poll.registry().deregister(&mut l.socket);
+        }
+        self.listeners.clear();
+        self.gate.paused_until = None;
+        // Idle connections go after `drain_idle`: shorten the idle deadline and arm every
+        // connection for it (one pass over the slab, once per drain).
+        let drain_idle = self.ticks(self.config.drain_idle);
+        self.idle_ticks = Some(self.idle_ticks.map_or(drain_idle, |t| t.min(drain_idle)));
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.arm(key);
+        }
+        self.drain_deadline = Some(deadline);
+        info!(
+            "draining: listeners closed, {} connections open, idle ones close after {:?}, the rest at {:?}",
+            self.conns.len(),
+            self.config.drain_idle,
+            timeout
+        );
+        self.check_drain(deadline, now);
+    }
+
+    /// Ends the drain when no connection is left, or at its deadline.
+    fn check_drain(&mut self, deadline: Tick, now: Tick) {
+        if self.conns.is_empty() {
+            info!("drain complete: every connection ended");
+            self.shutdown();
+        } else if now >= deadline {
+            self.metrics.drain_forced += self.conns.len() as u64;
+            warn!(
+                "drain deadline: force-closing {} connections",
+                self.conns.len()
+            );
+            self.shutdown();
+        }
+    }
+
+    fn ticks(&self, d: Duration) -> Tick {
+        (d.as_nanos().div_ceil(self.tick_ns as u128)).min(Tick::MAX as u128 / 4) as Tick
     }
 
     /// Closes every connection with [`CloseReason::Shutdown`] and every listener, now.
@@ -384,6 +482,7 @@ impl<H: Handler> Server<H> {
             let _ = self.poll.registry().deregister(&mut l.socket);
         }
         self.listeners.clear();
+        self.drain_deadline = None;
         self.stopped = true;
         info!("stopped: {}", self.metrics);
     }
@@ -397,6 +496,9 @@ impl<H: Handler> Server<H> {
             return Some(Duration::ZERO);
         }
         let mut next = self.wheel.next_deadline();
+        if let Some(drain) = self.drain_deadline {
+            next = Some(next.map_or(drain, |n| n.min(drain)));
+        }
         if let Some(resume) = self.gate.paused_until {
             next = Some(next.map_or(resume, |n| n.min(resume)));
         }
@@ -415,6 +517,11 @@ impl<H: Handler> Server<H> {
         if token == WAKER {
             if self.shared.stop.load(Ordering::Acquire) {
                 self.shutdown();
+            } else {
+                let ns = self.shared.drain_ns.swap(u64::MAX, Ordering::AcqRel);
+                if ns != u64::MAX {
+                    self.begin_drain(Duration::from_nanos(ns), now);
+                }
             }
             return;
         }
@@ -545,6 +652,7 @@ impl<H: Handler> Server<H> {
 
     /// Fires due wheel entries: stale → drop; deadline moved by activity → re-insert; else close.
     fn expire(&mut self, now: Tick) {
+        let draining = self.drain_deadline.is_some();
         let mut fired = mem::take(&mut self.fired);
         self.expire_ready = self
             .wheel
@@ -561,6 +669,10 @@ impl<H: Handler> Server<H> {
             }
             io.scheduled = UNSCHEDULED;
             match io.deadline(self.idle_ticks, self.write_ticks) {
+                // Idle during a drain is the drain closing it: reason Shutdown.
+                Some((when, CloseReason::IdleTimeout)) if when <= now && draining => {
+                    self.close(key, CloseReason::Shutdown)
+                }
                 Some((when, reason)) if when <= now => self.close(key, reason),
                 Some((when, _)) => {
                     self.wheel.insert(entry.key, entry.gen, when);
@@ -826,7 +938,12 @@ mod tests {
 
     #[test]
     fn tokens_round_trip_key_and_generation() {
-        for (key, gen) in [(0, 0), (1, 7), (12345, u32::MAX & GEN_MASK), (KEY_MASK - 2000, 3)] {
+        for (key, gen) in [
+            (0, 0),
+            (1, 7),
+            (12345, u32::MAX & GEN_MASK),
+            (KEY_MASK - 2000, 3),
+        ] {
             assert_eq!(split_token(token_for(key, gen)), (key, gen));
         }
         let (key, _) = split_token(listener_token(0));
@@ -851,7 +968,10 @@ mod tests {
         b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         turn_until(&mut server, |s| s.metrics().accepted == 2);
         let new_gen = server.conns[key].io.gen;
-        assert_ne!(new_gen, old_gen, "the reused slot must get a new generation");
+        assert_ne!(
+            new_gen, old_gen,
+            "the reused slot must get a new generation"
+        );
         b.write_all(b"ping").unwrap();
         // The old connection's event, as if still in the same batch: dropped, B untouched.
         let readable = Readiness {
@@ -861,7 +981,11 @@ mod tests {
         };
         server.dispatch(stale, readable, 0);
         assert_eq!(server.metrics().stale, 1);
-        assert_eq!(server.metrics().bytes_in, 0, "a stale event must not read B's data");
+        assert_eq!(
+            server.metrics().bytes_in,
+            0,
+            "a stale event must not read B's data"
+        );
         assert!(server.conns.contains(key));
         // B still echoes through its own events.
         turn_until(&mut server, |s| s.metrics().bytes_out == 4);

@@ -1,0 +1,384 @@
+//! Helpers shared by the integration tests: in-process servers (on a thread, or owned and turned
+//! by the test), clients with a read timeout as a safety net, and the `sockman` binary as a child.
+//!
+//! Every wait here is bounded in time and count; a timeout fails the test with what was seen.
+//! Each test file uses a subset of these helpers.
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sockman::{Config, Handle, Handler, Metrics, Server};
+
+/// Safety net for blocking reads and writes: long enough never to fire on a slow CI machine,
+/// short enough that a hang fails the test instead of the whole suite.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Upper bound for waiting on any one event (a turn condition, a log line, a child's exit).
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A config listening on 127.0.0.1 with a port the kernel picks.
+pub fn local_config() -> Config {
+    Config {
+        listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+        ..Config::default()
+    }
+}
+
+/// A server running `run()` on its own thread.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    pub handle: Handle,
+    pub thread: JoinHandle<Metrics>,
+}
+
+impl Running {
+    /// Stops the server through its handle and returns its final metrics, after asserting the
+    /// invariants every test shares: no connection left open and no output left pending.
+    #[track_caller]
+    pub fn stop(self) -> Metrics {
+        self.handle.shutdown();
+        let metrics = self.thread.join().expect("the server thread panicked");
+        assert_eq!(metrics.active, 0, "connections left open: {metrics}");
+        assert_eq!(metrics.pending_bytes, 0, "output left pending: {metrics}");
+        metrics
+    }
+}
+
+/// Binds `config` (usually [`local_config`]) with `handler` on a new thread and runs it there.
+/// Returns once the listener is bound, so clients can connect at once.
+#[track_caller]
+pub fn start<H>(config: Config, handler: H) -> Running
+where
+    H: Handler + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("server".into())
+        .spawn(move || {
+            let server = Server::bind(config, handler).expect("bind the test server");
+            tx.send((server.local_addrs()[0], server.handle()))
+                .expect("the test thread went away");
+            server.run().expect("the server loop failed")
+        })
+        .expect("spawn the server thread");
+    let (addr, handle) = rx
+        .recv_timeout(WAIT)
+        .expect("the server did not start (see its panic above)");
+    Running {
+        addr,
+        handle,
+        thread,
+    }
+}
+
+/// Binds a server to be turned by the test itself; returns it and its address.
+#[track_caller]
+pub fn bind<H: Handler>(config: Config, handler: H) -> (Server<H>, SocketAddr) {
+    let server = Server::bind(config, handler).expect("bind the test server");
+    let addr = server.local_addrs()[0];
+    (server, addr)
+}
+
+/// Turns `server` (at most 20 ms per turn) until `done` holds. Fails after [`WAIT`] or 100 000
+/// turns, naming `what` and the metrics.
+#[track_caller]
+pub fn turn_until<H: Handler>(
+    server: &mut Server<H>,
+    what: &str,
+    mut done: impl FnMut(&Server<H>) -> bool,
+) {
+    let deadline = Instant::now() + WAIT;
+    for _ in 0..100_000 {
+        if done(server) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            server.metrics()
+        );
+        server
+            .turn(Some(Duration::from_millis(20)))
+            .expect("turn failed");
+    }
+    panic!("{what}: not reached in 100000 turns: {}", server.metrics());
+}
+
+/// Stops an owned server through its [`Handle`] (as another thread would), turns it until it
+/// has stopped, and returns its metrics after the shared invariants (see [`Running::stop`]).
+#[track_caller]
+pub fn stop<H: Handler>(server: &mut Server<H>) -> Metrics {
+    server.handle().shutdown();
+    turn_until(server, "the server to stop", |s| s.is_stopped());
+    let metrics = server.metrics().clone();
+    assert_eq!(metrics.active, 0, "connections left open: {metrics}");
+    assert_eq!(metrics.pending_bytes, 0, "output left pending: {metrics}");
+    metrics
+}
+
+/// Connects with [`IO_TIMEOUT`] on reads and writes.
+#[track_caller]
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect to the test server");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream
+}
+
+/// Connects a client with a small receive buffer (set before the handshake, so the window is
+/// small from the start and autotuning is off): a client that does not read fills up quickly.
+#[track_caller]
+pub fn connect_small_rcvbuf(addr: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).expect("connect to the test server");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream
+}
+
+/// `len` bytes of a pattern that differs per `seed` and does not repeat every 256 bytes, so a
+/// lost, duplicated or reordered chunk shows up.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            // xorshift64
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Reads exactly `len` bytes (blocking, with the stream's read timeout as the safety net).
+#[track_caller]
+pub fn read_exactly(stream: &mut TcpStream, len: usize) -> Vec<u8> {
+    let mut buf = vec![0; len];
+    if let Err(e) = stream.read_exact(&mut buf) {
+        panic!("reading {len} bytes: {e}");
+    }
+    buf
+}
+
+/// Writes `data` and reads it back with a concurrent reader thread (so data larger than the
+/// socket buffers cannot deadlock); asserts it came back whole and in order.
+#[track_caller]
+pub fn echo(stream: &mut TcpStream, data: &[u8]) {
+    let mut reader = stream.try_clone().unwrap();
+    let len = data.len();
+    let back = std::thread::scope(|s| {
+        let r = s.spawn(move || {
+            let mut buf = vec![0; len];
+            reader.read_exact(&mut buf).map(|_| buf)
+        });
+        stream.write_all(data).expect("write to the echo server");
+        r.join().unwrap()
+    });
+    let back = back.unwrap_or_else(|e| panic!("reading back {len} bytes: {e}"));
+    assert_same(&back, data);
+}
+
+/// Asserts `got == want` without printing megabytes: names the first difference.
+#[track_caller]
+pub fn assert_same(got: &[u8], want: &[u8]) {
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "data differs: got {} bytes, want {}; first difference at {at:?}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+/// Blocks until the server closes `stream`: asserts the read sees EOF (or a reset) rather than
+/// data or the timeout.
+#[track_caller]
+pub fn expect_closed(stream: &mut TcpStream) {
+    let mut buf = [0; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Ok(n) => panic!("expected the server to close, got {n} bytes"),
+        Err(e) => panic!("expected the server to close, got {e}"),
+    }
+}
+
+/// Closes like a polite client: shuts down the write side and waits for the server's EOF. When
+/// this returns, the server has closed its side (and counted the close as `PeerClosed`).
+#[track_caller]
+pub fn close_gracefully(mut stream: TcpStream) {
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut buf = [0; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("expected EOF after shutdown(Write), got {n} bytes"),
+        Err(e) => panic!("expected EOF after shutdown(Write), got {e}"),
+    }
+}
+
+/// Open descriptors of process `pid` (from `/proc/PID/fd`). Only meaningful for a child
+/// process: a test thread shares its process with every other test of its file.
+#[track_caller]
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("cannot list /proc/{pid}/fd: {e}"))
+        .count()
+}
+
+/// The value of `key=N` in a log line such as
+/// `stats active=0 peak=3 accepted=3 closed=3{peer_closed=2 idle_timeout=1} ...`.
+pub fn stat(line: &str, key: &str) -> Option<u64> {
+    line.split(|c: char| c.is_whitespace() || c == '{' || c == '}')
+        .find_map(|field| field.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// The `sockman` binary running as a child, with its stderr (the log) read line by line on a
+/// thread. Killed on drop if still running, so a failed test leaves no process behind.
+#[cfg(feature = "cli")]
+pub struct Bin {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every stderr line seen so far, for failure messages and final assertions.
+    pub log: Vec<String>,
+    /// The child's stderr reached EOF (it exited or closed it).
+    pub eof: bool,
+}
+
+#[cfg(feature = "cli")]
+impl Bin {
+    /// Spawns `sockman ARGS` with `RUST_LOG=info` and a piped stderr.
+    #[track_caller]
+    pub fn spawn(args: &[&str]) -> Bin {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sockman"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the sockman binary");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+            // Dropping `tx` tells the test that stderr is closed.
+        });
+        Bin {
+            child,
+            lines,
+            log: Vec::new(),
+            eof: false,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the next stderr line; `None` at EOF. Fails after `timeout`.
+    #[track_caller]
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        use std::sync::mpsc::RecvTimeoutError;
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => {
+                self.log.push(line.clone());
+                Some(line)
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                self.eof = true;
+                None
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("no log line in {timeout:?}; log so far:\n{}", self.log())
+            }
+        }
+    }
+
+    /// Reads lines until one satisfies `found` (returned); fails at EOF or after [`WAIT`].
+    #[track_caller]
+    pub fn wait_line(&mut self, what: &str, mut found: impl FnMut(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no {what} in {WAIT:?}; log:\n{}", self.log());
+            match self.next_line(left) {
+                Some(line) if found(&line) => return line,
+                Some(_) => {}
+                None => panic!("sockman exited before {what}; log:\n{}", self.log()),
+            }
+        }
+    }
+
+    /// The listening address from the `listening on ADDR ...` line.
+    #[track_caller]
+    pub fn wait_listening(&mut self) -> SocketAddr {
+        let line = self.wait_line("listening line", |l| l.contains("listening on "));
+        let rest = line.split("listening on ").nth(1).unwrap();
+        let addr = rest.split([' ', ',']).next().unwrap();
+        addr.parse()
+            .unwrap_or_else(|e| panic!("cannot parse the address in {line:?}: {e}"))
+    }
+
+    /// Waits for stderr to close and the child to exit (after [`WAIT`]: kills it and fails).
+    /// Returns the exit status; the whole log is in `self.log`.
+    #[track_caller]
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        while !self.eof {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let _ = self.child.kill();
+                panic!("sockman did not exit in {WAIT:?}; log:\n{}", self.log());
+            }
+            self.next_line(left);
+        }
+        // stderr is closed: the process is exiting (or has exited) now.
+        self.child.wait().expect("wait for sockman")
+    }
+
+    /// Sends a signal (e.g. `TERM`) with `kill(1)`.
+    #[track_caller]
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed: {status}");
+    }
+
+    /// The log so far, one line each.
+    pub fn log(&self) -> String {
+        self.log.join("\n")
+    }
+}
+
+#[cfg(feature = "cli")]
+impl Drop for Bin {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
