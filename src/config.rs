@@ -71,6 +71,13 @@ pub struct Config {
     pub tcp_keepalive: Duration,
     /// Raise the soft `RLIMIT_NOFILE` to the hard limit at start. Default on.
     pub raise_fd_limit: bool,
+    /// Address of the admin endpoint (`/metrics`, `/connections`, `/health`), served by the same
+    /// loop. `None` = off. A warning is logged if it is not a loopback address.
+    pub admin: Option<SocketAddr>,
+    /// How often the loop compares its own descriptors with the process's open ones (the leak
+    /// self-check; reads `/proc/self/fd`, so seconds, never per turn). Zero = off. Default off:
+    /// an embedder's own files would show as unaccounted.
+    pub fd_check_interval: Duration,
     /// During a drain, connections idle this long with nothing pending are closed.
     /// Default 1 s.
     pub drain_idle: Duration,
@@ -102,6 +109,8 @@ impl Default for Config {
             tcp_keepalive: Duration::ZERO,
             raise_fd_limit: true,
             drain_idle: Duration::from_secs(1),
+            admin: None,
+            fd_check_interval: Duration::ZERO,
             accept_budget: 128,
             read_budget: 16,
             expire_budget: 4096,

@@ -45,6 +45,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+#[cfg(feature = "admin")]
+mod admin;
 mod close;
 mod config;
 mod conn;
@@ -63,5 +65,5 @@ pub use close::{CloseReason, Error};
 pub use config::{Config, OnFull, MAX_CONNECTIONS_LIMIT};
 pub use handler::{ConnId, Context, Discard, Echo, Handler};
 pub use limits::{FALLBACK_MAX_CONNECTIONS, FD_RESERVE};
-pub use metrics::{Metrics, RejectReason};
+pub use metrics::{Metrics, RejectReason, LIFETIME_BUCKETS_MS};
 pub use server::{Handle, Server};

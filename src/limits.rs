@@ -48,6 +48,14 @@ pub(crate) fn effective_max_connections(configured: Option<usize>, fd_limit: Opt
     }
 }
 
+/// Open descriptors of this process, from `/proc/self/fd` (None where it does not exist).
+/// Blocking I/O on procfs: the loop calls it every few seconds, never per turn.
+pub(crate) fn count_open_fds() -> Option<u64> {
+    // The directory listing itself holds one descriptor: subtract it.
+    let n = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+    Some(n.saturating_sub(1))
+}
+
 /// Connections per peer IP, kept only when a per-IP cap is configured.
 #[derive(Debug, Default)]
 pub(crate) struct PerIp {
@@ -165,6 +173,11 @@ impl AcceptGate {
             shed: 0,
             exhausted: false,
         }
+    }
+
+    /// Descriptors the gate holds (the spare).
+    pub(crate) fn fds(&self) -> usize {
+        usize::from(self.spare.is_some())
     }
 
     pub(crate) fn is_paused(&self) -> bool {

@@ -107,6 +107,12 @@ struct ServeArgs {
     /// During a drain, close connections idle this long with nothing pending.
     #[arg(long, value_name = "DURATION", default_value = "1s", env = "SOCKMAN_DRAIN_IDLE", value_parser = parse_duration)]
     drain_idle: Duration,
+    /// Serve /metrics, /connections and /health on this address (e.g. 127.0.0.1:9090); off unless given.
+    #[arg(long, value_name = "ADDR", env = "SOCKMAN_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// How often to check that every open descriptor is accounted for (the leak self-check); 0 = off.
+    #[arg(long, value_name = "DURATION", default_value = "5s", env = "SOCKMAN_FD_CHECK_INTERVAL", value_parser = parse_duration)]
+    fd_check_interval: Duration,
     /// Log a counters line this often; 0 = off.
     #[arg(long, value_name = "DURATION", default_value = "5s", env = "SOCKMAN_STATS_INTERVAL", value_parser = parse_duration)]
     stats_interval: Duration,
@@ -136,6 +142,8 @@ impl ServeArgs {
             backlog: self.backlog,
             tcp_keepalive: self.tcp_keepalive,
             drain_idle: self.drain_idle,
+            admin: self.admin,
+            fd_check_interval: self.fd_check_interval,
             ..defaults
         }
     }

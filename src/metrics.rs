@@ -39,6 +39,11 @@ impl RejectReason {
     }
 }
 
+/// Upper bounds (inclusive, milliseconds) of the connection-lifetime histogram buckets.
+pub const LIFETIME_BUCKETS_MS: [u64; 9] = [
+    1, 10, 100, 1_000, 10_000, 60_000, 300_000, 1_800_000, 3_600_000,
+];
+
 /// Counters (monotonic) and gauges (current values) of one server loop.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Metrics {
@@ -74,6 +79,17 @@ pub struct Metrics {
     pub stale: u64,
     /// Connections still open at a drain's deadline, closed by force.
     pub drain_forced: u64,
+    /// Connection lifetimes: count per bucket of [`LIFETIME_BUCKETS_MS`] (the last slot is
+    /// everything longer), for the `/metrics` histogram.
+    pub lifetime_buckets: [u64; LIFETIME_BUCKETS_MS.len() + 1],
+    /// Sum of connection lifetimes, in microseconds.
+    pub lifetime_sum_us: u64,
+    /// Gauge: descriptors the process has open, from the last leak self-check (0 = not checked).
+    pub fds_open: u64,
+    /// Gauge: open descriptors the last leak self-check could not account for (process fds minus
+    /// connections, the loop's own fds and those open before the server started). Non-zero means
+    /// a leak — or files the embedder opened since.
+    pub fds_unaccounted: i64,
     /// Gauge: the effective connection cap.
     pub max_connections: u64,
     /// Gauge: the soft open-file limit in force (0 if unknown).
@@ -96,9 +112,16 @@ impl Metrics {
         self.rejected[reason.index()]
     }
 
-    pub(crate) fn count_close(&mut self, reason: CloseReason) {
+    pub(crate) fn count_close(&mut self, reason: CloseReason, lifetime_us: u64) {
         self.closed[reason.index()] += 1;
         self.active -= 1;
+        let ms = lifetime_us / 1000;
+        let bucket = LIFETIME_BUCKETS_MS
+            .iter()
+            .position(|&le| ms <= le)
+            .unwrap_or(LIFETIME_BUCKETS_MS.len());
+        self.lifetime_buckets[bucket] += 1;
+        self.lifetime_sum_us = self.lifetime_sum_us.saturating_add(lifetime_us);
     }
 
     pub(crate) fn count_open(&mut self) {
@@ -161,7 +184,8 @@ mod tests {
         let mut m = Metrics::default();
         m.count_open();
         m.count_open();
-        m.count_close(CloseReason::IdleTimeout);
+        m.count_close(CloseReason::IdleTimeout, 1500);
+        assert_eq!(m.lifetime_buckets[1], 1);
         m.rejected[RejectReason::Full.index()] += 3;
         let line = m.to_string();
         assert!(

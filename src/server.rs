@@ -51,9 +51,16 @@ const GEN_MASK: u32 = if KEY_BITS >= 32 {
 } else {
     (1 << KEY_BITS) - 1
 };
-/// The waker's token; listener `i` has `WAKER - 1 - i`. Their key halves are far above any
-/// slab key ([`MAX_CONNECTIONS_LIMIT`](crate::config::MAX_CONNECTIONS_LIMIT)).
+/// The waker's token; listener `i` has `WAKER - 1 - i`, the admin listener
+/// `WAKER - 1 - MAX_LISTENERS`, admin connection `k` `WAKER - 2 - MAX_LISTENERS - k`. These
+/// special tokens are within `SPECIAL` of `WAKER`; a connection token never is, because its key
+/// half stays below [`MAX_CONNECTIONS_LIMIT`](crate::config::MAX_CONNECTIONS_LIMIT).
 const WAKER: Token = Token(usize::MAX);
+const SPECIAL: usize = MAX_LISTENERS + 2 + 64;
+#[cfg(feature = "admin")]
+const ADMIN_LISTENER: Token = Token(WAKER.0 - 1 - MAX_LISTENERS);
+#[cfg(feature = "admin")]
+const ADMIN_CONN_BASE: usize = WAKER.0 - 2 - MAX_LISTENERS;
 
 /// The token of the connection in slot `key` with generation `gen`.
 ///
@@ -182,6 +189,8 @@ pub struct Server<H: Handler> {
     buf: Vec<u8>,
     /// Tick 0. Monotonic: wall-clock steps must not close connections.
     start: Instant,
+    /// The current turn's tick (read once per turn, after the poll).
+    now: Tick,
     tick_ns: u64,
     idle_ticks: Option<Tick>,
     write_ticks: Option<Tick>,
@@ -201,6 +210,12 @@ pub struct Server<H: Handler> {
     stopped: bool,
     /// While draining: the tick at which whatever is left gets closed.
     drain_deadline: Option<Tick>,
+    #[cfg(feature = "admin")]
+    admin: Option<crate::admin::Admin>,
+    /// Leak self-check: next check tick, and the descriptors that were open before the loop's
+    /// first turn and are not the loop's own (stdio, logs, the embedder's files).
+    next_fd_check: Option<Tick>,
+    fd_baseline: Option<i64>,
     /// Least-recently-active order, only with [`OnFull::EvictIdle`].
     lru: Option<Lru>,
     /// Connections per peer IP, only with a per-IP cap.
@@ -239,6 +254,26 @@ impl<H: Handler> Server<H> {
             });
         }
         let waker = Waker::new(poll.registry(), WAKER)?;
+        #[cfg(feature = "admin")]
+        let admin = match config.admin {
+            Some(addr) => Some(
+                crate::admin::Admin::bind(
+                    addr,
+                    poll.registry(),
+                    ADMIN_LISTENER,
+                    ADMIN_CONN_BASE,
+                    config.tick.as_nanos().max(1) as u64,
+                )
+                .map_err(|source| Error::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        #[cfg(not(feature = "admin"))]
+        if config.admin.is_some() {
+            return Err(Error::Config(
+                "the admin endpoint needs the `admin` cargo feature".into(),
+            ));
+        }
         let tick_ns = config.tick.as_nanos().min(u64::MAX as u128) as u64;
         let ticks = |d: Duration| -> Tick {
             (d.as_nanos().div_ceil(tick_ns as u128)).min(Tick::MAX as u128 / 4) as Tick
@@ -251,7 +286,12 @@ impl<H: Handler> Server<H> {
             fd_limit: fd_limit.unwrap_or(0),
             ..Metrics::default()
         };
-        let addrs: Vec<String> = listeners.iter().map(|l| l.addr.to_string()).collect();
+        #[allow(unused_mut)]
+        let mut addrs: Vec<String> = listeners.iter().map(|l| l.addr.to_string()).collect();
+        #[cfg(feature = "admin")]
+        if let Some(admin) = &admin {
+            addrs.push(format!("admin=http://{}", admin.addr));
+        }
         info!(
             "listening on {} max_connections={max_connections} fd_limit={} on_full={:?} max_per_ip={} idle_timeout={:?} write_timeout={:?} tick={:?} max_pending={}",
             addrs.join(","),
@@ -276,6 +316,7 @@ impl<H: Handler> Server<H> {
             metrics,
             buf: vec![0; config.read_buffer],
             start: Instant::now(),
+            now: 0,
             tick_ns,
             idle_ticks,
             write_ticks,
@@ -293,6 +334,10 @@ impl<H: Handler> Server<H> {
             }),
             stopped: false,
             drain_deadline: None,
+            #[cfg(feature = "admin")]
+            admin,
+            next_fd_check: None,
+            fd_baseline: None,
             lru: (config.on_full == OnFull::EvictIdle).then(Lru::new),
             per_ip: (config.max_per_ip > 0).then(PerIp::default),
             gate: AcceptGate::new(),
@@ -363,6 +408,9 @@ impl<H: Handler> Server<H> {
         if self.stopped {
             return Ok(());
         }
+        if self.metrics.turns == 0 && !self.config.fd_check_interval.is_zero() {
+            self.start_fd_check();
+        }
         let timeout = self.poll_timeout(max_wait);
         let mut events = self
             .events
@@ -372,6 +420,7 @@ impl<H: Handler> Server<H> {
         // The clock is read after the poll: a `now` from before a blocking wait would be stale by
         // the whole wait and stamp activity early.
         let now = self.tick_at(Instant::now());
+        self.now = now;
         if let Err(e) = polled {
             if e.kind() != io::ErrorKind::Interrupted {
                 self.events = Some(events);
@@ -390,6 +439,15 @@ impl<H: Handler> Server<H> {
         }
         self.expire(now);
         self.continue_ready(now);
+        #[cfg(feature = "admin")]
+        if let Some(admin) = &mut self.admin {
+            if admin.next_deadline().is_some_and(|t| t <= now) {
+                admin.expire(self.poll.registry(), now);
+            }
+        }
+        if self.next_fd_check.is_some_and(|t| t <= now) {
+            self.check_fds(now);
+        }
         if let Some(deadline) = self.drain_deadline {
             self.check_drain(deadline, now);
         }
@@ -482,6 +540,10 @@ impl<H: Handler> Server<H> {
             let _ = self.poll.registry().deregister(&mut l.socket);
         }
         self.listeners.clear();
+        #[cfg(feature = "admin")]
+        if let Some(mut admin) = self.admin.take() {
+            admin.close_all(self.poll.registry());
+        }
         self.drain_deadline = None;
         self.stopped = true;
         info!("stopped: {}", self.metrics);
@@ -496,8 +558,14 @@ impl<H: Handler> Server<H> {
             return Some(Duration::ZERO);
         }
         let mut next = self.wheel.next_deadline();
-        if let Some(drain) = self.drain_deadline {
-            next = Some(next.map_or(drain, |n| n.min(drain)));
+        #[allow(unused_mut)]
+        let mut others = [self.drain_deadline, self.next_fd_check, None];
+        #[cfg(feature = "admin")]
+        {
+            others[2] = self.admin.as_ref().and_then(|a| a.next_deadline());
+        }
+        for t in others.into_iter().flatten() {
+            next = Some(next.map_or(t, |n| n.min(t)));
         }
         if let Some(resume) = self.gate.paused_until {
             next = Some(next.map_or(resume, |n| n.min(resume)));
@@ -525,15 +593,18 @@ impl<H: Handler> Server<H> {
             }
             return;
         }
-        let (key, gen) = split_token(token);
-        if key >= KEY_MASK - MAX_LISTENERS {
-            let i = WAKER.0 - 1 - token.0;
+        let special = WAKER.0 - token.0;
+        if special <= SPECIAL {
+            let i = special - 1;
             // While paused after fd exhaustion, listener events are ignored (resume accepts).
             if i < self.listeners.len() && !self.gate.is_paused() {
                 self.accept(i, now);
             }
+            #[cfg(feature = "admin")]
+            self.dispatch_admin(token, now);
             return;
         }
+        let (key, gen) = split_token(token);
         match self.conns.get(key) {
             Some(conn) if conn.io.gen == gen => self.drive(key, ready, now),
             _ => {
@@ -541,6 +612,79 @@ impl<H: Handler> Server<H> {
                 trace!("stale event token={} key={key} gen={gen}", token.0);
             }
         }
+    }
+
+    #[cfg(feature = "admin")]
+    fn dispatch_admin(&mut self, token: Token, now: Tick) {
+        let Some(admin) = &mut self.admin else {
+            return;
+        };
+        match admin.owns(token) {
+            Some(None) => admin.accept(self.poll.registry(), now),
+            Some(Some(key)) => {
+                let view = crate::admin::View {
+                    metrics: &self.metrics,
+                    conns: &self.conns,
+                    now,
+                    tick_ns: self.tick_ns,
+                    draining: self.drain_deadline.is_some(),
+                    token_of: |key, gen| token_for(key, gen).0 as u64,
+                };
+                admin.drive(key, self.poll.registry(), &view);
+            }
+            None => {}
+        }
+    }
+
+    /// The admin endpoint's address, if it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        #[cfg(feature = "admin")]
+        {
+            self.admin.as_ref().map(|a| a.addr)
+        }
+        #[cfg(not(feature = "admin"))]
+        None
+    }
+
+    /// Descriptors the loop itself holds besides connections: epoll, waker, listeners, the
+    /// spare, the admin side.
+    fn own_fds(&self) -> i64 {
+        #[allow(unused_mut)]
+        let mut n = 2 + self.listeners.len() + self.gate.fds();
+        #[cfg(feature = "admin")]
+        if let Some(admin) = &self.admin {
+            n += admin.fds();
+        }
+        n as i64
+    }
+
+    fn start_fd_check(&mut self) {
+        if let Some(open) = limits::count_open_fds() {
+            self.fd_baseline = Some(open as i64 - self.own_fds() - self.conns.len() as i64);
+            self.next_fd_check = Some(self.now + self.ticks(self.config.fd_check_interval));
+        }
+    }
+
+    /// The leak self-check: every descriptor the process has is a connection, one of the loop's
+    /// own, or was there before the first turn. Reports the difference as a gauge, and warns
+    /// when it changes from zero.
+    fn check_fds(&mut self, now: Tick) {
+        self.next_fd_check = Some(now + self.ticks(self.config.fd_check_interval));
+        let (Some(open), Some(baseline)) = (limits::count_open_fds(), self.fd_baseline) else {
+            return;
+        };
+        let unaccounted = open as i64 - baseline - self.own_fds() - self.conns.len() as i64;
+        if unaccounted != 0 && self.metrics.fds_unaccounted == 0 {
+            warn!(
+                "leak check: {open} descriptors open, {unaccounted} more than connections ({}) + own ({}) + baseline ({baseline})",
+                self.conns.len(),
+                self.own_fds()
+            );
+        } else if unaccounted == 0 && self.metrics.fds_unaccounted != 0 {
+            info!("leak check: every descriptor accounted for again");
+        }
+        self.metrics.fds_open = open;
+        self.metrics.fds_unaccounted = unaccounted;
     }
 
     /// Handles readiness on a live connection: flush pending output, then read.
@@ -879,11 +1023,12 @@ impl<H: Handler> Server<H> {
             self.gate.paused_until = Some(0);
         }
         self.handler.on_close(state, id, reason);
-        self.metrics.count_close(reason);
+        let lifetime_us = (self.now.saturating_sub(opened) as u128 * self.tick_ns as u128 / 1000)
+            .min(u64::MAX as u128) as u64;
+        self.metrics.count_close(reason, lifetime_us);
         debug!(
             "closed conn={id} peer={peer} reason={reason} bytes_in={bytes_in} bytes_out={bytes_out} age_ms={}",
-            (self.tick_at(Instant::now()).saturating_sub(opened) as u128 * self.tick_ns as u128)
-                / 1_000_000
+            lifetime_us / 1000
         );
     }
 }

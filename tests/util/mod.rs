@@ -83,8 +83,9 @@ pub fn bind<H: Handler>(config: Config, handler: H) -> (Server<H>, SocketAddr) {
     (server, addr)
 }
 
-/// Turns `server` (at most 20 ms per turn) until `done` holds. Fails after [`WAIT`] or 100 000
-/// turns, naming `what` and the metrics.
+/// Turns `server` (at most 20 ms per turn) until `done` holds. `done` runs before every turn, so
+/// it may also act as a client between turns (e.g. a nonblocking write). Fails after [`WAIT`] or
+/// 100 000 turns, naming `what` and the metrics.
 #[track_caller]
 pub fn turn_until<H: Handler>(
     server: &mut Server<H>,
@@ -140,7 +141,9 @@ pub fn connect_small_rcvbuf(addr: SocketAddr) -> TcpStream {
     )
     .unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&addr.into()).expect("connect to the test server");
+    socket
+        .connect(&addr.into())
+        .expect("connect to the test server");
     let stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -320,7 +323,11 @@ impl Bin {
         let deadline = Instant::now() + WAIT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no {what} in {WAIT:?}; log:\n{}", self.log());
+            assert!(
+                !left.is_zero(),
+                "no {what} in {WAIT:?}; log:\n{}",
+                self.log()
+            );
             match self.next_line(left) {
                 Some(line) if found(&line) => return line,
                 Some(_) => {}
