@@ -480,7 +480,7 @@ fn connections<S>(query: &str, view: &View<'_, S>) -> Result<String, String> {
             "id={}#{} peer={} age_ms={} idle_ms={} bytes_in={} bytes_out={} pending={} state={state}",
             id & 0xffff_ffff,
             id >> 32,
-            io.peer,
+            io.peer(),
             ms(view.now.saturating_sub(io.opened)),
             ms(view.now.saturating_sub(io.last_active)),
             io.bytes_in,

@@ -8,7 +8,7 @@
 //! struct plus the handler's state) and one 16-byte wheel entry.
 
 use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use mio::net::TcpStream;
 
@@ -43,7 +43,10 @@ pub(crate) struct Io {
     pub(crate) stream: TcpStream,
     /// Unsent output, if any. While `Some`, the loop does not read (backpressure).
     pending: Option<Box<Pending>>,
-    pub(crate) peer: SocketAddr,
+    /// The peer's address, kept as IP and port: a `SocketAddr` is 32 bytes (IPv6 flow info and
+    /// scope id), this is 19, and an idle connection's whole cost is this struct.
+    peer_ip: IpAddr,
+    peer_port: u16,
     /// Tick of the last activity (bytes read or write progress). Activity only stamps this; the
     /// wheel entry is re-armed lazily when it fires.
     pub(crate) last_active: Tick,
@@ -70,7 +73,8 @@ impl Io {
         Io {
             stream,
             pending: None,
-            peer,
+            peer_ip: peer.ip(),
+            peer_port: peer.port(),
             last_active: now,
             scheduled: UNSCHEDULED,
             opened: now,
@@ -82,6 +86,10 @@ impl Io {
             read_closed: false,
             queued: false,
         }
+    }
+
+    pub(crate) fn peer(&self) -> SocketAddr {
+        SocketAddr::new(self.peer_ip, self.peer_port)
     }
 
     pub(crate) fn pending_len(&self) -> usize {
@@ -213,5 +221,16 @@ impl Io {
             (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
             (a, b) => a.or(b),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// An idle connection's userspace cost is its slab entry: keep it small (the target is
+    /// <= 128 B per idle connection in all, wheel entry included; see BENCHMARKS.md).
+    #[test]
+    fn idle_connection_entry_stays_small() {
+        let entry = std::mem::size_of::<super::Conn<()>>();
+        assert!(entry <= 96, "Conn<()> grew to {entry} bytes");
     }
 }

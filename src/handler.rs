@@ -108,7 +108,7 @@ impl Context<'_> {
 
     /// The peer's address.
     pub fn peer(&self) -> SocketAddr {
-        self.io.peer
+        self.io.peer()
     }
 
     /// Bytes written but not yet taken by the socket.

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the echo server (defaults: 127.0.0.1:7000, 60s idle timeout).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Generate load against an echo server and report throughput and latency.
     Load(sockman::load::LoadArgs),
 }
