@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use log::{error, info, warn};
+use log::{info, warn};
 use sockman::units::{parse_duration, parse_size};
 use sockman::{Config, Discard, Echo, Handler, Metrics, OnFull, Server};
 
@@ -166,7 +166,6 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
-            error!("{msg}");
             eprintln!("sockman: {msg}");
             ExitCode::FAILURE
         }

@@ -115,10 +115,9 @@ impl Metrics {
     pub(crate) fn count_close(&mut self, reason: CloseReason, lifetime_us: u64) {
         self.closed[reason.index()] += 1;
         self.active -= 1;
-        let ms = lifetime_us / 1000;
         let bucket = LIFETIME_BUCKETS_MS
             .iter()
-            .position(|&le| ms <= le)
+            .position(|&le_ms| lifetime_us <= le_ms * 1000)
             .unwrap_or(LIFETIME_BUCKETS_MS.len());
         self.lifetime_buckets[bucket] += 1;
         self.lifetime_sum_us = self.lifetime_sum_us.saturating_add(lifetime_us);

@@ -84,6 +84,28 @@ fn reset_mid_stream_is_counted_as_reset() {
     assert_eq!(m.accepted, 1, "{m}");
 }
 
+#[test]
+fn reset_of_a_quiet_connection_is_counted_as_reset() {
+    // Nothing unread and nothing pending: the reset alone must be noticed and classified.
+    let (mut server, addr) = bind(local_config(), Echo);
+    let mut client = connect(addr);
+    client.write_all(b"ping").unwrap();
+    turn_until(&mut server, "the ping echoed", |s| {
+        s.metrics().bytes_out == 4
+    });
+    assert_eq!(read_exactly(&mut client, 4), b"ping");
+    socket2::SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(client);
+    turn_until(&mut server, "the reset connection to close", |s| {
+        s.metrics().closed_total() == 1
+    });
+    let m = stop(&mut server);
+    assert_eq!(m.closed_by(CloseReason::Reset), 1, "{m}");
+    assert_eq!(m.closed_total(), 1, "{m}");
+}
+
 /// Greets, echoes, and on `q` replies `bye` and closes (optionally closes right after the
 /// greeting). Records every `on_open` and `on_close`.
 #[derive(Debug, Default)]
