@@ -1135,7 +1135,9 @@ mod tests {
         assert_eq!(&reply, b"ping");
         // A stale wheel entry for the old generation is dropped as well.
         server.wheel.insert(key as u32, old_gen, 0);
-        server.expire(server.tick_at(Instant::now()));
+        // An entry inserted for a tick the wheel has passed fires at its next tick.
+        let now = server.tick_at(Instant::now()).max(server.wheel.elapsed());
+        server.expire(now);
         assert_eq!(server.metrics().stale, 2);
         assert!(server.conns.contains(key));
         server.shutdown();
