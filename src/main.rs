@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use log::{info, warn};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 use sockman::units::{parse_duration, parse_size};
 use sockman::{Config, Discard, Echo, Handler, Metrics, OnFull, Server};
 
@@ -174,8 +176,13 @@ fn main() -> ExitCode {
 
 /// Runs the server turn by turn, logging a counters line every `stats_interval`, until a signal.
 fn serve<H: Handler>(config: Config, handler: H, args: &ServeArgs) -> Result<Metrics, String> {
+    // Signal handlers go in before the listening line is logged: a supervisor that reads that
+    // line as "ready" and sends SIGTERM must get a drain, not the default action. A signal that
+    // arrives before the thread below runs waits in `signals`.
+    let signals = Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let mut server = Server::bind(config, handler).map_err(|e| e.to_string())?;
-    watch_signals(server.handle(), args.drain_timeout)?;
+    watch_signals(signals, server.handle(), args.drain_timeout)?;
     let interval = (!args.stats_interval.is_zero()).then_some(args.stats_interval);
     let mut next_stats = interval.map(|i| Instant::now() + i);
     while !server.is_stopped() {
@@ -207,10 +214,11 @@ fn serve<H: Handler>(config: Config, handler: H, args: &ServeArgs) -> Result<Met
 
 /// A small thread turns the first SIGINT/SIGTERM into a drain of the loop and a second one into an
 /// immediate shutdown (the library has no signal code).
-fn watch_signals(handle: sockman::Handle, drain_timeout: Duration) -> Result<(), String> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+fn watch_signals(
+    mut signals: Signals,
+    handle: sockman::Handle,
+    drain_timeout: Duration,
+) -> Result<(), String> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {

@@ -265,10 +265,29 @@ impl Bin {
     /// Spawns `sockman ARGS` with `RUST_LOG=info` and a piped stderr.
     #[track_caller]
     pub fn spawn(args: &[&str]) -> Bin {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sockman"));
+        command.args(args);
+        Bin::from_command(command)
+    }
+
+    /// Spawns `sockman ARGS` under `prlimit --nofile=N:N` (util-linux; prlimit execs the binary,
+    /// so the PID is sockman's).
+    #[track_caller]
+    #[allow(dead_code)]
+    pub fn spawn_limited(nofile: u64, args: &[&str]) -> Bin {
+        let mut command = std::process::Command::new("prlimit");
+        command
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg(env!("CARGO_BIN_EXE_sockman"))
+            .args(args);
+        Bin::from_command(command)
+    }
+
+    #[track_caller]
+    fn from_command(mut command: std::process::Command) -> Bin {
         use std::io::BufRead;
-        use std::process::{Command, Stdio};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sockman"))
-            .args(args)
+        use std::process::Stdio;
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

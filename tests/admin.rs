@@ -1,0 +1,424 @@
+//! The admin endpoint of an in-process server (its loop on a thread): `/metrics` parsed by a real
+//! Prometheus text parser with counters that move as connections open and close, `/connections`
+//! listing exactly the open connections, `/health`, and bad requests (400, 404, 431) that get an
+//! answer and a close without disturbing data connections.
+//!
+//! No `fd_check_interval` here: the test process holds every other test's sockets too.
+#![cfg(feature = "admin")]
+
+#[path = "util/ops.rs"]
+mod ops;
+mod util;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_parse::{LineInfo, Scrape, Value};
+use sockman::{Config, Echo, Server};
+use util::{close_gracefully, connect, echo, local_config, Running};
+
+/// Starts an echo server with the admin endpoint on 127.0.0.1:0, running on its own thread.
+/// Returns it (stopped with [`Running::stop`]) and the admin address.
+#[track_caller]
+fn start_with_admin(config: Config) -> (Running, SocketAddr) {
+    let config = Config {
+        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..config
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("server".into())
+        .spawn(move || {
+            let server = Server::bind(config, Echo).expect("bind the test server");
+            let admin = server.admin_addr().expect("the admin endpoint is on");
+            tx.send((server.local_addrs()[0], admin, server.handle()))
+                .expect("the test thread went away");
+            server.run().expect("the server loop failed")
+        })
+        .expect("spawn the server thread");
+    let (addr, admin, handle) = rx
+        .recv_timeout(util::WAIT)
+        .expect("the server did not start (see its panic above)");
+    (
+        Running {
+            addr,
+            handle,
+            thread,
+        },
+        admin,
+    )
+}
+
+/// `/metrics`, checked line by line (every line a comment, a sample or empty: nothing the parser
+/// would silently skip) and parsed with `prometheus-parse`.
+#[track_caller]
+fn scrape(admin: SocketAddr) -> Scrape {
+    let r = ops::get(admin, "/metrics");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.head
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{}",
+        r.head
+    );
+    for line in r.body.lines() {
+        let info = LineInfo::parse(line);
+        assert!(
+            !matches!(info, LineInfo::Ignored),
+            "a line the Prometheus parser does not understand: {line:?}"
+        );
+        if let LineInfo::Sample { value, .. } = info {
+            assert!(
+                value.parse::<f64>().is_ok() || value == "+Inf",
+                "bad value in {line:?}"
+            );
+        }
+        if line.starts_with("# TYPE ") && line.ends_with(" counter") {
+            let name = line.split(' ').nth(2).unwrap();
+            assert!(name.ends_with("_total"), "counter {name} without _total");
+        }
+        if !line.starts_with('#') && !line.is_empty() {
+            assert!(
+                line.starts_with("sockman_"),
+                "not a sockman_* name: {line:?}"
+            );
+        }
+    }
+    Scrape::parse(r.body.lines().map(|l| Ok(l.to_owned()))).expect("parse /metrics")
+}
+
+/// The value of the sample `name` with exactly `labels` (a counter, gauge or untyped value).
+#[track_caller]
+fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == name
+                && s.labels.len() == labels.len()
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
+        .unwrap_or_else(|| panic!("no sample {name}{labels:?} in /metrics"));
+    match &sample.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+        other => panic!("{name} is not a plain value: {other:?}"),
+    }
+}
+
+/// Asserts the sample kind: counters as counters, gauges as gauges.
+#[track_caller]
+fn assert_kind(scrape: &Scrape, name: &str, counter: bool) {
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name)
+        .unwrap_or_else(|| panic!("no sample {name} in /metrics"));
+    match (&sample.value, counter) {
+        (Value::Counter(_), true) | (Value::Gauge(_), false) => {}
+        (other, _) => panic!("{name}: unexpected kind {other:?}"),
+    }
+}
+
+/// The lifetime histogram: cumulative bucket counts, ending with +Inf.
+#[track_caller]
+fn lifetimes(scrape: &Scrape) -> Vec<(f64, f64)> {
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "sockman_connection_lifetime_seconds")
+        .expect("no lifetime histogram in /metrics");
+    let Value::Histogram(buckets) = &sample.value else {
+        panic!("the lifetime is not a histogram: {:?}", sample.value);
+    };
+    let buckets: Vec<(f64, f64)> = buckets.iter().map(|b| (b.less_than, b.count)).collect();
+    assert!(
+        buckets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+        "buckets not increasing and cumulative: {buckets:?}"
+    );
+    assert_eq!(
+        buckets.last().map(|b| b.0),
+        Some(f64::INFINITY),
+        "{buckets:?}"
+    );
+    buckets
+}
+
+/// `/connections` as (peer, line) per connection.
+#[track_caller]
+fn connections(admin: SocketAddr, query: &str) -> Vec<(SocketAddr, String)> {
+    let r = ops::get(admin, &format!("/connections{query}"));
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body
+        .lines()
+        .map(|line| {
+            let peer = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("peer="))
+                .unwrap_or_else(|| panic!("no peer= in {line:?}"));
+            (peer.parse().unwrap(), line.to_string())
+        })
+        .collect()
+}
+
+fn field(line: &str, key: &str) -> u64 {
+    util::stat(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+/// Echoes `n` bytes on `stream` (so the server has accepted it and stamped activity).
+#[track_caller]
+fn ping(stream: &mut TcpStream, seed: u64) {
+    echo(stream, &util::pattern(16, seed));
+}
+
+#[test]
+fn metrics_parse_and_counters_move_as_connections_open_and_close() {
+    let (server, admin) = start_with_admin(local_config());
+
+    let s = scrape(admin);
+    for (name, counter) in [
+        ("sockman_connections_active", false),
+        ("sockman_connections_peak", false),
+        ("sockman_connections_max", false),
+        ("sockman_fd_limit", false),
+        ("sockman_accepted_total", true),
+        ("sockman_received_bytes_total", true),
+        ("sockman_sent_bytes_total", true),
+        ("sockman_pending_output_bytes", false),
+        ("sockman_accept_pauses_total", true),
+        ("sockman_loop_turns_total", true),
+        ("sockman_loop_events_total", true),
+    ] {
+        assert_kind(&s, name, counter);
+    }
+    assert_eq!(value(&s, "sockman_connections_active", &[]), 0.0);
+    assert_eq!(value(&s, "sockman_accepted_total", &[]), 0.0);
+    assert_eq!(
+        value(&s, "sockman_closed_total", &[("reason", "peer_closed")]),
+        0.0
+    );
+    assert_eq!(
+        value(&s, "sockman_rejected_total", &[("reason", "full")]),
+        0.0
+    );
+    assert_eq!(lifetimes(&s).last().unwrap().1, 0.0);
+    let turns_before = value(&s, "sockman_loop_turns_total", &[]);
+
+    // Three connections, each echoes 16 bytes: once `echo` returns the server has admitted it.
+    let mut clients: Vec<TcpStream> = (0..3).map(|_| connect(server.addr)).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        ping(c, i as u64);
+    }
+    let s = scrape(admin);
+    assert_eq!(value(&s, "sockman_connections_active", &[]), 3.0);
+    assert_eq!(value(&s, "sockman_connections_peak", &[]), 3.0);
+    assert_eq!(value(&s, "sockman_accepted_total", &[]), 3.0);
+    assert_eq!(value(&s, "sockman_received_bytes_total", &[]), 48.0);
+    assert_eq!(value(&s, "sockman_sent_bytes_total", &[]), 48.0);
+    assert!(value(&s, "sockman_loop_turns_total", &[]) > turns_before);
+    assert_eq!(lifetimes(&s).last().unwrap().1, 0.0, "nothing closed yet");
+
+    // Two close politely: when `close_gracefully` returns, the server has closed its side.
+    let third = clients.pop().unwrap();
+    for c in clients {
+        close_gracefully(c);
+    }
+    let s = scrape(admin);
+    assert_eq!(value(&s, "sockman_connections_active", &[]), 1.0);
+    assert_eq!(value(&s, "sockman_connections_peak", &[]), 3.0);
+    assert_eq!(value(&s, "sockman_accepted_total", &[]), 3.0);
+    assert_eq!(
+        value(&s, "sockman_closed_total", &[("reason", "peer_closed")]),
+        2.0
+    );
+    let hist = lifetimes(&s);
+    assert_eq!(hist.last().unwrap().1, 2.0, "{hist:?}");
+    assert_eq!(
+        value(&s, "sockman_connection_lifetime_seconds_count", &[]),
+        2.0
+    );
+    assert!(value(&s, "sockman_connection_lifetime_seconds_sum", &[]) >= 0.0);
+
+    close_gracefully(third);
+    let s = scrape(admin);
+    assert_eq!(value(&s, "sockman_connections_active", &[]), 0.0);
+    assert_eq!(
+        value(&s, "sockman_closed_total", &[("reason", "peer_closed")]),
+        3.0
+    );
+    assert_eq!(lifetimes(&s).last().unwrap().1, 3.0);
+    // Admin requests are never data connections.
+    assert_eq!(value(&s, "sockman_accepted_total", &[]), 3.0);
+
+    let m = server.stop();
+    assert_eq!(m.accepted, 3, "{m}");
+    assert_eq!(m.closed_total(), 3, "{m}");
+}
+
+#[test]
+fn connections_lists_exactly_the_open_ones_and_sorts_by_idle() {
+    let (server, admin) = start_with_admin(local_config());
+    assert!(connections(admin, "").is_empty(), "no connection yet");
+
+    // `oldest` is active first; the others a few ticks (10 ms each) later, so `oldest` is
+    // strictly the longest idle. The sleep lets time pass; it orders nothing.
+    let mut oldest = connect(server.addr);
+    ping(&mut oldest, 0);
+    std::thread::sleep(Duration::from_millis(60));
+    let mut others: Vec<TcpStream> = (0..3).map(|_| connect(server.addr)).collect();
+    for (i, c) in others.iter_mut().enumerate() {
+        ping(c, i as u64 + 1);
+    }
+
+    let want: BTreeSet<SocketAddr> = std::iter::once(&oldest)
+        .chain(&others)
+        .map(|c| c.local_addr().unwrap())
+        .collect();
+    let listed = connections(admin, "");
+    let got: BTreeSet<SocketAddr> = listed.iter().map(|(p, _)| *p).collect();
+    assert_eq!(listed.len(), 4, "{listed:#?}");
+    assert_eq!(got, want, "{listed:#?}");
+    for (_, line) in &listed {
+        for key in [
+            "id",
+            "age_ms",
+            "idle_ms",
+            "bytes_in",
+            "bytes_out",
+            "pending",
+        ] {
+            assert!(line.contains(&format!("{key}=")), "no {key} in {line:?}");
+        }
+        assert_eq!(field(line, "bytes_in"), 16, "{line}");
+        assert_eq!(field(line, "bytes_out"), 16, "{line}");
+        assert_eq!(field(line, "pending"), 0, "{line}");
+        assert!(line.ends_with("state=open"), "{line}");
+    }
+
+    // The longest idle, alone.
+    let top = connections(admin, "?limit=1&sort=idle");
+    assert_eq!(top.len(), 1, "{top:#?}");
+    assert_eq!(top[0].0, oldest.local_addr().unwrap(), "{top:#?}");
+    assert!(field(&top[0].1, "idle_ms") >= 50, "{top:#?}");
+    // Sorted by idle, longest first.
+    let sorted = connections(admin, "?sort=idle");
+    assert_eq!(sorted.len(), 4);
+    assert_eq!(sorted[0].0, oldest.local_addr().unwrap(), "{sorted:#?}");
+    let idles: Vec<u64> = sorted.iter().map(|(_, l)| field(l, "idle_ms")).collect();
+    assert!(idles.windows(2).all(|w| w[0] >= w[1]), "{sorted:#?}");
+    assert_eq!(connections(admin, "?limit=2").len(), 2);
+
+    // A closed connection leaves the list; the rest stay.
+    let gone = others.pop().unwrap();
+    let gone_addr = gone.local_addr().unwrap();
+    close_gracefully(gone);
+    let listed = connections(admin, "");
+    let got: BTreeSet<SocketAddr> = listed.iter().map(|(p, _)| *p).collect();
+    let mut want = want;
+    want.remove(&gone_addr);
+    assert_eq!(got, want, "{listed:#?}");
+
+    // Bad query parameters are a 400, not a panic.
+    assert_eq!(ops::get(admin, "/connections?limit=x").status, 400);
+    assert_eq!(ops::get(admin, "/connections?sort=age").status, 400);
+
+    close_gracefully(oldest);
+    for c in others {
+        close_gracefully(c);
+    }
+    assert!(connections(admin, "").is_empty());
+    server.stop();
+}
+
+#[test]
+fn bad_requests_get_an_answer_and_a_close_and_data_connections_are_undisturbed() {
+    let (server, admin) = start_with_admin(local_config());
+    assert_eq!(ops::get(admin, "/health").status, 200);
+    assert_eq!(ops::get(admin, "/health").body, "ok\n");
+
+    // A data connection echoing without pause on another thread for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut data = connect(server.addr);
+    let pinger = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut rounds = 0u64;
+            let deadline = Instant::now() + util::WAIT;
+            while !stop.load(Ordering::Acquire) && Instant::now() < deadline && rounds < 1_000_000 {
+                let msg = util::pattern(64, rounds);
+                data.write_all(&msg).expect("data connection: write");
+                let back = util::read_exactly(&mut data, msg.len());
+                util::assert_same(&back, &msg);
+                rounds += 1;
+            }
+            (data, rounds)
+        })
+    };
+
+    let malformed: [&[u8]; 4] = [
+        b"NOT A REQUEST\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nthis is no header\r\n\r\n",
+        b"\x00\x01\x02\x03\xff\xfe\r\n\r\n",
+        b"GET /metrics HTTP/9\r\n\r\n",
+    ];
+    for req in malformed {
+        let r = ops::http_raw(admin, req);
+        assert_eq!(
+            r.status,
+            400,
+            "for {:?}: {r:?}",
+            String::from_utf8_lossy(req)
+        );
+        assert!(r.closed);
+        assert!(r.head.contains("Connection: close"), "{}", r.head);
+    }
+
+    // Unknown path.
+    let r = ops::get(admin, "/nope");
+    assert_eq!(r.status, 404, "{r:?}");
+    // Over 8 KiB of headers: 431.
+    let big = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Padding: {}\r\n\r\n",
+        "a".repeat(9 * 1024)
+    );
+    let r = ops::http_raw(admin, big.as_bytes());
+    assert_eq!(r.status, 431, "{r:?}");
+    // More headers than the parser takes: 431 as well.
+    let many: String = (0..40).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let r = ops::http_raw(
+        admin,
+        format!("GET /health HTTP/1.1\r\n{many}\r\n").as_bytes(),
+    );
+    assert_eq!(r.status, 431, "{r:?}");
+    // A request cut short (the client half-closes mid-head): closed without an answer or a panic.
+    let mut cut = connect(admin);
+    cut.write_all(b"GET /metr").unwrap();
+    cut.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = cut.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty() || rest.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&rest)
+    );
+
+    // The endpoint still answers, and the data connection never noticed.
+    assert_eq!(ops::get(admin, "/health").status, 200);
+    stop.store(true, Ordering::Release);
+    let (data, rounds) = pinger.join().expect("the data connection failed");
+    assert!(rounds > 0, "the data connection never echoed");
+    let s = scrape(admin);
+    assert_eq!(value(&s, "sockman_connections_active", &[]), 1.0);
+    assert_eq!(value(&s, "sockman_accepted_total", &[]), 1.0);
+    close_gracefully(data);
+    let m = server.stop();
+    assert_eq!(m.accepted, 1, "{m}");
+    assert_eq!(m.closed_total(), 1, "admin requests counted as data: {m}");
+    eprintln!("data connection echoed {rounds} times during the bad requests");
+}

@@ -1,0 +1,145 @@
+//! Helpers shared by `limits.rs`, `drain.rs` and `admin.rs` (included with
+//! `#[path = "util/ops.rs"] mod ops;` beside `mod util;`): a minimal HTTP/1.1 client for the admin
+//! endpoint, log-line parsing, CPU time of a child, and latency summaries.
+//!
+//! Every wait is bounded: reads carry [`util::IO_TIMEOUT`] as a safety net.
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use crate::util;
+
+/// A stats line (`... stats active=..`), not the listening or final line.
+pub fn is_stats(line: &str) -> bool {
+    line.contains(" stats active=")
+}
+
+/// The admin address in a `listening on ADDR,admin=http://HOST:PORT ...` line.
+#[track_caller]
+pub fn admin_addr_in(line: &str) -> SocketAddr {
+    let rest = line
+        .split("admin=http://")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no admin address in {line:?}"));
+    let addr = rest.split([' ', ',', '/']).next().unwrap();
+    addr.parse()
+        .unwrap_or_else(|e| panic!("cannot parse the admin address in {line:?}: {e}"))
+}
+
+/// One HTTP response: status code, head (status line and headers) and body.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+    /// The server closed the connection after the response (EOF or a reset after it).
+    pub closed: bool,
+}
+
+/// Sends `request` as-is on a new connection to `addr` and reads the response until the server
+/// closes (the admin endpoint answers `Connection: close`). A reset after some bytes still
+/// returns what was read; a reset before any byte fails.
+#[track_caller]
+pub fn http_raw(addr: SocketAddr, request: &[u8]) -> Response {
+    let mut stream = util::connect(addr);
+    stream.write_all(request).expect("write the HTTP request");
+    read_response(&mut stream)
+}
+
+/// `GET target` with a Host header.
+#[track_caller]
+pub fn get(addr: SocketAddr, target: &str) -> Response {
+    http_raw(
+        addr,
+        format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: sockman-tests\r\n\r\n")
+            .as_bytes(),
+    )
+}
+
+/// Reads a whole response until EOF (bounded by the stream's read timeout).
+#[track_caller]
+pub fn read_response(stream: &mut TcpStream) -> Response {
+    let mut raw = Vec::new();
+    let mut buf = [0; 16 * 1024];
+    let mut closed = false;
+    for _ in 0..100_000 {
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && !raw.is_empty() => {
+                closed = true;
+                break;
+            }
+            Err(e) => panic!(
+                "reading the HTTP response ({} bytes so far: {:?}): {e}",
+                raw.len(),
+                String::from_utf8_lossy(&raw)
+            ),
+        }
+    }
+    assert!(closed, "the response did not end in 100000 reads");
+    let text = String::from_utf8(raw).expect("the response is not UTF-8");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of head in the response {text:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status code in {head:?}"));
+    assert!(head.starts_with("HTTP/1.1 "), "bad status line: {head:?}");
+    if let Some(len) = head.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("content-length:")
+            .map(|v| v.trim().parse::<usize>().expect("Content-Length"))
+    }) {
+        assert_eq!(body.len(), len, "Content-Length does not match the body");
+    }
+    Response {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+        closed,
+    }
+}
+
+/// CPU time (user + system, all threads) of process `pid` so far, from `/proc/PID/stat`.
+#[track_caller]
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/stat: {e}"));
+    // The command name (field 2) may contain spaces and parentheses: fields follow the last ')'.
+    let after = &stat[stat.rfind(')').expect("no ')' in /proc/PID/stat") + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // fields[0] is field 3 (state); utime is field 14, stime field 15.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_nanos(ticks * 1_000_000_000 / clock_ticks_per_second())
+}
+
+/// `sysconf(_SC_CLK_TCK)` via `getconf`, 100 (Linux's USER_HZ everywhere) if that fails.
+pub fn clock_ticks_per_second() -> u64 {
+    static TCK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(100)
+    })
+}
+
+/// The `q` quantile (0..=1) of `sorted` (nearest rank).
+pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    assert!(!sorted.is_empty(), "no samples");
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
