@@ -28,7 +28,9 @@ const MAX_REQUEST: usize = 8 * 1024;
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// `/connections` lines by default, and at most.
 const DEFAULT_LIMIT: usize = 1_000;
-const MAX_LIMIT: usize = 100_000;
+/// Bounds one response (~120 bytes a line, ~2.4 MB at most): about every connection this
+/// machine's fd limit allows, in one transient buffer freed when the response is sent.
+const MAX_LIMIT: usize = 20_000;
 
 #[derive(Debug)]
 struct AdminConn {
@@ -37,6 +39,8 @@ struct AdminConn {
     response: Vec<u8>,
     written: usize,
     opened: Tick,
+    /// The client half-closed: no more request bytes will come.
+    peer_closed: bool,
 }
 
 /// What the admin pages show, borrowed from the server for one request.
@@ -118,6 +122,7 @@ impl Admin {
                         response: Vec::new(),
                         written: 0,
                         opened: now,
+                        peer_closed: false,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -141,7 +146,12 @@ impl Admin {
             let mut buf = [0u8; 4096];
             loop {
                 match conn.stream.read(&mut buf) {
-                    Ok(0) => return self.close(key, registry),
+                    // A complete request may come with the FIN: parse what was read; an
+                    // incomplete one is closed below.
+                    Ok(0) => {
+                        conn.peer_closed = true;
+                        break;
+                    }
                     Ok(n) => {
                         conn.request.extend_from_slice(&buf[..n]);
                         if conn.request.len() > MAX_REQUEST {
@@ -165,6 +175,9 @@ impl Admin {
                     Ok(httparse::Status::Complete(_)) => {
                         conn.response =
                             route(req.method.unwrap_or(""), req.path.unwrap_or(""), view);
+                    }
+                    Ok(httparse::Status::Partial) if conn.peer_closed => {
+                        return self.close(key, registry)
                     }
                     Ok(httparse::Status::Partial) => return,
                     Err(httparse::Error::TooManyHeaders) => {

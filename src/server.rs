@@ -124,6 +124,8 @@ struct Listener {
     /// The accept budget ran out with connections possibly still queued: no new edge will come
     /// for them, so the next turn accepts again without waiting for an event.
     ready: bool,
+    /// `ready` as it was when this turn began: what this turn continues.
+    carried: bool,
 }
 
 /// What the loop shares with [`Handle`]s on other threads.
@@ -251,6 +253,7 @@ impl<H: Handler> Server<H> {
                 socket,
                 addr,
                 ready: false,
+                carried: false,
             });
         }
         let waker = Waker::new(poll.registry(), WAKER)?;
@@ -390,13 +393,13 @@ impl<H: Handler> Server<H> {
     /// Runs turns until a [`Handle::shutdown`], then returns the final metrics.
     ///
     /// # Errors
-    /// [`Error::Io`] if polling fails (anything but EINTR). Connections still open are closed
-    /// (their fds released) when the server is dropped.
+    /// [`Error::Io`] if polling fails (anything but EINTR). Connections still open are then
+    /// closed with [`CloseReason::Shutdown`] as the server is dropped (`on_close` runs for each).
     pub fn run(mut self) -> Result<Metrics, Error> {
         while !self.stopped {
             self.turn(None)?;
         }
-        Ok(self.metrics)
+        Ok(mem::take(&mut self.metrics))
     }
 
     /// Runs one turn of the loop: waits for readiness at most `max_wait` (or less, for a deadline;
@@ -429,6 +432,11 @@ impl<H: Handler> Server<H> {
         }
         self.metrics.turns += 1;
         mem::swap(&mut self.ready, &mut self.carried);
+        // Listeners whose budget ran out in an earlier turn; ones that run out in this turn's
+        // dispatch wait for the next turn, so the budget holds per turn.
+        for l in &mut self.listeners {
+            l.carried = mem::take(&mut l.ready);
+        }
         for event in events.iter() {
             self.metrics.events += 1;
             self.dispatch(event.token(), Readiness::of(event), now);
@@ -554,7 +562,9 @@ impl<H: Handler> Server<H> {
     }
 
     fn poll_timeout(&self, max_wait: Option<Duration>) -> Option<Duration> {
-        if !self.ready.is_empty() || self.expire_ready || self.listeners.iter().any(|l| l.ready) {
+        // A paused accept must not count as ready work: it would spin until the retry time.
+        let accept_ready = !self.gate.is_paused() && self.listeners.iter().any(|l| l.ready);
+        if !self.ready.is_empty() || self.expire_ready || accept_ready {
             return Some(Duration::ZERO);
         }
         let mut next = self.wheel.next_deadline();
@@ -698,14 +708,15 @@ impl<H: Handler> Server<H> {
             if !(ready.writable || ready.error) {
                 return; // reading stays paused until the output drains
             }
-            match io.flush(now, &mut self.metrics) {
+            let flushed = io.flush(now, &mut self.metrics);
+            if let Some(lru) = self.lru.as_mut().filter(|_| io.last_active == now) {
+                lru.touch(key); // write progress is activity
+            }
+            match flushed {
                 Err(reason) => return self.close(key, reason),
                 Ok(false) => return,
                 // Reading was paused: data may be waiting with no new edge to announce it.
                 Ok(true) => want_read = true,
-            }
-            if let Some(lru) = &mut self.lru {
-                lru.touch(key);
             }
             let io = &self.conns[key].io;
             if let Some(reason) = io.closing {
@@ -815,7 +826,14 @@ impl<H: Handler> Server<H> {
             match io.deadline(self.idle_ticks, self.write_ticks) {
                 // Idle during a drain is the drain closing it: reason Shutdown.
                 Some((when, CloseReason::IdleTimeout)) if when <= now && draining => {
-                    self.close(key, CloseReason::Shutdown)
+                    if io.has_pending() {
+                        // Not idle while output is still going out: look again a tick later
+                        // (the write-stall deadline and the drain deadline still bound it).
+                        self.wheel.insert(entry.key, entry.gen, now + 1);
+                        io.scheduled = now + 1;
+                    } else {
+                        self.close(key, CloseReason::Shutdown)
+                    }
                 }
                 Some((when, reason)) if when <= now => self.close(key, reason),
                 Some((when, _)) => {
@@ -847,12 +865,12 @@ impl<H: Handler> Server<H> {
                 debug!("accept: retrying after pause");
                 // Edge-triggered: the queued connections produce no new event, so accept now.
                 for l in &mut self.listeners {
-                    l.ready = true;
+                    l.carried = true;
                 }
             }
         }
         for i in 0..self.listeners.len() {
-            if self.listeners[i].ready && !self.gate.is_paused() {
+            if mem::take(&mut self.listeners[i].carried) && !self.gate.is_paused() {
                 self.accept(i, now);
             }
         }
@@ -931,17 +949,21 @@ impl<H: Handler> Server<H> {
             );
             self.gate.shed = 0;
         }
-        if self.conns.len() >= self.max_connections && !self.evict_for(now) {
-            self.metrics.rejected[RejectReason::Full.index()] += 1;
-            trace!("rejected peer={peer} reason=full");
-            return; // dropping the stream closes it: the client learns at once
-        }
+        // The per-IP cap is checked first: a refused client must not evict anybody.
         if let Some(per_ip) = &mut self.per_ip {
             if !per_ip.try_add(peer.ip(), self.config.max_per_ip) {
                 self.metrics.rejected[RejectReason::PerIp.index()] += 1;
                 trace!("rejected peer={peer} reason=per_ip");
                 return;
             }
+        }
+        if self.conns.len() >= self.max_connections && !self.evict_for(now) {
+            if let Some(per_ip) = &mut self.per_ip {
+                per_ip.remove(peer.ip());
+            }
+            self.metrics.rejected[RejectReason::Full.index()] += 1;
+            trace!("rejected peer={peer} reason=full");
+            return; // dropping the stream closes it: the client learns at once
         }
         let key = self.conns.vacant_key();
         let gen = self.next_gen & GEN_MASK;
@@ -1030,6 +1052,14 @@ impl<H: Handler> Server<H> {
             "closed conn={id} peer={peer} reason={reason} bytes_in={bytes_in} bytes_out={bytes_out} age_ms={}",
             lifetime_us / 1000
         );
+    }
+}
+
+/// Dropping a server that has not stopped (an embedder's choice, or `run` failing) closes every
+/// connection through the close path, so `on_close` still runs exactly once per connection.
+impl<H: Handler> Drop for Server<H> {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

@@ -1,0 +1,117 @@
+//! Regressions found in review: each test failed before its fix.
+
+mod util;
+
+use std::cell::Cell;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::rc::Rc;
+use std::time::Duration;
+
+use sockman::{CloseReason, Config, ConnId, Context, Echo, Handler, OnFull, RejectReason, Server};
+use util::{local_config, turn_until};
+
+fn connect_from(ip: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from((ip, 0)).into()).unwrap();
+    s.connect(&addr.into()).unwrap();
+    s.into()
+}
+
+/// A client refused by the per-IP cap must not evict another client's idle connection.
+#[test]
+fn per_ip_refusal_does_not_evict() {
+    let config = Config {
+        max_connections: Some(2),
+        on_full: OnFull::EvictIdle,
+        evict_min_idle: Duration::from_millis(20),
+        max_per_ip: 1,
+        tick: Duration::from_millis(1),
+        ..local_config()
+    };
+    let mut server = Server::bind(config, Echo).unwrap();
+    let addr = server.local_addrs()[0];
+    let _victim = connect_from([127, 0, 0, 1], addr);
+    turn_until(&mut server, "the first accept", |s| {
+        s.metrics().accepted == 1
+    });
+    let _attacker = connect_from([127, 0, 0, 2], addr);
+    turn_until(&mut server, "the second accept", |s| {
+        s.metrics().accepted == 2
+    });
+    // Time has to pass for the victim to become evictable.
+    std::thread::sleep(Duration::from_millis(50));
+    let _again = connect_from([127, 0, 0, 2], addr);
+    turn_until(&mut server, "the per-IP refusal", |s| {
+        s.metrics().rejected_by(RejectReason::PerIp) == 1
+    });
+    let m = server.metrics();
+    assert_eq!(m.closed_by(CloseReason::Evicted), 0, "{m}");
+    assert_eq!(m.active, 2, "{m}");
+}
+
+struct Count(Rc<Cell<i64>>);
+
+impl Handler for Count {
+    type Conn = ();
+    fn on_open(&mut self, _: &mut Context<'_>) {
+        self.0.set(self.0.get() + 1);
+    }
+    fn on_data(&mut self, _: &mut (), _: &mut Context<'_>, _: &[u8]) {}
+    fn on_close(&mut self, _: (), _: ConnId, reason: CloseReason) {
+        assert_eq!(reason, CloseReason::Shutdown);
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+/// Dropping a running server still calls `on_close` once per connection.
+#[test]
+fn dropping_a_running_server_closes_through_on_close() {
+    let open = Rc::new(Cell::new(0));
+    let mut server = Server::bind(local_config(), Count(Rc::clone(&open))).unwrap();
+    let mut client = TcpStream::connect(server.local_addrs()[0]).unwrap();
+    turn_until(&mut server, "the first accept", |s| {
+        s.metrics().accepted == 1
+    });
+    assert_eq!(open.get(), 1);
+    drop(server);
+    assert_eq!(open.get(), 0, "on_open without on_close after drop");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0; 1];
+    assert_eq!(
+        client.read(&mut buf).unwrap_or(0),
+        0,
+        "the socket was not closed"
+    );
+}
+
+/// An admin request that arrives together with the client's FIN still gets its answer.
+#[test]
+fn admin_request_followed_by_fin_is_answered() {
+    let config = Config {
+        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..local_config()
+    };
+    let mut server = Server::bind(config, Echo).unwrap();
+    let mut admin = TcpStream::connect(server.admin_addr().unwrap()).unwrap();
+    admin.write_all(b"GET /health HTTP/1.0\r\n\r\n").unwrap();
+    admin.shutdown(Shutdown::Write).unwrap();
+    admin.set_nonblocking(true).unwrap();
+    let mut out = Vec::new();
+    turn_until(&mut server, "the admin answer and EOF", |_| {
+        let mut buf = [0; 512];
+        match admin.read(&mut buf) {
+            Ok(0) => true,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                false
+            }
+            Err(_) => false,
+        }
+    });
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert!(text.ends_with("ok\n"), "{text:?}");
+}
