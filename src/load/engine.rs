@@ -1,0 +1,1328 @@
+//! The generator's event loop: one mio `Poll`, one slot per connection (a worker, in churn).
+//!
+//! One turn: read the clock; open connections while fewer than [`MAX_UNCONFIRMED`] are
+//! unconfirmed; expire
+//! connects older than [`CONNECT_TIMEOUT`]; fire due scheduled messages (`--rate`); move between
+//! phases (setup, window, end); print progress; poll until the nearest of those deadlines; then
+//! dispatch the events. Every deadline is finite, so the loop always ends.
+//!
+//! Invariants: `slots[key].conn` is `Some` exactly while the connection is open or connecting;
+//! `live`, `n_connecting` and `n_held` count those slots by phase, `n_unconfirmed` those that
+//! have not received a byte yet; a slot's `gen` changes on
+//! every close, and tokens carry it, so an event for a connection that is gone (its slot maybe
+//! reused in the same batch) is dropped.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use mio::event::Event;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::pattern::{seed_for, Pattern};
+use super::procfs::{self, ServerSample};
+use super::report::{Latency, Report};
+use super::schedule::Schedule;
+use super::{LoadConfig, LoadError, Mode, CONNECT_TIMEOUT, IDLE_SETUP_TIMEOUT, MAX_UNCONFIRMED};
+
+/// Linux `EINPROGRESS`: what a nonblocking connect returns while under way. Written out because
+/// the crate has no libc and `ErrorKind::InProgress` is not stable yet (rust#130840); MIPS
+/// numbers its errnos differently.
+#[cfg(any(target_arch = "mips", target_arch = "mips64"))]
+const EINPROGRESS: i32 = 150;
+/// Linux `EINPROGRESS`: what a nonblocking connect returns while under way. Written out because
+/// the crate has no libc and `ErrorKind::InProgress` is not stable yet (rust#130840).
+#[cfg(not(any(target_arch = "mips", target_arch = "mips64")))]
+const EINPROGRESS: i32 = 115;
+
+/// Events taken per poll.
+const EVENTS_CAPACITY: usize = 1024;
+
+/// The one loop-wide receive buffer; also the longest write. 256 KiB lets a streaming
+/// connection move a whole socket buffer per syscall.
+const IO_CHUNK: usize = 256 * 1024;
+
+/// Descriptors kept free beyond the connections: the poller, `/proc` reads, stdio, and the
+/// odd descriptor a caller (a bench) opens meanwhile.
+const FD_MARGIN: u64 = 32;
+
+/// Churn: pause before a worker whose connect failed tries again, so a refusing or
+/// port-exhausted host costs counted errors, not a busy loop.
+const RETRY_DELAY: Duration = Duration::from_millis(10);
+
+/// Lowest port bound explicitly with `--source-addrs` (below are the well-known ports).
+const FIRST_SOURCE_PORT: u16 = 1024;
+
+/// Fewest ports worth keeping outside the ephemeral range; below it `--source-addrs` uses
+/// every port from [`FIRST_SOURCE_PORT`] up.
+const MIN_SOURCE_PORTS: u32 = 4096;
+
+/// Ports tried per socket when binding a source address finds them in use.
+const BIND_ATTEMPTS: usize = 64;
+
+/// Longest wait, after the run, for servers to close their side (see `Engine::drain`).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest single poll, so the loop re-checks its deadlines at least this often.
+const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
+
+/// Progress line period.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Largest latency the histogram holds (1 hour, in ns); larger values saturate.
+const HIST_MAX_NS: u64 = 3_600_000_000_000;
+
+/// Significant figures of the latency histogram.
+const HIST_SIGFIG: u8 = 3;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// `connect` returned in progress; waiting for writable.
+    Connecting,
+    /// Connected and exchanging data.
+    Open,
+    /// Idle mode: echoed once, now only watched for a close.
+    Held,
+    /// The run is over: our FIN is sent, reading and discarding until the server's.
+    Draining,
+}
+
+/// Why a connection ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum End {
+    /// Read returned 0; `owed` when echoed bytes were still expected.
+    Eof {
+        /// Echo was still expected.
+        owed: bool,
+    },
+    /// An I/O error, as a report label.
+    Io(ErrorKind),
+    /// The echo differs from what was sent (or exceeds it).
+    Mismatch,
+    /// Churn: the cycle's echo arrived; close and start the next cycle.
+    CycleDone,
+}
+
+/// One connection.
+#[derive(Debug)]
+struct Conn {
+    /// The socket, registered for READABLE | WRITABLE once (edge-triggered), never re-registered.
+    stream: TcpStream,
+    /// Life stage.
+    phase: Phase,
+    /// Start of this connection's byte pattern.
+    seed: u8,
+    /// Bytes written so far (stream offset of the next byte to write).
+    sent: u64,
+    /// Bytes issued so far; `target - sent` still has to go out.
+    target: u64,
+    /// Bytes received and verified so far.
+    recv: u64,
+    /// Messages in flight: the stream offset at which each one's echo is complete, and the
+    /// instant its latency is measured from (actual issue, or scheduled time with `--rate`).
+    inflight: VecDeque<(u64, Instant)>,
+    /// `--rate`: the next message of this connection's schedule.
+    next_k: u64,
+    /// When this connection started connecting (churn: the cycle's start).
+    started: Instant,
+    /// The last write was short or WouldBlock: wait for a writable event. Writing again before
+    /// would only cost an EAGAIN syscall.
+    write_blocked: bool,
+}
+
+/// A connection's place, reused across churn cycles.
+#[derive(Debug, Default)]
+struct Slot {
+    /// Bumped on every close; the high half of the token.
+    gen: u32,
+    /// The connection, if open or connecting.
+    conn: Option<Conn>,
+}
+
+/// Run-wide parameters the per-connection code reads.
+#[derive(Debug)]
+struct Params {
+    mode: Mode,
+    size: u64,
+    depth: usize,
+    schedule: Option<Schedule>,
+    /// Start of the load: the origin of the schedule.
+    t0: Instant,
+    /// The measured window `[start, end)`; `None` until idle setup completes.
+    window: Option<(Instant, Instant)>,
+}
+
+impl Params {
+    fn in_window(&self, t: Instant) -> bool {
+        self.window.is_some_and(|(s, e)| t >= s && t < e)
+    }
+
+    /// Whether new messages may still be issued at `t` (not after the window's end).
+    fn may_issue(&self, t: Instant) -> bool {
+        self.window.is_none_or(|(_, e)| t < e)
+    }
+}
+
+/// Counters of the run.
+#[derive(Debug)]
+struct Stats {
+    /// Errors by label (see `Report::errors`).
+    errors: BTreeMap<String, u64>,
+    closed_by_server: u64,
+    connected: u64,
+    /// Operations over the whole run, for the progress line.
+    ops_total: u64,
+    /// Operations in the window.
+    ops: u64,
+    /// Verified echoed bytes in the window.
+    bytes: u64,
+    /// Idle: connections whose one echo was verified.
+    idle_checked: u64,
+    /// Latency in ns, window only.
+    hist: Histogram<u64>,
+}
+
+impl Stats {
+    fn error(&mut self, label: &str) {
+        *self.errors.entry(label.to_string()).or_insert(0) += 1;
+    }
+}
+
+/// The label of an error kind in the report: `ConnectionRefused` → `connection_refused`.
+pub(super) fn kind_label(kind: ErrorKind) -> String {
+    let name = format!("{kind:?}");
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else if c.is_ascii_alphanumeric() {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Whether an error means the server closed or reset the connection.
+fn is_server_close(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+    )
+}
+
+/// Token for `key` in its current generation. Keys fit in 32 bits (connections are bounded by
+/// the fd limit); on a 32-bit target the generation is dropped and stale events rely on the
+/// phase checks alone.
+fn token(key: usize, gen: u32) -> Token {
+    Token(((u64::from(gen) << 32) | key as u64) as usize)
+}
+
+/// (key, gen) of a token.
+fn split_token(t: Token) -> (usize, u32) {
+    let v = t.0 as u64;
+    ((v & 0xffff_ffff) as usize, (v >> 32) as u32)
+}
+
+impl Conn {
+    /// Queues one message and remembers when its latency starts.
+    fn issue(&mut self, size: u64, origin: Instant) {
+        self.target += size;
+        self.inflight.push_back((self.target, origin));
+    }
+
+    /// `--rate`: issues every message of this connection that is due by `now` and fits in
+    /// `depth`.
+    fn issue_due(&mut self, key: usize, p: &Params, now: Instant) {
+        let Some(s) = p.schedule else { return };
+        while self.inflight.len() < p.depth {
+            let due = p.t0 + s.due(key, self.next_k);
+            if due > now || !p.may_issue(due) {
+                break;
+            }
+            self.issue(p.size, due);
+            self.next_k += 1;
+        }
+    }
+
+    /// Writes issued bytes (stream: endlessly) until done or the socket is full.
+    fn flush(&mut self, pattern: &Pattern, p: &Params) -> Result<(), End> {
+        while !self.write_blocked {
+            if self.sent == self.target {
+                if p.mode != Mode::Stream {
+                    break;
+                }
+                self.target += p.size;
+            }
+            let len = (self.target - self.sent).min(IO_CHUNK as u64) as usize;
+            match self.stream.write(pattern.slice(self.seed, self.sent, len)) {
+                Ok(0) => return Err(End::Io(ErrorKind::WriteZero)),
+                Ok(n) => {
+                    self.sent += n as u64;
+                    // A short write means the send buffer filled; Linux then flags the socket
+                    // so that freed space raises a new writable edge.
+                    self.write_blocked = n < len;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => self.write_blocked = true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(End::Io(e.kind())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and verifies until the socket is drained, completing messages as their echo
+    /// arrives and issuing the next ones.
+    ///
+    /// A read shorter than the buffer ends the drain without the extra read that would return
+    /// WouldBlock: it emptied the receive queue, and on Linux any later arrival raises a new
+    /// edge (the same choice as `epoll_echo short`). The generator shares the CPUs with the
+    /// server it measures, so it saves the syscall.
+    fn read(
+        &mut self,
+        key: usize,
+        buf: &mut [u8],
+        pattern: &Pattern,
+        p: &Params,
+        stats: &mut Stats,
+        now: Instant,
+    ) -> Result<(), End> {
+        loop {
+            let n = match self.stream.read(buf) {
+                Ok(0) => {
+                    return Err(End::Eof {
+                        owed: self.recv < self.target,
+                    })
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(End::Io(e.kind())),
+            };
+            let data = &buf[..n];
+            if self.recv + n as u64 > self.sent || !pattern.matches(self.seed, self.recv, data) {
+                return Err(End::Mismatch);
+            }
+            self.recv += n as u64;
+            if p.in_window(now) {
+                stats.bytes += n as u64;
+            }
+            self.complete_messages(key, p, stats)?;
+            if n < buf.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Pops every message whose echo is now complete, records it, and issues what follows.
+    fn complete_messages(&mut self, key: usize, p: &Params, stats: &mut Stats) -> Result<(), End> {
+        let mut done_at = None;
+        while let Some(&(end, origin)) = self.inflight.front() {
+            if self.recv < end {
+                break;
+            }
+            self.inflight.pop_front();
+            // Latency ends when the echo is seen, not at the start of the turn.
+            let t = *done_at.get_or_insert_with(Instant::now);
+            let since = if p.mode == Mode::Churn {
+                self.started
+            } else {
+                origin
+            };
+            if p.mode == Mode::Idle {
+                self.phase = Phase::Held;
+                stats.idle_checked += 1;
+                continue;
+            }
+            stats.ops_total += 1;
+            if p.in_window(t) {
+                stats.ops += 1;
+                let ns = u64::try_from(t.saturating_duration_since(since).as_nanos())
+                    .unwrap_or(u64::MAX);
+                stats.hist.saturating_record(ns.max(1));
+            }
+            match p.mode {
+                Mode::Churn => return Err(End::CycleDone),
+                _ if p.schedule.is_some() => self.issue_due(key, p, t),
+                _ if p.may_issue(t) => self.issue(p.size, t),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the loop measured besides the counters.
+#[derive(Debug)]
+struct Outcome {
+    /// Length of the measured window actually run.
+    elapsed: Duration,
+    /// Server utime + stime over the window, in clock ticks.
+    cpu_ticks: Option<u64>,
+    /// Server RSS at the end, connections still open.
+    rss_end: Option<u64>,
+    /// Idle: connections held at the end.
+    held: u64,
+}
+
+/// The running generator.
+#[derive(Debug)]
+struct Engine<'a> {
+    cfg: &'a LoadConfig,
+    poll: Poll,
+    slots: Vec<Slot>,
+    pattern: Pattern,
+    buf: Vec<u8>,
+    params: Params,
+    stats: Stats,
+    /// Slots waiting to (re)connect, in order.
+    to_open: VecDeque<usize>,
+    /// Churn: slots waiting out [`RETRY_DELAY`] after a failed connect (due times ascend).
+    retry: VecDeque<(Instant, usize)>,
+    /// Connects in progress, oldest first: (key, gen, started). Entries whose slot moved on
+    /// are dropped lazily from the front.
+    connecting: VecDeque<(usize, u32, Instant)>,
+    n_connecting: usize,
+    /// Connections connecting or connected without a byte echoed yet: not known to be
+    /// accepted by the server (see [`MAX_UNCONFIRMED`]).
+    n_unconfirmed: usize,
+    live: usize,
+    n_held: usize,
+    /// Connections in [`Phase::Draining`].
+    n_draining: usize,
+    /// Round-robin position in `source_addrs`.
+    next_source: usize,
+    /// Ports `--source-addrs` binds (see [`bind_source`]).
+    port_space: PortSpace,
+    /// Next index into `port_space`, per source address.
+    source_cursors: Vec<u32>,
+    /// `--rate`: the next global message to fire.
+    next_j: u64,
+    /// Set when a connect is refused before any connect succeeded.
+    refused_early: bool,
+}
+
+/// Raises the soft open-file limit to the hard one and checks the run fits.
+fn check_fd_limit(connections: usize) -> Result<(), LoadError> {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(_) => rlimit::Resource::NOFILE
+            .get()
+            .map(|(soft, _)| soft)
+            .map_err(|source| LoadError::Io {
+                what: "read the open-file limit",
+                source,
+            })?,
+    };
+    let open = procfs::open_fds().unwrap_or(16);
+    let needed = connections as u64 + open + FD_MARGIN;
+    if needed > limit {
+        return Err(LoadError::FdLimit { needed, limit });
+    }
+    log::debug!("load: open-file limit {limit}, {open} open, {connections} connections");
+    Ok(())
+}
+
+/// Runs the load; see [`super::run`].
+pub(super) fn run(cfg: &LoadConfig) -> Result<Report, LoadError> {
+    check_fd_limit(cfg.connections)?;
+    let rss_start = cfg.server_pid.map(procfs::sample).and_then(|s| s.rss_bytes);
+    let mut engine = Engine::new(cfg)?;
+    let outcome = engine.run_loop()?;
+    Ok(engine.report(&outcome, rss_start))
+}
+
+impl<'a> Engine<'a> {
+    fn new(cfg: &'a LoadConfig) -> Result<Engine<'a>, LoadError> {
+        let poll = Poll::new().map_err(|source| LoadError::Io {
+            what: "create the poller",
+            source,
+        })?;
+        let hist =
+            Histogram::new_with_bounds(1, HIST_MAX_NS, HIST_SIGFIG).map_err(|e| LoadError::Io {
+                what: "create the latency histogram",
+                source: io::Error::other(format!("{e:?}")),
+            })?;
+        let t0 = Instant::now();
+        let window = match cfg.mode {
+            Mode::Idle => None,
+            _ => Some((t0 + cfg.warmup, t0 + cfg.warmup + cfg.duration)),
+        };
+        let depth = if cfg.mode == Mode::Pipeline {
+            cfg.depth
+        } else {
+            1
+        };
+        Ok(Engine {
+            cfg,
+            poll,
+            slots: (0..cfg.connections).map(|_| Slot::default()).collect(),
+            pattern: Pattern::new(IO_CHUNK),
+            buf: vec![0; IO_CHUNK],
+            params: Params {
+                mode: cfg.mode,
+                size: cfg.size as u64,
+                depth,
+                schedule: cfg.rate.map(|r| Schedule::new(r, cfg.connections)),
+                t0,
+                window,
+            },
+            stats: Stats {
+                errors: BTreeMap::new(),
+                closed_by_server: 0,
+                connected: 0,
+                ops_total: 0,
+                ops: 0,
+                bytes: 0,
+                idle_checked: 0,
+                hist,
+            },
+            to_open: (0..cfg.connections).collect(),
+            retry: VecDeque::new(),
+            connecting: VecDeque::new(),
+            n_connecting: 0,
+            n_unconfirmed: 0,
+            live: 0,
+            n_held: 0,
+            n_draining: 0,
+            next_source: 0,
+            port_space: PortSpace::for_host(),
+            source_cursors: vec![first_source_cursor(); cfg.source_addrs.len()],
+            next_j: 0,
+            refused_early: false,
+        })
+    }
+
+    /// Turns until the window ends (or nothing is left to measure). Returns the measured time
+    /// and the server's CPU ticks over it.
+    fn run_loop(&mut self) -> Result<Outcome, LoadError> {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        let t0 = self.params.t0;
+        let mut cpu_start: Option<ServerSample> = None;
+        let mut next_progress = t0 + PROGRESS_INTERVAL;
+        let mut last_progress_ops = 0;
+        let end_time;
+        loop {
+            let now = Instant::now();
+            self.retry_due(now);
+            self.open_pending(now);
+            self.expire_connects(now);
+            if self.stats.connected == 0 {
+                self.check_reachable(now)?;
+            }
+            if self.params.schedule.is_some() {
+                self.fire_schedule(now);
+            }
+            if self.params.mode == Mode::Idle && self.params.window.is_none() {
+                let timed_out = now >= t0 + IDLE_SETUP_TIMEOUT;
+                if self.idle_setup_done() || timed_out {
+                    self.finish_idle_setup();
+                    self.params.window = Some((now, now + self.cfg.duration));
+                }
+            }
+            if let Some((start, end)) = self.params.window {
+                if cpu_start.is_none() && now >= start {
+                    cpu_start = Some(self.sample_server());
+                }
+                if now >= end {
+                    end_time = end;
+                    break;
+                }
+            }
+            let nothing_left = self.live == 0
+                && self.to_open.is_empty()
+                && self.retry.is_empty()
+                && self.params.mode != Mode::Churn;
+            if nothing_left {
+                end_time = now;
+                break;
+            }
+            if self.cfg.progress && now >= next_progress {
+                let ops = self.stats.ops_total;
+                self.print_progress(now, ops - last_progress_ops);
+                last_progress_ops = ops;
+                next_progress += PROGRESS_INTERVAL;
+            }
+
+            let timeout = self.poll_timeout(now, next_progress);
+            if let Err(source) = self.poll.poll(&mut events, Some(timeout)) {
+                if source.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(LoadError::Io {
+                    what: "poll for events",
+                    source,
+                });
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                self.dispatch(event, now);
+            }
+        }
+        if self.cfg.progress {
+            eprintln!();
+        }
+        // Sample before any connection closes: idle RSS must include the held connections.
+        let last = self.sample_server();
+        let cpu_ticks = match (cpu_start.and_then(|s| s.cpu_ticks), last.cpu_ticks) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        let elapsed = match self.params.window {
+            Some((start, end)) => end_time.min(end).saturating_duration_since(start),
+            None => Duration::ZERO,
+        };
+        let held = self.n_held as u64;
+        self.drain(&mut events);
+        Ok(Outcome {
+            held,
+            elapsed,
+            cpu_ticks,
+            rss_end: last.rss_bytes,
+        })
+    }
+
+    /// Moves churn workers whose retry delay has passed back to the open queue.
+    fn retry_due(&mut self, now: Instant) {
+        while let Some(&(due, key)) = self.retry.front() {
+            if due > now {
+                break;
+            }
+            self.retry.pop_front();
+            self.to_open.push_back(key);
+        }
+    }
+
+    /// Starts connects from the queue while fewer than [`MAX_UNCONFIRMED`] are unconfirmed.
+    fn open_pending(&mut self, now: Instant) {
+        if !self.params.may_issue(now) {
+            self.to_open.clear();
+            return;
+        }
+        while self.n_unconfirmed < MAX_UNCONFIRMED {
+            let Some(key) = self.to_open.pop_front() else {
+                break;
+            };
+            self.open(key, now);
+        }
+    }
+
+    /// Starts one nonblocking connect in slot `key`.
+    fn open(&mut self, key: usize, now: Instant) {
+        debug_assert!(self.slots[key].conn.is_none(), "slot {key} is busy");
+        let gen = self.slots[key].gen;
+        let stream = self.new_stream().and_then(|mut stream| {
+            self.poll
+                .registry()
+                .register(
+                    &mut stream,
+                    token(key, gen),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .map(|()| stream)
+        });
+        match stream {
+            Ok(stream) => {
+                let depth = self.params.depth;
+                self.slots[key].conn = Some(Conn {
+                    stream,
+                    phase: Phase::Connecting,
+                    seed: seed_for(key),
+                    sent: 0,
+                    target: 0,
+                    recv: 0,
+                    inflight: VecDeque::with_capacity(if self.params.mode == Mode::Stream {
+                        0
+                    } else {
+                        depth
+                    }),
+                    next_k: 0,
+                    started: now,
+                    write_blocked: false,
+                });
+                self.live += 1;
+                self.n_connecting += 1;
+                self.n_unconfirmed += 1;
+                self.connecting.push_back((key, gen, now));
+            }
+            Err(e) => self.connect_failed(key, e.kind(), now),
+        }
+    }
+
+    /// A nonblocking socket with TCP_NODELAY, bound to the next source address if any, whose
+    /// connect is under way.
+    fn new_stream(&mut self) -> io::Result<TcpStream> {
+        let addr: SocketAddr = self.cfg.connect;
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking(),
+            Some(Protocol::TCP),
+        )?;
+        // Small messages must leave at once; Nagle would hold a pipeline's second message.
+        socket.set_tcp_nodelay(true)?;
+        if !self.cfg.source_addrs.is_empty() {
+            let i = self.next_source % self.cfg.source_addrs.len();
+            self.next_source = self.next_source.wrapping_add(1);
+            socket.set_reuse_address(true)?;
+            let ip = self.cfg.source_addrs[i];
+            bind_source(&socket, ip, &self.port_space, &mut self.source_cursors[i])?;
+        }
+        match socket.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e)
+                if e.raw_os_error() == Some(EINPROGRESS) || e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        Ok(TcpStream::from_std(socket.into()))
+    }
+
+    /// Counts a connect that failed in slot `key` (already empty or about to be closed by the
+    /// caller) and, in churn, schedules the worker's retry.
+    fn connect_failed(&mut self, key: usize, kind: ErrorKind, now: Instant) {
+        self.stats.error(&kind_label(kind));
+        if kind == ErrorKind::ConnectionRefused && self.stats.connected == 0 {
+            self.refused_early = true;
+        }
+        self.close(key);
+        if self.params.mode == Mode::Churn {
+            self.retry.push_back((now + RETRY_DELAY, key));
+        }
+    }
+
+    /// Fails connects in progress for longer than [`CONNECT_TIMEOUT`].
+    fn expire_connects(&mut self, now: Instant) {
+        while let Some(&(key, gen, since)) = self.connecting.front() {
+            let slot = &self.slots[key];
+            let still = slot.gen == gen
+                && slot
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.phase == Phase::Connecting);
+            if still {
+                if now < since + CONNECT_TIMEOUT {
+                    break;
+                }
+                self.connect_failed(key, ErrorKind::TimedOut, now);
+            }
+            self.connecting.pop_front();
+        }
+    }
+
+    /// Before the first connection succeeds: refused means nothing listens; no success within
+    /// [`CONNECT_TIMEOUT`] means nothing answers.
+    fn check_reachable(&self, now: Instant) -> Result<(), LoadError> {
+        let addr = self.cfg.connect;
+        if self.refused_early {
+            return Err(LoadError::Unreachable {
+                addr,
+                reason: "connection refused".into(),
+            });
+        }
+        if now >= self.params.t0 + CONNECT_TIMEOUT {
+            let errors: Vec<String> = self
+                .stats
+                .errors
+                .iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect();
+            let detail = if errors.is_empty() {
+                String::new()
+            } else {
+                format!("; errors: {}", errors.join(" "))
+            };
+            return Err(LoadError::Unreachable {
+                addr,
+                reason: format!(
+                    "no connection completed within {} s{detail}",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// `--rate`: lets every connection with a message due by `now` send it.
+    fn fire_schedule(&mut self, now: Instant) {
+        let Some(s) = self.params.schedule else {
+            return;
+        };
+        let elapsed = now.saturating_duration_since(self.params.t0);
+        // After a long stall many messages are due; each connection sends all of its own due
+        // messages when poked, so poking each connection once is enough.
+        let n = self.slots.len() as u64;
+        let first_not_due = s.first_j_at(elapsed);
+        if first_not_due > self.next_j + n {
+            self.next_j = first_not_due - n;
+        }
+        while self.params.t0 + s.global_due(self.next_j) <= now {
+            let key = s.conn_of(self.next_j);
+            self.next_j += 1;
+            let Engine {
+                slots,
+                params,
+                pattern,
+                ..
+            } = self;
+            let Some(conn) = slots[key].conn.as_mut() else {
+                continue;
+            };
+            if conn.phase != Phase::Open {
+                continue;
+            }
+            conn.issue_due(key, params, now);
+            if let Err(end) = conn.flush(pattern, params) {
+                self.end(key, end, now);
+            }
+        }
+    }
+
+    /// Idle: every connection is held or gone, and nothing is left to open.
+    fn idle_setup_done(&self) -> bool {
+        self.to_open.is_empty() && self.n_connecting == 0 && self.live == self.n_held
+    }
+
+    /// Idle: connections not held when setup ends count as timed out.
+    fn finish_idle_setup(&mut self) {
+        for key in 0..self.slots.len() {
+            let pending = self.slots[key]
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.phase != Phase::Held);
+            if pending {
+                self.stats.error(&kind_label(ErrorKind::TimedOut));
+                self.close(key);
+            }
+        }
+        self.to_open.clear();
+    }
+
+    fn sample_server(&self) -> ServerSample {
+        self.cfg.server_pid.map(procfs::sample).unwrap_or_default()
+    }
+
+    /// One progress line on stderr, rewritten in place.
+    fn print_progress(&self, now: Instant, ops_in_interval: u64) {
+        let t = now.saturating_duration_since(self.params.t0).as_secs_f64();
+        let errors: u64 = self.stats.errors.values().sum();
+        let line = match (self.params.mode, self.params.window) {
+            (Mode::Idle, None) => format!(
+                "[{t:6.1}s] idle setup: {} connected, {} checked, {} connecting, errors {errors}",
+                self.stats.connected, self.stats.idle_checked, self.n_connecting
+            ),
+            (Mode::Idle, Some(_)) => format!(
+                "[{t:6.1}s] idle hold: {} held, {} closed by server, errors {errors}",
+                self.n_held, self.stats.closed_by_server
+            ),
+            (mode, window) => {
+                let phase = match window {
+                    Some((start, _)) if now >= start => "run",
+                    _ => "warmup",
+                };
+                format!(
+                    "[{t:6.1}s] {mode} {phase}: {ops_in_interval} ops/s, {} connections, \
+                     {} closed by server, errors {errors}",
+                    self.live - self.n_connecting,
+                    self.stats.closed_by_server
+                )
+            }
+        };
+        eprint!("\r{line:<96}");
+    }
+
+    /// How long the next poll may wait: until the nearest deadline, at most [`MAX_POLL_WAIT`].
+    fn poll_timeout(&self, now: Instant, next_progress: Instant) -> Duration {
+        let t0 = self.params.t0;
+        let mut wake = now + MAX_POLL_WAIT;
+        let mut consider = |t: Instant| wake = wake.min(t);
+        match self.params.window {
+            Some((start, end)) => {
+                if now < start {
+                    consider(start);
+                }
+                consider(end);
+            }
+            None => consider(t0 + IDLE_SETUP_TIMEOUT),
+        }
+        if let Some(&(_, _, since)) = self.connecting.front() {
+            consider(since + CONNECT_TIMEOUT);
+        }
+        if self.stats.connected == 0 {
+            consider(t0 + CONNECT_TIMEOUT);
+        }
+        if let Some(&(due, _)) = self.retry.front() {
+            consider(due);
+        }
+        if self.cfg.progress {
+            consider(next_progress);
+        }
+        let mut timeout = wake.saturating_duration_since(now);
+        if let Some(s) = self.params.schedule {
+            let due = (t0 + s.global_due(self.next_j)).saturating_duration_since(now);
+            // mio rounds a timeout up to whole milliseconds, which would send scheduled
+            // messages up to 1 ms late. Sleep whole milliseconds only, and spin (zero
+            // timeout) through the last one, so sends leave on time.
+            timeout = Duration::from_millis(timeout.min(due).as_millis() as u64);
+        }
+        timeout
+    }
+
+    /// Handles one event; events for closed or reused slots are skipped.
+    fn dispatch(&mut self, event: &Event, now: Instant) {
+        let (key, gen) = split_token(event.token());
+        let Engine {
+            slots,
+            params,
+            pattern,
+            buf,
+            stats,
+            ..
+        } = self;
+        let Some(slot) = slots.get_mut(key) else {
+            return;
+        };
+        if slot.gen != gen {
+            return;
+        }
+        let Some(conn) = slot.conn.as_mut() else {
+            return;
+        };
+        if event.is_writable() {
+            conn.write_blocked = false;
+        }
+        if conn.phase == Phase::Connecting {
+            let signalled = event.is_writable()
+                || event.is_error()
+                || event.is_read_closed()
+                || event.is_write_closed();
+            if !signalled {
+                return;
+            }
+            match finish_connect(&conn.stream) {
+                Ok(false) => {}
+                Ok(true) => self.connected(key, now),
+                Err(kind) => self.connect_failed(key, kind, now),
+            }
+            return;
+        }
+        if conn.phase == Phase::Draining {
+            if drain_read(&mut conn.stream, buf) {
+                self.close(key);
+            }
+            return;
+        }
+        let was_held = conn.phase == Phase::Held;
+        let was_confirmed = conn.recv > 0;
+        let result = conn
+            .read(key, buf, pattern, params, stats, now)
+            .and_then(|()| conn.flush(pattern, params));
+        // Counted before `end`, so that closing the connection right after balances.
+        if !was_held && conn.phase == Phase::Held {
+            self.n_held += 1;
+        }
+        if !was_confirmed && conn.recv > 0 {
+            self.n_unconfirmed -= 1;
+        }
+        if let Err(end) = result {
+            self.end(key, end, now);
+        }
+    }
+
+    /// A connect in slot `key` completed: start the mode's traffic.
+    fn connected(&mut self, key: usize, now: Instant) {
+        self.n_connecting -= 1;
+        self.stats.connected += 1;
+        let Engine {
+            slots,
+            params,
+            pattern,
+            ..
+        } = self;
+        let Some(conn) = slots[key].conn.as_mut() else {
+            return;
+        };
+        conn.phase = Phase::Open;
+        match params.mode {
+            Mode::Pingpong | Mode::Pipeline => {
+                if let Some(s) = params.schedule {
+                    let elapsed = now.saturating_duration_since(params.t0);
+                    conn.next_k = s.first_k_at(key, elapsed);
+                    conn.issue_due(key, params, now);
+                } else if params.may_issue(now) {
+                    let t = Instant::now();
+                    for _ in 0..params.depth {
+                        conn.issue(params.size, t);
+                    }
+                }
+            }
+            Mode::Stream => {}
+            Mode::Idle | Mode::Churn => conn.issue(params.size, Instant::now()),
+        }
+        if let Err(end) = conn.flush(pattern, params) {
+            self.end(key, end, now);
+        }
+    }
+
+    /// Ends the connection in slot `key` for `why`, counting it; churn starts the next cycle.
+    fn end(&mut self, key: usize, why: End, now: Instant) {
+        match &why {
+            End::Eof { owed } => {
+                self.stats.closed_by_server += 1;
+                if *owed {
+                    self.stats.error("server_closed");
+                }
+            }
+            End::Io(kind) => {
+                if is_server_close(*kind) {
+                    self.stats.closed_by_server += 1;
+                }
+                self.stats.error(&kind_label(*kind));
+            }
+            End::Mismatch => self.stats.error("mismatch"),
+            End::CycleDone => {}
+        }
+        self.close(key);
+        if self.params.mode == Mode::Churn {
+            if why == End::CycleDone {
+                self.to_open.push_back(key);
+            } else {
+                self.retry.push_back((now + RETRY_DELAY, key));
+            }
+        }
+    }
+
+    /// Ends the run politely: FIN on every connection, then read and discard until the server
+    /// closes too, for at most [`DRAIN_TIMEOUT`].
+    ///
+    /// Closing a socket with unread echo in its receive queue sends an RST instead of a FIN;
+    /// a server still writing then gets EPIPE or, without SIGPIPE ignored, dies (epoll_echo
+    /// does). A drained close shows the server an ordinary end of stream.
+    fn drain(&mut self, events: &mut Events) {
+        for key in 0..self.slots.len() {
+            let Some(conn) = self.slots[key].conn.as_mut() else {
+                continue;
+            };
+            if conn.phase == Phase::Connecting {
+                self.close(key);
+                continue;
+            }
+            if conn.stream.shutdown(std::net::Shutdown::Write).is_err() {
+                self.close(key);
+                continue;
+            }
+            match conn.phase {
+                Phase::Held => self.n_held -= 1,
+                Phase::Open => {}
+                Phase::Connecting | Phase::Draining => {
+                    debug_assert!(false, "slot {key} in {:?} at drain", conn.phase);
+                }
+            }
+            conn.phase = Phase::Draining;
+            self.n_draining += 1;
+            // Data may already be waiting, with its edge consumed: read it now.
+            if drain_read(&mut conn.stream, &mut self.buf) {
+                self.close(key);
+            }
+        }
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while self.n_draining > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                log::debug!(
+                    "load: {} connections not closed by the server",
+                    self.n_draining
+                );
+                break;
+            }
+            let timeout = deadline.saturating_duration_since(now).min(MAX_POLL_WAIT);
+            match self.poll.poll(events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+            for event in events.iter() {
+                self.dispatch(event, now);
+            }
+        }
+    }
+
+    /// The one close path: deregister, drop (closes the fd), bump the generation, fix counts.
+    fn close(&mut self, key: usize) {
+        let slot = &mut self.slots[key];
+        slot.gen = slot.gen.wrapping_add(1);
+        let Some(mut conn) = slot.conn.take() else {
+            return;
+        };
+        // Failure only means the fd is already gone from the poller; the drop closes it.
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.live -= 1;
+        if conn.recv == 0 {
+            self.n_unconfirmed -= 1;
+        }
+        match conn.phase {
+            Phase::Connecting => self.n_connecting -= 1,
+            Phase::Held => self.n_held -= 1,
+            Phase::Draining => self.n_draining -= 1,
+            Phase::Open => {}
+        }
+    }
+
+    /// The report from the counters.
+    fn report(&self, outcome: &Outcome, rss_start: Option<u64>) -> Report {
+        let cfg = self.cfg;
+        let s = &self.stats;
+        let secs = outcome.elapsed.as_secs_f64();
+        let per_sec = |v: u64| if secs > 0.0 { v as f64 / secs } else { 0.0 };
+        let ops = match cfg.mode {
+            Mode::Stream => s.bytes / cfg.size as u64,
+            Mode::Idle => s.idle_checked,
+            _ => s.ops,
+        };
+        // Message modes count whole messages, so bytes = ops × size exactly; stream counts
+        // every verified byte; idle times nothing.
+        let bytes = match cfg.mode {
+            Mode::Stream => s.bytes,
+            Mode::Idle => 0,
+            _ => s.ops * cfg.size as u64,
+        };
+        let timed = !matches!(cfg.mode, Mode::Stream | Mode::Idle);
+        let latency = (timed && !s.hist.is_empty()).then(|| {
+            let us = |ns: u64| ns as f64 / 1000.0;
+            Latency {
+                samples: s.hist.len(),
+                mean_us: s.hist.mean() / 1000.0,
+                p50_us: us(s.hist.value_at_quantile(0.50)),
+                p90_us: us(s.hist.value_at_quantile(0.90)),
+                p99_us: us(s.hist.value_at_quantile(0.99)),
+                p999_us: us(s.hist.value_at_quantile(0.999)),
+                max_us: us(s.hist.max()),
+            }
+        });
+        let server_cpu_us = outcome
+            .cpu_ticks
+            .map(|ticks| ticks as f64 * 1e6 / procfs::clk_tck() as f64);
+        Report {
+            mode: cfg.mode,
+            connect: cfg.connect,
+            connections: cfg.connections,
+            size: cfg.size,
+            depth: self.params.depth,
+            rate: cfg.rate,
+            duration: cfg.duration,
+            warmup: cfg.warmup,
+            source_addrs: cfg.source_addrs.clone(),
+            server_pid: cfg.server_pid,
+            elapsed: outcome.elapsed,
+            ops,
+            ops_per_sec: if cfg.mode == Mode::Idle {
+                0.0
+            } else {
+                per_sec(ops)
+            },
+            bytes,
+            mb_per_sec: per_sec(bytes) / 1e6,
+            latency,
+            errors: s.errors.clone(),
+            closed_by_server: s.closed_by_server,
+            connected: s.connected,
+            connections_held: (cfg.mode == Mode::Idle).then_some(outcome.held),
+            connects_per_sec: (cfg.mode == Mode::Churn).then(|| per_sec(s.ops)),
+            server_cpu_us,
+            server_cpu_us_per_op: server_cpu_us
+                .filter(|_| cfg.mode != Mode::Idle && ops > 0)
+                .map(|us| us / ops as f64),
+            server_rss_start_bytes: rss_start,
+            server_rss_bytes: outcome.rss_end,
+        }
+    }
+}
+
+/// Binds `socket` to `ip` and the next port of `ports` from `cursor`.
+///
+/// Why not port 0: the kernel then searches for a port with no owner at all, and with
+/// thousands of TIME_WAIT sockets on the address each bind scans most of the range (measured:
+/// 19 000 idle connections over two addresses took 30 s of system time and got 11 240; churn
+/// fell to ~600 connections/s). A chosen port with SO_REUSEADDR is one hash lookup (19 000 in
+/// ~1 s; churn ~24 000/s), and connect() accepts a TIME_WAIT 4-tuple on loopback
+/// (tcp_tw_reuse = 2, the default). A port held by a listener or by a socket without
+/// SO_REUSEADDR fails with AddrInUse and the next one is tried, [`BIND_ATTEMPTS`] times.
+fn bind_source(
+    socket: &Socket,
+    ip: std::net::IpAddr,
+    ports: &PortSpace,
+    cursor: &mut u32,
+) -> io::Result<()> {
+    let mut last = io::Error::from(ErrorKind::AddrInUse);
+    for _ in 0..BIND_ATTEMPTS {
+        let port = ports.port(*cursor);
+        *cursor = cursor.wrapping_add(1);
+        match socket.bind(&SocketAddr::new(ip, port).into()) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::AddrInUse => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+/// The ports `--source-addrs` binds explicitly: 1024–65535 *outside* the kernel's ephemeral
+/// range (`ip_local_port_range`, default 32768–60999), i.e. 35 000 or so per address.
+///
+/// Why outside: a port bound explicitly gets a bind bucket that the kernel's own connect-time
+/// port choice skips for as long as any socket on it lives, TIME_WAIT included, on *every*
+/// address. Binding inside the range left later runs without `--source-addrs` (and anything
+/// else on the machine) out of ephemeral ports for a minute (measured: 17 270 of 19 000
+/// connects failed with addr_not_available).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct PortSpace {
+    /// Disjoint inclusive ranges, ascending.
+    ranges: Vec<(u16, u16)>,
+    /// Ports in all ranges (at least 1).
+    total: u32,
+}
+
+impl PortSpace {
+    /// The ports from [`FIRST_SOURCE_PORT`] to 65535 minus the ephemeral range
+    /// `lo..=hi`; the whole of them if that leaves fewer than [`MIN_SOURCE_PORTS`].
+    pub(super) fn outside(lo: u16, hi: u16) -> PortSpace {
+        let mut ranges = Vec::new();
+        if lo > FIRST_SOURCE_PORT {
+            ranges.push((FIRST_SOURCE_PORT, lo - 1));
+        }
+        if hi < u16::MAX {
+            ranges.push((hi.saturating_add(1).max(FIRST_SOURCE_PORT), u16::MAX));
+        }
+        let space = PortSpace::from_ranges(ranges);
+        if space.total < MIN_SOURCE_PORTS {
+            PortSpace::from_ranges(vec![(FIRST_SOURCE_PORT, u16::MAX)])
+        } else {
+            space
+        }
+    }
+
+    fn from_ranges(ranges: Vec<(u16, u16)>) -> PortSpace {
+        let total = ranges
+            .iter()
+            .map(|&(a, b)| u32::from(b) - u32::from(a) + 1)
+            .sum();
+        PortSpace { ranges, total }
+    }
+
+    /// The space for this host, from `/proc/sys/net/ipv4/ip_local_port_range`.
+    fn for_host() -> PortSpace {
+        let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|text| {
+                let mut it = text.split_whitespace().map(|w| w.parse::<u16>().ok());
+                Some((it.next()??, it.next()??))
+            })
+            .unwrap_or((32_768, 60_999));
+        PortSpace::outside(lo, hi)
+    }
+
+    /// The `i`-th port, cycling.
+    pub(super) fn port(&self, i: u32) -> u16 {
+        let mut i = i % self.total;
+        for &(a, b) in &self.ranges {
+            let len = u32::from(b) - u32::from(a) + 1;
+            if i < len {
+                return a + i as u16;
+            }
+            i -= len;
+        }
+        debug_assert!(false, "index {i} beyond {self:?}");
+        FIRST_SOURCE_PORT
+    }
+}
+
+/// A cursor into a [`PortSpace`] that differs from run to run, so a run does not start on the
+/// TIME_WAIT 4-tuples the previous one left.
+fn first_source_cursor() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+}
+
+/// Reads and discards until the socket would block; `true` when the connection is finished
+/// (end of stream or an error).
+fn drain_read(stream: &mut TcpStream, buf: &mut [u8]) -> bool {
+    loop {
+        match stream.read(buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Whether a connect signalled by an event has completed: `Ok(true)` connected, `Ok(false)`
+/// still in progress (a spurious event), `Err` failed. mio's contract: check `take_error`,
+/// then `peer_addr` (NotConnected means not yet).
+fn finish_connect(stream: &TcpStream) -> Result<bool, ErrorKind> {
+    match stream.take_error() {
+        Ok(Some(e)) | Err(e) => return Err(e.kind()),
+        Ok(None) => {}
+    }
+    match stream.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::NotConnected => Ok(false),
+        Err(e) => Err(e.kind()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_kinds_become_snake_case_labels() {
+        assert_eq!(
+            kind_label(ErrorKind::ConnectionRefused),
+            "connection_refused"
+        );
+        assert_eq!(kind_label(ErrorKind::TimedOut), "timed_out");
+        assert_eq!(
+            kind_label(ErrorKind::AddrNotAvailable),
+            "addr_not_available"
+        );
+        assert_eq!(kind_label(ErrorKind::Other), "other");
+    }
+
+    #[test]
+    fn source_ports_avoid_the_ephemeral_range() {
+        let s = PortSpace::outside(32_768, 60_999);
+        assert_eq!(s.total, (32_767 - 1024 + 1) + (65_535 - 61_000 + 1));
+        assert_eq!(s.port(0), 1024);
+        assert_eq!(s.port(31_743), 32_767);
+        assert_eq!(s.port(31_744), 61_000);
+        assert_eq!(s.port(s.total - 1), 65_535);
+        assert_eq!(s.port(s.total), 1024, "wraps");
+        for i in (0..200_000u32).step_by(97) {
+            let p = s.port(i);
+            assert!((1024..32_768).contains(&p) || p >= 61_000, "{p}");
+        }
+        // An ephemeral range that leaves too little outside: use everything.
+        let all = PortSpace::outside(1024, 65_000);
+        assert_eq!(all.total, 65_535 - 1024 + 1);
+        assert_eq!(PortSpace::outside(1024, 65_535).port(7), 1031);
+        // Range reaching the top: only the low part.
+        let low = PortSpace::outside(40_000, 65_535);
+        assert_eq!(low.port(low.total - 1), 39_999);
+    }
+
+    #[test]
+    fn tokens_round_trip_key_and_generation() {
+        for (key, gen) in [(0usize, 0u32), (19_999, 1), (7, u32::MAX), (0xffff_ffff, 3)] {
+            assert_eq!(split_token(token(key, gen)), (key, gen));
+        }
+        assert_ne!(token(5, 1), token(5, 2), "a reused slot gets a new token");
+    }
+}

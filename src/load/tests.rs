@@ -1,0 +1,393 @@
+//! Tests of the whole generator: argument validation through clap, and runs against small
+//! blocking echo servers on 127.0.0.1:0 (one std thread per connection).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use super::*;
+
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+#[track_caller]
+fn config(args: &[&str]) -> Result<LoadConfig, String> {
+    let argv = std::iter::once("load").chain(args.iter().copied());
+    let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+    cli.load.to_config()
+}
+
+#[test]
+fn defaults_match_load_config_default() {
+    let c = config(&[]).expect("defaults are valid");
+    let d = LoadConfig::default();
+    assert_eq!(c.connect, d.connect);
+    assert_eq!(c.connections, d.connections);
+    assert_eq!(c.mode, d.mode);
+    assert_eq!(c.size, d.size);
+    assert_eq!(c.duration, d.duration);
+    assert_eq!(c.warmup, d.warmup);
+    assert_eq!(c.depth, d.depth);
+    assert_eq!(c.rate, None);
+    assert!(c.source_addrs.is_empty() && c.server_pid.is_none() && !c.progress);
+    assert!(d.validate().is_ok());
+}
+
+#[test]
+fn flags_are_parsed_with_units_and_lists() {
+    let c = config(&[
+        "--connect",
+        "127.0.0.1:7101",
+        "--connections",
+        "19000",
+        "--mode",
+        "pipeline",
+        "--size",
+        "1KiB",
+        "--duration",
+        "250ms",
+        "--warmup",
+        "0",
+        "--depth",
+        "16",
+        "--rate",
+        "5000",
+        "--source-addrs",
+        "127.0.0.2,127.0.0.3",
+        "--server-pid",
+        "4242",
+    ])
+    .expect("valid");
+    assert_eq!(c.connect.port(), 7101);
+    assert_eq!(c.connections, 19_000);
+    assert_eq!(c.mode, Mode::Pipeline);
+    assert_eq!(c.size, 1024);
+    assert_eq!(c.duration, Duration::from_millis(250));
+    assert_eq!(c.warmup, Duration::ZERO);
+    assert_eq!(c.depth, 16);
+    assert_eq!(c.rate, Some(5000.0));
+    assert_eq!(c.source_addrs.len(), 2);
+    assert_eq!(c.server_pid, Some(4242));
+}
+
+#[test]
+fn bad_arguments_are_refused_with_the_flag_named() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--connections", "0"], "--connections"),
+        (&["--size", "0"], "--size"),
+        (&["--size", "12parsecs"], "invalid size"),
+        (&["--depth", "0", "--mode", "pipeline"], "--depth"),
+        (&["--depth", "16"], "needs --mode pipeline"),
+        (&["--depth", "100000000", "--mode", "pipeline"], "too large"),
+        (&["--rate", "0"], "--rate"),
+        (&["--rate=-5"], "--rate"),
+        (&["--rate", "NaN"], "--rate"),
+        (&["--rate", "100", "--mode", "stream"], "--rate applies"),
+        (&["--duration", "0"], "--duration"),
+        (&["--duration", "soon"], "invalid duration"),
+        (&["--connect", "10.0.0.1:7000"], "only loopback"),
+        (&["--connect", "127.0.0.1:0"], "port 0"),
+        (
+            &["--source-addrs", "127.0.0.2,192.168.1.5"],
+            "not a loopback",
+        ),
+        (&["--source-addrs", "::1"], "different IP family"),
+        (&["--mode", "sideways"], "invalid value"),
+    ];
+    for (args, needle) in cases {
+        match config(args) {
+            Ok(c) => panic!("{args:?} accepted: {c:?}"),
+            Err(e) => assert!(e.contains(needle), "{args:?}: {e:?} lacks {needle:?}"),
+        }
+    }
+}
+
+#[test]
+fn run_refuses_an_invalid_config() {
+    let cfg = LoadConfig {
+        connections: 0,
+        ..LoadConfig::default()
+    };
+    match run(&cfg) {
+        Err(LoadError::Config(msg)) => assert!(msg.contains("--connections"), "{msg}"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+#[test]
+fn more_connections_than_the_fd_limit_is_an_error_before_connecting() {
+    let cfg = LoadConfig {
+        connections: 1 << 40,
+        ..LoadConfig::default()
+    };
+    let err = run(&cfg).expect_err("cannot fit");
+    assert!(matches!(err, LoadError::FdLimit { .. }), "{err:?}");
+    assert!(err.to_string().contains("hard limit"), "{err}");
+}
+
+/// How a test server answers.
+#[derive(Debug, Clone, Copy)]
+enum Behaviour {
+    /// Write back every byte.
+    Echo,
+    /// Echo the first `n` bytes, then close.
+    CloseAfter(usize),
+    /// Echo with the first byte's lowest bit flipped.
+    Corrupt,
+}
+
+/// A blocking echo server on 127.0.0.1:0, one thread per connection; dropping it stops the
+/// accept thread and joins every thread.
+struct TestServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    /// Connections that ended in an error (reset, broken pipe, timeout) instead of a clean
+    /// end of stream.
+    unclean: Arc<AtomicUsize>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    fn start(behaviour: Behaviour) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local_addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let unclean = Arc::new(AtomicUsize::new(0));
+        let unclean2 = Arc::clone(&unclean);
+        let accept = thread::spawn(move || {
+            let mut workers = Vec::new();
+            for stream in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let unclean = Arc::clone(&unclean2);
+                workers.push(thread::spawn(move || {
+                    if serve(stream, behaviour).is_err() {
+                        unclean.fetch_add(1, Ordering::SeqCst);
+                    }
+                }));
+            }
+            for w in workers {
+                let _ = w.join();
+            }
+        });
+        TestServer {
+            addr,
+            stop,
+            unclean,
+            accept: Some(accept),
+        }
+    }
+
+    /// Stops the server, waits for every connection thread, and returns how many connections
+    /// ended uncleanly.
+    fn finish(mut self) -> usize {
+        self.stop_and_join();
+        self.unclean.load(Ordering::SeqCst)
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Serves one connection; `Err` when it ended in an error rather than an end of stream.
+fn serve(mut stream: TcpStream, behaviour: Behaviour) -> std::io::Result<()> {
+    // A safety net only: a client that vanishes without closing cannot hold the test forever.
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut buf = [0u8; 16 * 1024];
+    let mut total = 0usize;
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let out = &mut buf[..n];
+        match behaviour {
+            Behaviour::Echo => {}
+            Behaviour::CloseAfter(limit) => {
+                let keep = limit.saturating_sub(total).min(n);
+                stream.write_all(&out[..keep])?;
+                total += n;
+                if total >= limit {
+                    return Ok(());
+                }
+                continue;
+            }
+            Behaviour::Corrupt => {
+                if total == 0 {
+                    out[0] ^= 1;
+                }
+            }
+        }
+        total += n;
+        stream.write_all(out)?;
+    }
+}
+
+fn quick(addr: SocketAddr, mode: Mode) -> LoadConfig {
+    LoadConfig {
+        connect: addr,
+        connections: 4,
+        mode,
+        size: 64,
+        duration: Duration::from_millis(300),
+        warmup: Duration::ZERO,
+        ..LoadConfig::default()
+    }
+}
+
+#[test]
+fn pingpong_against_a_blocking_echo_server_completes_without_errors() {
+    let server = TestServer::start(Behaviour::Echo);
+    let report = run(&quick(server.addr, Mode::Pingpong)).expect("run");
+    assert!(report.ops > 0, "{report}");
+    assert!(report.errors.is_empty(), "{report}");
+    assert_eq!(report.closed_by_server, 0, "{report}");
+    assert_eq!(report.connected, 4);
+    assert_eq!(report.bytes, report.ops * 64, "{report}");
+    let lat = report.latency.expect("latency measured");
+    assert_eq!(lat.samples, report.ops);
+    assert!(lat.p50_us > 0.0 && lat.p50_us <= lat.p99_us && lat.p99_us <= lat.max_us);
+    assert!(report.elapsed >= Duration::from_millis(290), "{report}");
+}
+
+#[test]
+fn pipeline_stream_and_churn_run_clean() {
+    let server = TestServer::start(Behaviour::Echo);
+    let mut cfg = quick(server.addr, Mode::Pipeline);
+    cfg.depth = 8;
+    cfg.size = 100;
+    let r = run(&cfg).expect("pipeline");
+    assert!(r.ops > 0 && r.errors.is_empty(), "{r}");
+
+    let mut cfg = quick(server.addr, Mode::Stream);
+    cfg.size = 16 * 1024;
+    let r = run(&cfg).expect("stream");
+    assert!(
+        r.bytes > 0 && r.mb_per_sec > 0.0 && r.errors.is_empty(),
+        "{r}"
+    );
+    assert!(r.latency.is_none());
+
+    let r = run(&quick(server.addr, Mode::Churn)).expect("churn");
+    assert!(r.ops > 0 && r.errors.is_empty(), "{r}");
+    assert!(r.connects_per_sec.unwrap_or(0.0) > 0.0, "{r}");
+    assert!(r.connected >= r.ops, "{r}");
+}
+
+#[test]
+fn the_end_of_a_run_is_a_clean_close_even_with_echo_in_flight() {
+    let server = TestServer::start(Behaviour::Echo);
+    let mut cfg = quick(server.addr, Mode::Pipeline);
+    cfg.depth = 4;
+    cfg.size = 64 * 1024;
+    cfg.duration = Duration::from_millis(200);
+    let r = run(&cfg).expect("run");
+    assert!(r.ops > 0 && r.errors.is_empty(), "{r}");
+    // Closing with unread echo would reset the connection under the server's feet.
+    assert_eq!(
+        server.finish(),
+        0,
+        "connections ended with a reset or an error"
+    );
+}
+
+#[test]
+fn idle_holds_every_connection() {
+    let server = TestServer::start(Behaviour::Echo);
+    let mut cfg = quick(server.addr, Mode::Idle);
+    cfg.connections = 20;
+    cfg.duration = Duration::from_millis(200);
+    let r = run(&cfg).expect("idle");
+    assert_eq!(r.connections_held, Some(20), "{r}");
+    assert_eq!(r.ops, 20, "{r}");
+    assert!(r.errors.is_empty() && r.closed_by_server == 0, "{r}");
+    assert!(r.elapsed >= Duration::from_millis(190), "{r}");
+}
+
+#[test]
+fn a_server_that_closes_is_counted_and_the_run_ends() {
+    let server = TestServer::start(Behaviour::CloseAfter(64));
+    let mut cfg = quick(server.addr, Mode::Pingpong);
+    cfg.duration = Duration::from_secs(20);
+    let started = Instant::now();
+    let r = run(&cfg).expect("run");
+    assert_eq!(r.closed_by_server, 4, "{r}");
+    // The server closes with the client's next message possibly unread: the client then sees a
+    // reset instead of an end of stream. Either way it is the server's close, counted once.
+    let closes: u64 = ["server_closed", "connection_reset"]
+        .iter()
+        .filter_map(|k| r.errors.get(*k))
+        .sum();
+    assert_eq!(closes, 4, "{r}");
+    assert_eq!(r.error_count(), 4, "{r}");
+    assert_eq!(r.ops, 4, "one echo each before the close: {r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "ends when no connection is left"
+    );
+}
+
+#[test]
+fn a_corrupted_echo_is_a_mismatch() {
+    let server = TestServer::start(Behaviour::Corrupt);
+    let r = run(&quick(server.addr, Mode::Pingpong)).expect("run");
+    assert_eq!(r.errors.get("mismatch"), Some(&4), "{r}");
+    assert_eq!(r.ops, 0, "{r}");
+}
+
+#[test]
+fn a_fixed_rate_sends_about_that_many_messages() {
+    let server = TestServer::start(Behaviour::Echo);
+    let mut cfg = quick(server.addr, Mode::Pingpong);
+    cfg.rate = Some(2000.0);
+    cfg.duration = Duration::from_millis(500);
+    cfg.warmup = Duration::from_millis(100);
+    let r = run(&cfg).expect("run");
+    assert!(r.errors.is_empty(), "{r}");
+    // 1 000 messages are due in the window; allow for scheduling at the window's edges.
+    assert!((900..=1010).contains(&r.ops), "{r}");
+}
+
+#[test]
+fn nothing_listening_is_a_clear_error_not_a_hang() {
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    }; // dropped: nothing listens there now
+    let started = Instant::now();
+    let err = run(&quick(addr, Mode::Pingpong)).expect_err("unreachable");
+    assert!(matches!(err, LoadError::Unreachable { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("connection refused") && text.contains(&addr.to_string()),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < CONNECT_TIMEOUT,
+        "took {:?}",
+        started.elapsed()
+    );
+}
