@@ -80,7 +80,7 @@ start_server() { # name port
 }
 
 stop_server() {
-  kill -INT "$server_pid" 2>/dev/null || true
+  kill -TERM "$server_pid" 2>/dev/null || true
   for _ in $(seq 1 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.05; done
   kill -KILL "$server_pid" 2>/dev/null || true
   wait "$server_pid" 2>/dev/null || true
