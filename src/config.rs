@@ -50,7 +50,8 @@ pub struct Config {
     /// Size of the one loop-wide read buffer. Default 64 KiB.
     pub read_buffer: usize,
     /// Connection cap. `None` derives it from the open-file limit (raised to its hard limit when
-    /// [`raise_fd_limit`](Self::raise_fd_limit) is set) minus [`FD_RESERVE`](crate::FD_RESERVE);
+    /// [`raise_fd_limit`](Self::raise_fd_limit) is set) minus [`FD_RESERVE`](crate::FD_RESERVE)
+    /// and the listeners' and admin endpoint's own descriptors;
     /// a value above that is clamped with a warning.
     pub max_connections: Option<usize>,
     /// Policy at the connection cap. Default [`OnFull::Reject`].
@@ -184,6 +185,13 @@ impl Config {
             if value == 0 {
                 return bad(format!("{name} must be at least 1"));
             }
+        }
+        // Linux refuses TCP_KEEPIDLE above 32767 s (MAX_TCP_KEEPIDLE).
+        if self.tcp_keepalive > Duration::from_secs(32_767) {
+            return bad(format!(
+                "tcp keepalive {:?} is above the 32767s the kernel accepts",
+                self.tcp_keepalive
+            ));
         }
         if self.accept_retry.is_zero() {
             return bad("accept retry must be above 0".into());

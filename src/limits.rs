@@ -31,15 +31,21 @@ pub(crate) fn fd_limit(raise: bool) -> Option<u64> {
     Some(soft)
 }
 
-/// The effective connection cap: the configured one, clamped to what the fd limit allows.
-pub(crate) fn effective_max_connections(configured: Option<usize>, fd_limit: Option<u64>) -> usize {
-    let allowed = fd_limit.map(|l| l.saturating_sub(FD_RESERVE).max(1) as usize);
+/// The effective connection cap: the configured one, clamped to what the fd limit allows after
+/// [`FD_RESERVE`] and `own_fds` (listeners, the admin side) are kept back.
+pub(crate) fn effective_max_connections(
+    configured: Option<usize>,
+    fd_limit: Option<u64>,
+    own_fds: u64,
+) -> usize {
+    let reserve = FD_RESERVE + own_fds;
+    let allowed = fd_limit.map(|l| l.saturating_sub(reserve).max(1) as usize);
     match (configured, allowed) {
         (None, Some(a)) => a,
         (None, None) => FALLBACK_MAX_CONNECTIONS,
         (Some(c), Some(a)) if c > a => {
             warn!(
-                "max connections {c} is above what the open-file limit {} allows ({a} = limit - {FD_RESERVE} reserved): using {a}",
+                "max connections {c} is above what the open-file limit {} allows ({a} = limit - {reserve} reserved): using {a}",
                 fd_limit.unwrap_or(0)
             );
             a
@@ -277,14 +283,15 @@ mod tests {
 
     #[test]
     fn cap_is_clamped_to_fd_limit() {
-        assert_eq!(effective_max_connections(None, Some(20_000)), 19_968);
-        assert_eq!(effective_max_connections(Some(50), Some(20_000)), 50);
-        assert_eq!(effective_max_connections(Some(50_000), Some(1_000)), 968);
+        assert_eq!(effective_max_connections(None, Some(20_000), 0), 19_968);
+        assert_eq!(effective_max_connections(None, Some(20_000), 18), 19_950);
+        assert_eq!(effective_max_connections(Some(50), Some(20_000), 1), 50);
+        assert_eq!(effective_max_connections(Some(50_000), Some(1_000), 0), 968);
         assert_eq!(
-            effective_max_connections(None, None),
+            effective_max_connections(None, None, 1),
             FALLBACK_MAX_CONNECTIONS
         );
-        assert_eq!(effective_max_connections(None, Some(10)), 1);
+        assert_eq!(effective_max_connections(None, Some(10), 0), 1);
     }
 
     #[test]

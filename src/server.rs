@@ -83,6 +83,11 @@ fn split_token(token: Token) -> (usize, u32) {
     )
 }
 
+/// Whole ticks in `d`, rounded up (a deadline is never early), capped far below overflow.
+fn ticks_in(d: Duration, tick_ns: u64) -> Tick {
+    (d.as_nanos().div_ceil(tick_ns as u128)).min(Tick::MAX as u128 / 4) as Tick
+}
+
 fn listener_token(i: usize) -> Token {
     Token(WAKER.0 - 1 - i)
 }
@@ -240,7 +245,15 @@ impl<H: Handler> Server<H> {
             )));
         }
         let fd_limit = limits::fd_limit(config.raise_fd_limit);
-        let max_connections = limits::effective_max_connections(config.max_connections, fd_limit);
+        // Besides FD_RESERVE: one fd per listener, and the admin listener with its connections.
+        #[allow(unused_mut)]
+        let mut own_fds = config.listen.len() as u64;
+        #[cfg(feature = "admin")]
+        if config.admin.is_some() {
+            own_fds += 1 + crate::admin::MAX_ADMIN_CONNS as u64;
+        }
+        let max_connections =
+            limits::effective_max_connections(config.max_connections, fd_limit, own_fds);
         let poll = Poll::new()?;
         let mut listeners = Vec::with_capacity(config.listen.len());
         for (i, &addr) in config.listen.iter().enumerate() {
@@ -278,9 +291,7 @@ impl<H: Handler> Server<H> {
             ));
         }
         let tick_ns = config.tick.as_nanos().min(u64::MAX as u128) as u64;
-        let ticks = |d: Duration| -> Tick {
-            (d.as_nanos().div_ceil(tick_ns as u128)).min(Tick::MAX as u128 / 4) as Tick
-        };
+        let ticks = |d: Duration| ticks_in(d, tick_ns);
         let idle_ticks = (!config.idle_timeout.is_zero()).then(|| ticks(config.idle_timeout));
         let write_ticks = (!config.write_timeout.is_zero()).then(|| ticks(config.write_timeout));
         let span = idle_ticks.unwrap_or(0).max(write_ticks.unwrap_or(0));
@@ -485,18 +496,9 @@ impl<H: Handler> Server<H> {
         // Serve what the kernel already queued (those clients connected before the drain), then
         // close the data listeners so that new connects are refused instead of left hanging.
         for i in 0..self.listeners.len() {
-            for _ in 0..self.config.backlog.min(65_536) {
-                match self.listeners[i].socket.accept() {
-                    Ok((stream, peer)) => self.admit(stream, peer, now),
-                    Err(e) if limits::classify_accept_error(&e) == AcceptError::Retry => {}
-                    Err(_) => break,
-                }
-            }
+            self.accept_queued(i, Some(now));
         }
-        for l in &mut self.listeners {
-            let _ = self.poll.registry().deregister(&mut l.socket);
-        }
-        self.listeners.clear();
+        self.close_listeners();
         self.gate.paused_until = None;
         // Idle connections go after `drain_idle`: shorten the idle deadline and arm every
         // connection for it (one pass over the slab, once per drain).
@@ -532,7 +534,7 @@ impl<H: Handler> Server<H> {
     }
 
     fn ticks(&self, d: Duration) -> Tick {
-        (d.as_nanos().div_ceil(self.tick_ns as u128)).min(Tick::MAX as u128 / 4) as Tick
+        ticks_in(d, self.tick_ns)
     }
 
     /// Closes every connection with [`CloseReason::Shutdown`] and every listener, now.
@@ -544,10 +546,7 @@ impl<H: Handler> Server<H> {
         for key in keys {
             self.close(key, CloseReason::Shutdown);
         }
-        for l in &mut self.listeners {
-            let _ = self.poll.registry().deregister(&mut l.socket);
-        }
-        self.listeners.clear();
+        self.close_listeners();
         #[cfg(feature = "admin")]
         if let Some(mut admin) = self.admin.take() {
             admin.close_all(self.poll.registry());
@@ -606,12 +605,15 @@ impl<H: Handler> Server<H> {
         let special = WAKER.0 - token.0;
         if special <= SPECIAL {
             let i = special - 1;
-            // While paused after fd exhaustion, listener events are ignored (resume accepts).
-            if i < self.listeners.len() && !self.gate.is_paused() {
-                self.accept(i, now);
+            if i < self.listeners.len() {
+                // While paused after fd exhaustion, listener events are ignored (resume accepts).
+                if !self.gate.is_paused() {
+                    self.accept(i, now);
+                }
+            } else {
+                #[cfg(feature = "admin")]
+                self.dispatch_admin(token, now);
             }
-            #[cfg(feature = "admin")]
-            self.dispatch_admin(token, now);
             return;
         }
         let (key, gen) = split_token(token);
@@ -670,6 +672,7 @@ impl<H: Handler> Server<H> {
 
     fn start_fd_check(&mut self) {
         if let Some(open) = limits::count_open_fds() {
+            self.metrics.fds_open = open;
             self.fd_baseline = Some(open as i64 - self.own_fds() - self.conns.len() as i64);
             self.next_fd_check = Some(self.now + self.ticks(self.config.fd_check_interval));
         }
@@ -910,17 +913,8 @@ impl<H: Handler> Server<H> {
         let mut shed = 0;
         if self.gate.release_spare() {
             // One free descriptor: accept and close at once what is queued, so those clients
-            // learn now instead of hanging in the backlog. Bounded: a flood cannot hold us here.
-            for _ in 0..self.config.backlog.min(65_536) {
-                match self.listeners[i].socket.accept() {
-                    Ok((stream, _)) => {
-                        drop(stream);
-                        shed += 1;
-                    }
-                    Err(e) if limits::classify_accept_error(&e) == AcceptError::Retry => {}
-                    Err(_) => break,
-                }
-            }
+            // learn now instead of hanging in the backlog.
+            shed = self.accept_queued(i, None);
             self.gate.reclaim_spare();
         }
         self.metrics.rejected[RejectReason::Shed.index()] += shed;
@@ -937,6 +931,35 @@ impl<H: Handler> Server<H> {
         } else {
             debug!("accept paused again: {err}; shed {shed}");
         }
+    }
+
+    /// Accepts what listener `i` has queued, up to one backlog's worth (a flood cannot hold the
+    /// loop here): admitted as connections with `Some(now)`, closed at once with `None` (shed).
+    /// Returns how many were accepted.
+    fn accept_queued(&mut self, i: usize, admit_at: Option<Tick>) -> u64 {
+        let mut accepted = 0;
+        for _ in 0..self.config.backlog.min(65_536) {
+            match self.listeners[i].socket.accept() {
+                Ok((stream, peer)) => {
+                    accepted += 1;
+                    match admit_at {
+                        Some(now) => self.admit(stream, peer, now),
+                        None => drop(stream),
+                    }
+                }
+                Err(e) if limits::classify_accept_error(&e) == AcceptError::Retry => {}
+                Err(_) => break,
+            }
+        }
+        accepted
+    }
+
+    /// Deregisters and closes every data listener.
+    fn close_listeners(&mut self) {
+        for l in &mut self.listeners {
+            let _ = self.poll.registry().deregister(&mut l.socket);
+        }
+        self.listeners.clear();
     }
 
     /// Admits an accepted socket as a connection, or refuses it (cap, per-IP).
