@@ -2,17 +2,16 @@
 //! `/proc/PID/fd` of the child, where nothing else runs), idle closes, SIGTERM, and clear errors.
 #![cfg(feature = "cli")]
 
+#[path = "util/ops.rs"]
+mod ops;
 mod util;
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use ops::is_stats;
 use util::{close_gracefully, connect, expect_closed, fd_count, stat, Bin};
-
-/// A stats line (not the listening or final line).
-fn is_stats(line: &str) -> bool {
-    line.contains(" stats active=")
-}
 
 #[test]
 fn serve_echoes_releases_every_fd_closes_idle_and_stops_on_sigterm() {
@@ -100,17 +99,157 @@ fn serve_echoes_releases_every_fd_closes_idle_and_stops_on_sigterm() {
         "exit status {status}; log:\n{}",
         bin.log()
     );
-    let final_line = bin
-        .log
-        .iter()
-        .find(|l| l.contains(" final "))
-        .unwrap_or_else(|| panic!("no final line; log:\n{}", bin.log()));
+    let final_line = bin.final_line();
     assert_eq!(stat(final_line, "active"), Some(0), "{final_line}");
     assert_eq!(stat(final_line, "accepted"), Some(52), "{final_line}");
     assert_eq!(stat(final_line, "peer_closed"), Some(50), "{final_line}");
     assert_eq!(stat(final_line, "idle_timeout"), Some(1), "{final_line}");
     assert_eq!(stat(final_line, "shutdown"), Some(1), "{final_line}");
     assert!(!bin.log().contains("panicked"), "log:\n{}", bin.log());
+}
+
+/// One `/metrics` scrape of the leak self-check, with the child's own count beside it.
+#[derive(Debug, Clone, Copy)]
+struct FdCheck {
+    /// `sockman_fds_open`: descriptors open at the last self-check (0 before the first).
+    open: i64,
+    /// `sockman_fds_unaccounted`.
+    unaccounted: i64,
+    /// `sockman_connections_active`.
+    active: i64,
+    /// Entries in the child's `/proc/PID/fd`, read just after the scrape.
+    procfd: i64,
+}
+
+/// Scrapes `/metrics` every 20 ms until `done` holds; fails after [`util::WAIT`] with the last
+/// scrape. `procfd` is read right after the scrape and must equal a count read right before it
+/// (no descriptor came or went meanwhile, except the scrape's own admin connection, which the
+/// child has closed by the time the response's EOF arrives).
+#[track_caller]
+fn wait_fd_check(
+    admin: SocketAddr,
+    pid: u32,
+    what: &str,
+    done: impl Fn(&FdCheck) -> bool,
+) -> FdCheck {
+    let deadline = Instant::now() + util::WAIT;
+    loop {
+        let before = fd_count(pid);
+        let [open, unaccounted, active] = ops::samples(
+            admin,
+            [
+                "sockman_fds_open",
+                "sockman_fds_unaccounted",
+                "sockman_connections_active",
+            ],
+        );
+        let procfd = fd_count(pid);
+        let check = FdCheck {
+            open,
+            unaccounted,
+            active,
+            procfd: procfd as i64,
+        };
+        if before == procfd && done(&check) {
+            return check;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} in {:?}; last: {check:?} ({before} fds before that scrape)",
+            util::WAIT
+        );
+        // The poll interval (checks run every 200 ms): not a wait for anything in particular.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The leak self-check on the binary as users run it: `sockman_fds_open` agrees with the child's
+/// `/proc/PID/fd` and `sockman_fds_unaccounted` stays 0 while 20 connections open, echo and close.
+/// Only the child's descriptors are counted: the test process holds every other test's sockets.
+#[test]
+fn the_leak_self_check_matches_the_childs_fds_and_finds_none_unaccounted() {
+    const CONNS: i64 = 20;
+    let mut bin = Bin::spawn(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--fd-check-interval",
+        "200ms",
+        "--stats-interval",
+        "100ms",
+    ]);
+    let addr = bin.wait_listening();
+    let admin = ops::admin_addr_in(bin.log.last().unwrap());
+    // After the first stats line everything that lives for the whole run is set up.
+    bin.wait_line("first stats line", is_stats);
+    let pid = bin.pid();
+    let baseline = fd_count(pid) as i64;
+
+    let mut streams: Vec<_> = (0..CONNS).map(|_| connect(addr)).collect();
+    for (i, stream) in streams.iter_mut().enumerate() {
+        util::echo(stream, format!("leak check {i}").as_bytes());
+    }
+    assert_eq!(
+        fd_count(pid) as i64,
+        baseline + CONNS,
+        "the child's fds with {CONNS} connections open"
+    );
+
+    // `fds_open` is 0 until the first check; a check from before the connections (the first may
+    // run at the first turn) still reports about `baseline`. Wait for one that saw them all.
+    // The check counts from inside the child, possibly while a scrape's admin connection is
+    // open, so it may see one fd more than `procfd` (read once the child has closed it): `open`
+    // is `procfd` or `procfd + 1`, never less.
+    let with_conns = wait_fd_check(admin, pid, "check that sees the connections", |c| {
+        c.active == CONNS && c.open >= baseline + CONNS
+    });
+    assert_eq!(with_conns.procfd, baseline + CONNS, "{with_conns:?}");
+    assert!(
+        with_conns.open <= with_conns.procfd + 1,
+        "the self-check counts more fds than /proc/{pid}/fd has: {with_conns:?}"
+    );
+    assert_eq!(
+        with_conns.unaccounted,
+        0,
+        "a leak reported with {CONNS} connections open: {with_conns:?}; log:\n{}",
+        bin.log()
+    );
+
+    for stream in streams {
+        close_gracefully(stream);
+    }
+    // A check with at most `baseline + 1` fds ran after the one above, so after the closes.
+    let closed = wait_fd_check(admin, pid, "check after the closes", |c| {
+        c.active == 0 && c.open > 0 && c.open <= baseline + 1
+    });
+    assert_eq!(
+        closed.procfd, baseline,
+        "the child's fds after the closes: {closed:?}"
+    );
+    assert!(closed.open >= closed.procfd, "{closed:?}");
+    assert_eq!(
+        closed.unaccounted,
+        0,
+        "a leak reported after the closes: {closed:?}; log:\n{}",
+        bin.log()
+    );
+
+    bin.signal("TERM");
+    let status = bin.wait_exit();
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        bin.log()
+    );
+    let last = bin.final_line();
+    assert_eq!(stat(last, "active"), Some(0), "{last}");
+    assert_eq!(stat(last, "accepted"), Some(CONNS as u64), "{last}");
+    assert_eq!(stat(last, "peer_closed"), Some(CONNS as u64), "{last}");
+    let log = bin.log();
+    assert!(!log.contains("leak check"), "log:\n{log}");
+    assert!(!log.contains("panicked"), "log:\n{log}");
 }
 
 #[test]

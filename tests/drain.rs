@@ -267,11 +267,7 @@ fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
     assert!(log.contains("drain complete"), "log:\n{log}");
     assert!(!log.contains("force-closing"), "log:\n{log}");
     assert!(!log.contains("panicked"), "log:\n{log}");
-    let last = bin
-        .log
-        .iter()
-        .find(|l| l.contains(" final "))
-        .unwrap_or_else(|| panic!("no final line; log:\n{log}"));
+    let last = bin.final_line();
     assert_eq!(stat(last, "active"), Some(0), "{last}");
     assert_eq!(
         stat(last, "accepted"),
@@ -347,11 +343,7 @@ fn a_second_sigterm_during_a_drain_stops_at_once() {
     assert!(log.contains("closing every connection now"), "log:\n{log}");
     assert!(!log.contains("drain complete"), "log:\n{log}");
     assert!(!log.contains("panicked"), "log:\n{log}");
-    let last = bin
-        .log
-        .iter()
-        .find(|l| l.contains(" final "))
-        .unwrap_or_else(|| panic!("no final line; log:\n{log}"));
+    let last = bin.final_line();
     assert_eq!(stat(last, "active"), Some(0), "{last}");
     assert_eq!(stat(last, "shutdown"), Some(1), "{last}");
     assert_eq!(stat(last, "closed"), Some(1), "{last}");
@@ -400,11 +392,7 @@ fn the_drain_deadline_force_closes_what_is_left_and_still_exits_0() {
         log.contains("1 connections were still open at the drain deadline"),
         "log:\n{log}"
     );
-    let last = bin
-        .log
-        .iter()
-        .find(|l| l.contains(" final "))
-        .unwrap_or_else(|| panic!("no final line; log:\n{log}"));
+    let last = bin.final_line();
     assert_eq!(stat(last, "shutdown"), Some(1), "{last}");
     assert_eq!(stat(last, "active"), Some(0), "{last}");
 }
@@ -449,11 +437,7 @@ fn connections_queued_in_the_backlog_at_the_signal_are_served_not_reset() {
         "exit status {status}; log:\n{}",
         bin.log()
     );
-    let last = bin
-        .log
-        .iter()
-        .find(|l| l.contains(" final "))
-        .unwrap_or_else(|| panic!("no final line; log:\n{}", bin.log()));
+    let last = bin.final_line();
     assert_eq!(stat(last, "accepted"), Some(QUEUED as u64), "{last}");
     assert_eq!(stat(last, "reset"), None, "{last}");
     assert_eq!(stat(last, "shutdown"), Some(QUEUED as u64), "{last}");

@@ -150,6 +150,24 @@ pub fn connect_small_rcvbuf(addr: SocketAddr) -> TcpStream {
     stream
 }
 
+/// Connects from the local address `ip` (any of 127.0.0.0/8 is local on Linux), with
+/// [`IO_TIMEOUT`] on reads and writes: a second "client address" for per-IP tests.
+#[track_caller]
+pub fn connect_from(ip: [u8; 4], addr: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    socket
+        .bind(&SocketAddr::from((ip, 0)).into())
+        .expect("bind the client to a loopback source address");
+    socket
+        .connect(&addr.into())
+        .expect("connect to the test server");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream
+}
+
 /// `len` bytes of a pattern that differs per `seed` and does not repeat every 256 bytes, so a
 /// lost, duplicated or reordered chunk shows up.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
@@ -396,6 +414,22 @@ impl Bin {
     /// The log so far, one line each.
     pub fn log(&self) -> String {
         self.log.join("\n")
+    }
+
+    /// The one `final ...` line (the metrics sockman logs as it exits). Fails if there is none
+    /// or more than one; call it after [`Bin::wait_exit`].
+    #[track_caller]
+    pub fn final_line(&self) -> &str {
+        let mut finals = self.log.iter().filter(|l| l.contains(" final "));
+        let line = finals
+            .next()
+            .unwrap_or_else(|| panic!("no final line; log:\n{}", self.log()));
+        assert!(
+            finals.next().is_none(),
+            "more than one final line; log:\n{}",
+            self.log()
+        );
+        line
     }
 }
 

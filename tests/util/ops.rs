@@ -1,6 +1,6 @@
-//! Helpers shared by `limits.rs`, `drain.rs` and `admin.rs` (included with
+//! Helpers shared by `limits.rs`, `drain.rs`, `admin.rs` and `binary.rs` (included with
 //! `#[path = "util/ops.rs"] mod ops;` beside `mod util;`): a minimal HTTP/1.1 client for the admin
-//! endpoint, log-line parsing, CPU time of a child, and latency summaries.
+//! endpoint and its `/metrics` samples, log-line parsing, CPU time of a child, and latency summaries.
 //!
 //! Every wait is bounded: reads carry [`util::IO_TIMEOUT`] as a safety net.
 #![allow(dead_code)]
@@ -107,6 +107,32 @@ pub fn read_response(stream: &mut TcpStream) -> Response {
         body: body.to_string(),
         closed,
     }
+}
+
+/// The value of the unlabelled sample `name` (e.g. `sockman_fds_open`) in a `/metrics` body;
+/// `None` if there is no such line. Integer gauges and counters only.
+#[track_caller]
+pub fn sample(body: &str, name: &str) -> Option<i64> {
+    body.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        Some(
+            value
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("bad value in {line:?}: {e}")),
+        )
+    })
+}
+
+/// `GET /metrics` (must answer 200) and the unlabelled samples `names`, in order; fails naming
+/// any that is missing.
+#[track_caller]
+pub fn samples<const N: usize>(admin: SocketAddr, names: [&str; N]) -> [i64; N] {
+    let r = get(admin, "/metrics");
+    assert_eq!(r.status, 200, "{r:?}");
+    names.map(|name| {
+        sample(&r.body, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{}", r.body))
+    })
 }
 
 /// CPU time (user + system, all threads) of process `pid` so far, from `/proc/PID/stat`.
