@@ -3,8 +3,15 @@
 //! One turn: read the clock; open connections while fewer than [`MAX_UNCONFIRMED`] are
 //! unconfirmed; expire
 //! connects older than [`CONNECT_TIMEOUT`]; fire due scheduled messages (`--rate`); move between
-//! phases (setup, window, end); print progress; poll until the nearest of those deadlines; then
-//! dispatch the events. Every deadline is finite, so the loop always ends.
+//! phases (setup, window, end); print progress; poll until the nearest of those deadlines (not
+//! at all while connections wait in the ready queue); dispatch the events, reading the clock
+//! per event; then resume the ready queue. Every deadline is finite, so the loop always ends.
+//!
+//! Work per connection per event is bounded: reads stop after [`READ_BUDGET`] bytes, writes
+//! after [`WRITE_BUDGET`] (stream mode would otherwise fill a megabytes-deep loopback buffer
+//! in one go). A connection stopped at a budget gets no new edge, so it goes into the ready
+//! queue and is resumed the next turn, after the other connections' events. Events left after
+//! the window's end are not dispatched, so a turn never runs the run late.
 //!
 //! Invariants: `slots[key].conn` is `Some` exactly while the connection is open or connecting;
 //! `live`, `n_connecting` and `n_held` count those slots by phase, `n_unconfirmed` those that
@@ -43,8 +50,18 @@ const EINPROGRESS: i32 = 115;
 const EVENTS_CAPACITY: usize = 1024;
 
 /// The one loop-wide receive buffer; also the longest write. 256 KiB lets a streaming
-/// connection move a whole socket buffer per syscall.
+/// connection move a large part of a socket buffer per syscall.
 const IO_CHUNK: usize = 256 * 1024;
+
+/// Bytes one connection may write per readiness event (or per turn from the ready queue)
+/// before the others get their turn; at most one [`IO_CHUNK`] more is written. A loopback send
+/// buffer holds megabytes: filling it in 64-byte writes took seconds, during which no other
+/// connection ran and the clock was not read.
+const WRITE_BUDGET: usize = 4 * IO_CHUNK;
+
+/// Bytes one connection may read per readiness event (or per turn from the ready queue), the
+/// same bound for the receive side.
+const READ_BUDGET: usize = 4 * IO_CHUNK;
 
 /// Descriptors kept free beyond the connections: the poller, `/proc` reads, stdio, and the
 /// odd descriptor a caller (a bench) opens meanwhile.
@@ -133,6 +150,20 @@ struct Conn {
     /// The last write was short or WouldBlock: wait for a writable event. Writing again before
     /// would only cost an EAGAIN syscall.
     write_blocked: bool,
+    /// The last flush stopped at [`WRITE_BUDGET`] with the socket still writable: no new edge
+    /// will come, so the ready queue must resume it.
+    write_more: bool,
+    /// The last read stopped at [`READ_BUDGET`] without draining the socket: likewise.
+    read_more: bool,
+    /// In the engine's ready queue.
+    queued: bool,
+}
+
+impl Conn {
+    /// Stopped at a budget with work left; the ready queue resumes it (no edge will).
+    fn has_more(&self) -> bool {
+        self.read_more || self.write_more
+    }
 }
 
 /// A connection's place, reused across churn cycles.
@@ -149,6 +180,10 @@ struct Slot {
 struct Params {
     mode: Mode,
     size: u64,
+    /// Stream: bytes issued at once when everything issued is written: as many whole `size`
+    /// units as fit in [`IO_CHUNK`] (at least one), so one write call moves up to
+    /// [`IO_CHUNK`] bytes whatever `size` is.
+    stream_chunk: u64,
     depth: usize,
     schedule: Option<Schedule>,
     /// Start of the load: the origin of the schedule.
@@ -160,6 +195,11 @@ struct Params {
 impl Params {
     fn in_window(&self, t: Instant) -> bool {
         self.window.is_some_and(|(s, e)| t >= s && t < e)
+    }
+
+    /// Whether the window has ended by `t`.
+    fn past_end(&self, t: Instant) -> bool {
+        self.window.is_some_and(|(_, e)| t >= e)
     }
 
     /// Whether new messages may still be issued at `t` (not after the window's end).
@@ -252,20 +292,28 @@ impl Conn {
         }
     }
 
-    /// Writes issued bytes (stream: endlessly) until done or the socket is full.
+    /// Writes issued bytes (stream: endlessly, [`Params::stream_chunk`] at a time) until done,
+    /// the socket is full, or [`WRITE_BUDGET`] is spent (then `write_more` is set).
     fn flush(&mut self, pattern: &Pattern, p: &Params) -> Result<(), End> {
+        self.write_more = false;
+        let mut written = 0;
         while !self.write_blocked {
             if self.sent == self.target {
                 if p.mode != Mode::Stream {
                     break;
                 }
-                self.target += p.size;
+                self.target += p.stream_chunk;
+            }
+            if written >= WRITE_BUDGET {
+                self.write_more = true;
+                break;
             }
             let len = (self.target - self.sent).min(IO_CHUNK as u64) as usize;
             match self.stream.write(pattern.slice(self.seed, self.sent, len)) {
                 Ok(0) => return Err(End::Io(ErrorKind::WriteZero)),
                 Ok(n) => {
                     self.sent += n as u64;
+                    written += n;
                     // A short write means the send buffer filled; Linux then flags the socket
                     // so that freed space raises a new writable edge.
                     self.write_blocked = n < len;
@@ -278,8 +326,9 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads and verifies until the socket is drained, completing messages as their echo
-    /// arrives and issuing the next ones.
+    /// Reads and verifies until the socket is drained or [`READ_BUDGET`] is spent (then
+    /// `read_more` is set), completing messages as their echo arrives and issuing the next
+    /// ones. Bytes count in the window by `now`, read per event, so at most one budget late.
     ///
     /// A read shorter than the buffer ends the drain without the extra read that would return
     /// WouldBlock: it emptied the receive queue, and on Linux any later arrival raises a new
@@ -294,7 +343,13 @@ impl Conn {
         stats: &mut Stats,
         now: Instant,
     ) -> Result<(), End> {
+        self.read_more = false;
+        let mut read = 0;
         loop {
+            if read >= READ_BUDGET {
+                self.read_more = true;
+                return Ok(());
+            }
             let n = match self.stream.read(buf) {
                 Ok(0) => {
                     return Err(End::Eof {
@@ -311,6 +366,7 @@ impl Conn {
                 return Err(End::Mismatch);
             }
             self.recv += n as u64;
+            read += n;
             if p.in_window(now) {
                 stats.bytes += n as u64;
             }
@@ -405,6 +461,9 @@ struct Engine<'a> {
     source_cursors: Vec<u32>,
     /// `--rate`: the next global message to fire.
     next_j: u64,
+    /// Connections that stopped at a read or write budget with work left, as (key, gen), in
+    /// order; each turn resumes them (and polls without waiting while any are queued).
+    ready: VecDeque<(usize, u32)>,
     /// Set when a connect is refused before any connect succeeded.
     refused_early: bool,
 }
@@ -469,6 +528,7 @@ impl<'a> Engine<'a> {
             params: Params {
                 mode: cfg.mode,
                 size: cfg.size as u64,
+                stream_chunk: stream_chunk(cfg.size),
                 depth,
                 schedule: cfg.rate.map(|r| Schedule::new(r, cfg.connections)),
                 t0,
@@ -496,6 +556,7 @@ impl<'a> Engine<'a> {
             port_space: PortSpace::for_host(),
             source_cursors: vec![first_source_cursor(); cfg.source_addrs.len()],
             next_j: 0,
+            ready: VecDeque::new(),
             refused_early: false,
         })
     }
@@ -551,7 +612,11 @@ impl<'a> Engine<'a> {
                 next_progress += PROGRESS_INTERVAL;
             }
 
-            let timeout = self.poll_timeout(now, next_progress);
+            let timeout = if self.ready.is_empty() {
+                self.poll_timeout(now, next_progress)
+            } else {
+                Duration::ZERO
+            };
             if let Err(source) = self.poll.poll(&mut events, Some(timeout)) {
                 if source.kind() == ErrorKind::Interrupted {
                     continue;
@@ -561,10 +626,17 @@ impl<'a> Engine<'a> {
                     source,
                 });
             }
-            let now = Instant::now();
+            // The clock is read per event: one event's work is bounded by the budgets, not
+            // the whole batch's. Events left over after the window's end are not needed: the
+            // loop ends at the top of the next turn, and the drain reads what is waiting.
             for event in events.iter() {
+                let now = Instant::now();
+                if self.params.past_end(now) {
+                    break;
+                }
                 self.dispatch(event, now);
             }
+            self.resume_ready();
         }
         if self.cfg.progress {
             eprintln!();
@@ -646,6 +718,9 @@ impl<'a> Engine<'a> {
                     next_k: 0,
                     started: now,
                     write_blocked: false,
+                    write_more: false,
+                    read_more: false,
+                    queued: false,
                 });
                 self.live += 1;
                 self.n_connecting += 1;
@@ -777,9 +852,8 @@ impl<'a> Engine<'a> {
                 continue;
             }
             conn.issue_due(key, params, now);
-            if let Err(end) = conn.flush(pattern, params) {
-                self.end(key, end, now);
-            }
+            let result = conn.flush(pattern, params);
+            self.settle(key, result, now);
         }
     }
 
@@ -876,14 +950,7 @@ impl<'a> Engine<'a> {
     /// Handles one event; events for closed or reused slots are skipped.
     fn dispatch(&mut self, event: &Event, now: Instant) {
         let (key, gen) = split_token(event.token());
-        let Engine {
-            slots,
-            params,
-            pattern,
-            buf,
-            stats,
-            ..
-        } = self;
+        let Engine { slots, buf, .. } = self;
         let Some(slot) = slots.get_mut(key) else {
             return;
         };
@@ -917,11 +984,31 @@ impl<'a> Engine<'a> {
             }
             return;
         }
+        self.work(key, now, true);
+    }
+
+    /// Reads (if `read`) and writes on the open or held connection in slot `key`, each up to
+    /// its budget; ends the connection or queues it for more as the outcome says.
+    fn work(&mut self, key: usize, now: Instant, read: bool) {
+        let Engine {
+            slots,
+            params,
+            pattern,
+            buf,
+            stats,
+            ..
+        } = self;
+        let Some(conn) = slots[key].conn.as_mut() else {
+            return;
+        };
         let was_held = conn.phase == Phase::Held;
         let was_confirmed = conn.recv > 0;
-        let result = conn
-            .read(key, buf, pattern, params, stats, now)
-            .and_then(|()| conn.flush(pattern, params));
+        let result = if read {
+            conn.read(key, buf, pattern, params, stats, now)
+        } else {
+            Ok(())
+        };
+        let result = result.and_then(|()| conn.flush(pattern, params));
         // Counted before `end`, so that closing the connection right after balances.
         if !was_held && conn.phase == Phase::Held {
             self.n_held += 1;
@@ -929,8 +1016,48 @@ impl<'a> Engine<'a> {
         if !was_confirmed && conn.recv > 0 {
             self.n_unconfirmed -= 1;
         }
+        self.settle(key, result, now);
+    }
+
+    /// After work on slot `key`: ends the connection on an error, or queues it in `ready`
+    /// when it stopped at a budget with work left (no readiness edge will come for that).
+    fn settle(&mut self, key: usize, result: Result<(), End>, now: Instant) {
         if let Err(end) = result {
             self.end(key, end, now);
+            return;
+        }
+        let slot = &mut self.slots[key];
+        if let Some(conn) = slot.conn.as_mut() {
+            if conn.has_more() && !conn.queued {
+                conn.queued = true;
+                self.ready.push_back((key, slot.gen));
+            }
+        }
+    }
+
+    /// Resumes, once each, the connections queued in `ready` before this call, with the clock
+    /// read per connection; stops at the window's end (the loop ends then).
+    fn resume_ready(&mut self) {
+        for _ in 0..self.ready.len() {
+            let now = Instant::now();
+            if self.params.past_end(now) {
+                return;
+            }
+            let Some((key, gen)) = self.ready.pop_front() else {
+                return;
+            };
+            let slot = &mut self.slots[key];
+            if slot.gen != gen {
+                continue;
+            }
+            let Some(conn) = slot.conn.as_mut() else {
+                continue;
+            };
+            conn.queued = false;
+            if matches!(conn.phase, Phase::Open | Phase::Held) {
+                let read = conn.read_more;
+                self.work(key, now, read);
+            }
         }
     }
 
@@ -964,9 +1091,8 @@ impl<'a> Engine<'a> {
             Mode::Stream => {}
             Mode::Idle | Mode::Churn => conn.issue(params.size, Instant::now()),
         }
-        if let Err(end) = conn.flush(pattern, params) {
-            self.end(key, end, now);
-        }
+        let result = conn.flush(pattern, params);
+        self.settle(key, result, now);
     }
 
     /// Ends the connection in slot `key` for `why`, counting it; churn starts the next cycle.
@@ -1143,6 +1269,13 @@ impl<'a> Engine<'a> {
     }
 }
 
+/// Stream: bytes issued at once for messages of `size` bytes — the whole `size` units that fit
+/// in [`IO_CHUNK`], or one unit when `size` is larger (then written [`IO_CHUNK`] at a time).
+fn stream_chunk(size: usize) -> u64 {
+    let size = size.max(1) as u64;
+    (IO_CHUNK as u64 / size).max(1) * size
+}
+
 /// Binds `socket` to `ip` and the next port of `ports` from `cursor`.
 ///
 /// Why not port 0: the kernel then searches for a port with no owner at all, and with
@@ -1316,6 +1449,15 @@ mod tests {
         // Range reaching the top: only the low part.
         let low = PortSpace::outside(40_000, 65_535);
         assert_eq!(low.port(low.total - 1), 39_999);
+    }
+
+    #[test]
+    fn stream_chunks_are_whole_units_up_to_the_io_chunk() {
+        assert_eq!(stream_chunk(64), IO_CHUNK as u64);
+        assert_eq!(stream_chunk(1), IO_CHUNK as u64);
+        assert_eq!(stream_chunk(100_000), 200_000);
+        assert_eq!(stream_chunk(IO_CHUNK), IO_CHUNK as u64);
+        assert_eq!(stream_chunk(IO_CHUNK + 1), IO_CHUNK as u64 + 1);
     }
 
     #[test]

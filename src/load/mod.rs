@@ -8,8 +8,10 @@
 //! - **pingpong**: each connection sends `size` bytes, waits for all of them back, verifies them,
 //!   and repeats.
 //! - **pipeline**: the same with `depth` messages in flight per connection.
-//! - **stream**: each connection writes as fast as the socket takes (`size` bytes per write call)
-//!   and reads the echo concurrently; the result is MB/s of verified echoed bytes.
+//! - **stream**: each connection writes as fast as the socket takes (whole `size` units, up to
+//!   256 KiB per write call, at most about 1 MiB per turn before the other connections get
+//!   theirs) and reads the echo concurrently; the result is MB/s of verified echoed bytes, and
+//!   operations are echoed bytes / `size`.
 //! - **idle**: opens `connections`, checks that each echoes once, then holds them for `duration`
 //!   and reports how many are still held and how many the server closed.
 //! - **churn**: `connections` workers each connect, echo `size` bytes once and close, as fast as
@@ -23,7 +25,7 @@
 //!   fixed times and latency runs from the *scheduled* time, so a stalled server shows in the
 //!   percentiles (no coordinated omission).
 //! - Only the window after `warmup` counts (for idle: the hold after setup); errors count always.
-//! - With `server_pid`, the server's utime+stime from `/proc/PID/stat` over the window gives
+//! - With `server_pid` (a running process, checked before the run), the server's utime+stime from `/proc/PID/stat` over the window gives
 //!   server CPU µs per operation, and `/proc/PID/status` its RSS.
 //!
 //! # Bounds
@@ -105,6 +107,10 @@ pub const MAX_UNCONFIRMED: usize = 128;
 /// Upper bound on `--depth`: the in-flight queue per connection is allocated up front.
 pub const MAX_DEPTH: usize = 65_536;
 
+/// Upper bound on `--size` (64 MiB). A message must fit through the echo server's buffers and
+/// come back within the run; a larger one (say `100GB`) would only ever report 0 operations.
+pub const MAX_SIZE: usize = 64 << 20;
+
 /// The kind of load to generate; see the [module docs](self) for what each one measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -166,7 +172,8 @@ pub struct LoadArgs {
         env = "SOCKMAN_LOAD_MODE"
     )]
     pub mode: Mode,
-    /// Message size (e.g. 64, 1KiB); in stream mode the size of each write.
+    /// Message size (e.g. 64, 1KiB), at most 64MiB; in stream mode the unit of an operation
+    /// (writes are whole units, up to 256 KiB).
     #[arg(long, value_name = "BYTES", default_value = "64", env = "SOCKMAN_LOAD_SIZE", value_parser = parse_size)]
     pub size: usize,
     /// Measured time (e.g. 10s); in idle mode how long connections are held.
@@ -195,7 +202,7 @@ pub struct LoadArgs {
         env = "SOCKMAN_LOAD_SOURCE_ADDRS"
     )]
     pub source_addrs: Vec<IpAddr>,
-    /// Server process id: also report its CPU µs per operation and its RSS.
+    /// Server process id (must be running): also report its CPU µs per operation and its RSS.
     #[arg(long, value_name = "PID", env = "SOCKMAN_LOAD_SERVER_PID")]
     pub server_pid: Option<u32>,
     /// Print one JSON object instead of the readable report.
@@ -238,7 +245,7 @@ pub struct LoadConfig {
     pub connections: usize,
     /// What to measure.
     pub mode: Mode,
-    /// Bytes per message (stream: per write call).
+    /// Bytes per message, at most [`MAX_SIZE`] (stream: the unit of an operation).
     pub size: usize,
     /// Length of the measured window (idle: the hold).
     pub duration: Duration,
@@ -251,7 +258,8 @@ pub struct LoadConfig {
     /// Loopback source IPs bound round-robin before connect, for more than one address's worth
     /// of ephemeral ports; empty = let the kernel choose.
     pub source_addrs: Vec<IpAddr>,
-    /// Server process to sample in `/proc` for CPU per operation and RSS.
+    /// Server process to sample in `/proc` for CPU per operation and RSS; [`run`] refuses one
+    /// whose `/proc/PID/stat` is not readable.
     pub server_pid: Option<u32>,
     /// Print a live progress line on stderr once a second.
     pub progress: bool,
@@ -280,8 +288,8 @@ impl LoadConfig {
     /// Checks every field; [`run`] calls it too.
     ///
     /// # Errors
-    /// A one-line message naming the offending flag: connections, size or depth below 1; depth
-    /// above 1 outside pipeline mode or above [`MAX_DEPTH`]; a rate that is not a positive finite
+    /// A one-line message naming the offending flag: connections, size or depth below 1; size
+    /// above [`MAX_SIZE`]; depth above 1 outside pipeline mode or above [`MAX_DEPTH`]; a rate that is not a positive finite
     /// number, or a rate in stream, idle or churn mode; a zero duration; a connect or source
     /// address that is not loopback, or a source address of the other IP family.
     pub fn validate(&self) -> Result<(), String> {
@@ -290,6 +298,12 @@ impl LoadConfig {
         }
         if self.size == 0 {
             return Err("--size must be at least 1 byte".into());
+        }
+        if self.size > MAX_SIZE {
+            return Err(format!(
+                "--size {} is too large (at most {MAX_SIZE} bytes, 64MiB)",
+                self.size
+            ));
         }
         if self.depth == 0 {
             return Err("--depth must be at least 1".into());
@@ -416,11 +430,28 @@ impl std::error::Error for LoadError {
 /// even if the server stalls or vanishes.
 ///
 /// # Errors
-/// [`LoadError::Config`] for an invalid `cfg`, [`LoadError::FdLimit`] before any connect when
+/// [`LoadError::Config`] for an invalid `cfg` or a `server_pid` with no readable
+/// `/proc/PID/stat` (no such process, or not ours to read), [`LoadError::FdLimit`] before any connect when
 /// the connections cannot fit the open-file limit, [`LoadError::Unreachable`] when no
 /// connection succeeds (refused, or none within [`CONNECT_TIMEOUT`]), [`LoadError::Io`] when
 /// the poller fails.
 pub fn run(cfg: &LoadConfig) -> Result<Report, LoadError> {
     cfg.validate().map_err(LoadError::Config)?;
+    if let Some(pid) = cfg.server_pid {
+        check_server_pid(pid).map_err(LoadError::Config)?;
+    }
     engine::run(cfg)
+}
+
+/// `--server-pid`: the process must exist and its `/proc/PID/stat` be readable, or every
+/// server figure of the report would silently be "n/a". Checked when the run starts, not in
+/// [`LoadConfig::validate`], which does not depend on the machine's state.
+fn check_server_pid(pid: u32) -> Result<(), String> {
+    match procfs::sample(pid).cpu_ticks {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "--server-pid {pid}: no such process (/proc/{pid}/stat is not readable); \
+             pass the pid of the running echo server, or leave the flag out"
+        )),
+    }
 }

@@ -39,7 +39,7 @@ pub struct Report {
     pub connect: SocketAddr,
     /// Connections requested (churn: workers).
     pub connections: usize,
-    /// Message size in bytes (stream: bytes per write).
+    /// Message size in bytes (stream: the unit of an operation).
     pub size: usize,
     /// Messages in flight per connection.
     pub depth: usize,

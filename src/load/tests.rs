@@ -84,6 +84,8 @@ fn bad_arguments_are_refused_with_the_flag_named() {
         (&["--connections", "0"], "--connections"),
         (&["--size", "0"], "--size"),
         (&["--size", "12parsecs"], "invalid size"),
+        (&["--size", "100GB"], "--size 100000000000 is too large"),
+        (&["--size", "67108865"], "--size"),
         (&["--depth", "0", "--mode", "pipeline"], "--depth"),
         (&["--depth", "16"], "needs --mode pipeline"),
         (&["--depth", "100000000", "--mode", "pipeline"], "too large"),
@@ -107,6 +109,29 @@ fn bad_arguments_are_refused_with_the_flag_named() {
             Ok(c) => panic!("{args:?} accepted: {c:?}"),
             Err(e) => assert!(e.contains(needle), "{args:?}: {e:?} lacks {needle:?}"),
         }
+    }
+}
+
+#[test]
+fn the_largest_size_is_accepted() {
+    let c = config(&["--size", "64MiB"]).expect("64 MiB is allowed");
+    assert_eq!(c.size, MAX_SIZE);
+}
+
+#[test]
+fn a_server_pid_that_is_not_running_is_an_error_before_connecting() {
+    // Nothing listens at port 9 of 127.0.0.1 either: the pid check must come first.
+    let cfg = LoadConfig {
+        connect: "127.0.0.1:9".parse().expect("addr"),
+        server_pid: Some(u32::MAX), // above any pid_max
+        ..LoadConfig::default()
+    };
+    match run(&cfg) {
+        Err(LoadError::Config(msg)) => {
+            assert!(msg.contains("--server-pid 4294967295"), "{msg}");
+            assert!(msg.contains("no such process"), "{msg}");
+        }
+        other => panic!("expected a config error, got {other:?}"),
     }
 }
 
@@ -295,6 +320,38 @@ fn pipeline_stream_and_churn_run_clean() {
     assert!(r.ops > 0 && r.errors.is_empty(), "{r}");
     assert!(r.connects_per_sec.unwrap_or(0.0) > 0.0, "{r}");
     assert!(r.connected >= r.ops, "{r}");
+}
+
+#[test]
+fn stream_with_small_writes_ends_on_time_and_counts() {
+    // Against 64-byte units the generator once wrote 64 bytes per syscall until the socket
+    // buffer (megabytes) was full, with the clock read once per turn: runs overran by seconds
+    // and counted nothing in the window.
+    let server = TestServer::start(Behaviour::Echo);
+    let mut cfg = quick(server.addr, Mode::Stream);
+    cfg.connections = 16;
+    cfg.size = 64;
+    cfg.duration = Duration::from_millis(500);
+    cfg.warmup = Duration::from_millis(100);
+    let started = Instant::now();
+    let r = run(&cfg).expect("stream");
+    let took = started.elapsed();
+    assert!(r.ops > 0 && r.bytes > 0, "{r}");
+    assert_eq!(r.ops, r.bytes / 64, "{r}");
+    assert!(r.errors.is_empty(), "{r}");
+    assert!(
+        r.elapsed >= Duration::from_millis(490) && r.elapsed <= cfg.duration,
+        "{r}"
+    );
+    // Warmup + duration, plus the drain (the server closing 16 connections) and slack for a
+    // busy machine; far below the seconds the old behaviour overran by.
+    let bound = cfg.warmup + cfg.duration + Duration::from_millis(1500);
+    assert!(took < bound, "took {took:?}, bound {bound:?}");
+    assert_eq!(
+        server.finish(),
+        0,
+        "connections ended with a reset or an error"
+    );
 }
 
 #[test]
