@@ -39,6 +39,9 @@ use crate::limits::{self, AcceptError, AcceptGate, Lru, PerIp};
 use crate::metrics::{Metrics, RejectReason};
 use crate::wheel::{Entry, Tick, Wheel};
 
+/// Dead wheel entries tolerated before a sweep (see `Server::wheel_stale`).
+const COMPACT_MIN: usize = 4096;
+
 /// Events fetched per poll.
 const EVENTS_CAPACITY: usize = 1024;
 /// Most listeners one server takes (their tokens sit just below the waker's).
@@ -213,6 +216,11 @@ pub struct Server<H: Handler> {
     expire_ready: bool,
     /// Scratch for fired wheel entries.
     fired: Vec<Entry>,
+    /// Wheel entries known to be dead (their connection closed, or a newer entry superseded
+    /// them). They die lazily when their slot fires; past [`COMPACT_MIN`] and twice the live
+    /// connections, `compact_wheel` sweeps them, so a high close rate with a long idle timeout
+    /// cannot pile up rate × timeout entries.
+    wheel_stale: usize,
     shared: Arc<Shared>,
     stopped: bool,
     /// While draining: the tick at which whatever is left gets closed.
@@ -341,6 +349,7 @@ impl<H: Handler> Server<H> {
             carried: Vec::new(),
             expire_ready: false,
             fired: Vec::new(),
+            wheel_stale: 0,
             shared: Arc::new(Shared {
                 waker,
                 stop: AtomicBool::new(false),
@@ -458,6 +467,9 @@ impl<H: Handler> Server<H> {
         }
         self.expire(now);
         self.continue_ready(now);
+        if self.wheel_stale > COMPACT_MIN && self.wheel_stale > 2 * self.conns.len() {
+            self.compact_wheel();
+        }
         #[cfg(feature = "admin")]
         if let Some(admin) = &mut self.admin {
             if admin.next_deadline().is_some_and(|t| t <= now) {
@@ -802,6 +814,9 @@ impl<H: Handler> Server<H> {
         let io = &mut self.conns[key].io;
         if let Some((when, _)) = io.deadline(self.idle_ticks, self.write_ticks) {
             if when < io.scheduled {
+                if io.scheduled != UNSCHEDULED {
+                    self.wheel_stale += 1; // the later entry is superseded
+                }
                 self.wheel.insert(key as u32, io.gen, when);
                 io.scheduled = when;
             }
@@ -819,10 +834,12 @@ impl<H: Handler> Server<H> {
             let key = entry.key as usize;
             let Some(conn) = self.conns.get_mut(key).filter(|c| c.io.gen == entry.gen) else {
                 self.metrics.stale += 1;
+                self.wheel_stale = self.wheel_stale.saturating_sub(1);
                 continue;
             };
             let io = &mut conn.io;
             if io.scheduled != entry.when {
+                self.wheel_stale = self.wheel_stale.saturating_sub(1);
                 continue; // superseded by an earlier entry
             }
             io.scheduled = UNSCHEDULED;
@@ -847,6 +864,24 @@ impl<H: Handler> Server<H> {
             }
         }
         self.fired = fired;
+    }
+
+    /// Sweeps dead entries out of the wheel: O(entries), paid once per [`COMPACT_MIN`] (and at
+    /// least twice the live connections) closes, so O(1) per close amortised.
+    fn compact_wheel(&mut self) {
+        let conns = &self.conns;
+        let before = self.wheel.len();
+        self.wheel.retain(|e| {
+            conns
+                .get(e.key as usize)
+                .is_some_and(|c| c.io.gen == e.gen && c.io.scheduled == e.when)
+        });
+        trace!(
+            "wheel compacted: {} dead entries dropped, {} kept",
+            before - self.wheel.len(),
+            self.wheel.len()
+        );
+        self.wheel_stale = 0;
     }
 
     /// Continues what budgets left: connections with data, listeners with a queue, and a paused
@@ -1053,6 +1088,9 @@ impl<H: Handler> Server<H> {
         // Freeing the slot moves the connection out; its socket is closed just below, before
         // anything else can run (one thread), so the order is not observable.
         let Conn { io, state } = self.conns.remove(key);
+        if io.scheduled != UNSCHEDULED {
+            self.wheel_stale += 1; // its wheel entry dies lazily
+        }
         let id = ConnId(token_for(key, io.gen).0 as u64);
         let (peer, bytes_in, bytes_out, opened) = (io.peer(), io.bytes_in, io.bytes_out, io.opened);
         self.metrics.pending_bytes -= io.pending_len() as u64;
@@ -1196,6 +1234,31 @@ mod tests {
         server.shutdown();
         assert_eq!(server.metrics().active, 0);
         assert_eq!(server.metrics().closed_by(CloseReason::Shutdown), 1);
+    }
+
+    #[test]
+    fn closed_connections_do_not_pile_up_in_the_wheel() {
+        // A 60 s idle timeout and short-lived connections: each close leaves a dead entry that
+        // would otherwise wait 60 s for its slot. The sweep keeps them bounded.
+        let mut server = Server::bind(local_config(), Echo).unwrap();
+        let addr = server.local_addrs()[0];
+        let total = 3 * COMPACT_MIN as u64;
+        let mut done = 0;
+        while done < total {
+            let batch: Vec<_> = (0..256)
+                .map(|_| std::net::TcpStream::connect(addr).unwrap())
+                .collect();
+            done += batch.len() as u64;
+            drop(batch);
+            turn_until(&mut server, |s| s.metrics().closed_total() == done);
+            assert!(
+                server.wheel.len() <= 2 * COMPACT_MIN + 256,
+                "{} wheel entries for {} live connections after {done} closes",
+                server.wheel.len(),
+                server.conns.len()
+            );
+        }
+        assert_eq!(server.metrics().closed_by(CloseReason::PeerClosed), total);
     }
 
     #[test]
