@@ -390,8 +390,10 @@ impl Wheel {
                 self.len -= before - bucket.len();
                 if bucket.is_empty() {
                     self.occupied[word] &= !(1 << (slot % 64));
-                }
-                if bucket.capacity() > SHRINK_FLOOR && bucket.capacity() > 4 * bucket.len() {
+                    // A sweep empties slots that may not fill again for a rotation: free them
+                    // outright rather than keep the floor that `advance` keeps for busy slots.
+                    *bucket = Vec::new();
+                } else if bucket.capacity() > SHRINK_FLOOR && bucket.capacity() > 4 * bucket.len() {
                     bucket.shrink_to((2 * bucket.len()).max(SHRINK_FLOOR));
                 }
             }
