@@ -847,10 +847,11 @@ impl<H: Handler> Server<H> {
                 // Idle during a drain is the drain closing it: reason Shutdown.
                 Some((when, CloseReason::IdleTimeout)) if when <= now && draining => {
                     if io.has_pending() {
-                        // Not idle while output is still going out: look again a tick later
-                        // (the write-stall deadline and the drain deadline still bound it).
-                        self.wheel.insert(entry.key, entry.gen, now + 1);
-                        io.scheduled = now + 1;
+                        // Output still waiting is not idle: look again one drain-idle period
+                        // later, not every tick (write stall and the drain deadline bound it).
+                        let again = now + self.idle_ticks.unwrap_or(1).max(1);
+                        self.wheel.insert(entry.key, entry.gen, again);
+                        io.scheduled = again;
                     } else {
                         self.close(key, CloseReason::Shutdown)
                     }

@@ -70,6 +70,14 @@ const MAX_SLOTS: usize = 1 << 20;
 /// does not reallocate every rotation; only capacity beyond it, left by a burst, is given back.
 const SHRINK_FLOOR: usize = 64;
 
+/// Gives back a bucket's spare capacity once it holds under a quarter of it, keeping at least
+/// [`SHRINK_FLOOR`] entries of room.
+fn trim(bucket: &mut Vec<Entry>) {
+    if bucket.capacity() > SHRINK_FLOOR && bucket.capacity() > 4 * bucket.len() {
+        bucket.shrink_to((2 * bucket.len()).max(SHRINK_FLOOR));
+    }
+}
+
 /// One scheduled deadline: which connection (slab key and generation) and when.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Entry {
@@ -357,9 +365,7 @@ impl Wheel {
             self.occupied[slot / 64] &= !(1 << (slot % 64));
         }
         // A burst (20 000 connections expiring together) must not pin its memory forever.
-        if bucket.capacity() > SHRINK_FLOOR && bucket.capacity() > 4 * bucket.len() {
-            bucket.shrink_to((2 * bucket.len()).max(SHRINK_FLOOR));
-        }
+        trim(bucket);
         starved
     }
 
@@ -393,8 +399,8 @@ impl Wheel {
                     // A sweep empties slots that may not fill again for a rotation: free them
                     // outright rather than keep the floor that `advance` keeps for busy slots.
                     *bucket = Vec::new();
-                } else if bucket.capacity() > SHRINK_FLOOR && bucket.capacity() > 4 * bucket.len() {
-                    bucket.shrink_to((2 * bucket.len()).max(SHRINK_FLOOR));
+                } else {
+                    trim(bucket);
                 }
             }
         }
