@@ -20,7 +20,10 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
-use sockman::wheel::{Entry, Tick, Wheel};
+use sockman::wheel::{Entry, Wheel};
+
+/// A tick, as the wheel counts them.
+type Tick = u64;
 
 /// 60 s at a 10 ms tick.
 const TIMEOUT: Tick = 6000;

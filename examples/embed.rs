@@ -5,7 +5,7 @@
 //! own after 60 s through a `Handle` used from another thread.
 use std::time::Duration;
 
-use sockman::{CloseReason, Config, ConnId, Context, Handler, Server};
+use sockman::{CloseReason, Config, Context, Handler, Server};
 
 /// Per-connection state: newlines seen.
 struct LineCounter;
@@ -13,12 +13,12 @@ struct LineCounter;
 impl Handler for LineCounter {
     type Conn = u64;
 
-    fn on_open(&mut self, ctx: &mut Context<'_>) -> u64 {
+    fn on_open(&mut self, ctx: &mut Context<'_, u64>) -> u64 {
         ctx.write(b"send lines; 'quit' to leave\n");
         0
     }
 
-    fn on_data(&mut self, lines: &mut u64, ctx: &mut Context<'_>, data: &[u8]) {
+    fn on_data(&mut self, lines: &mut u64, ctx: &mut Context<'_, u64>, data: &[u8]) {
         *lines += data.iter().filter(|&&b| b == b'\n').count() as u64;
         ctx.write(format!("{lines} lines\n").as_bytes());
         if data.starts_with(b"quit") {
@@ -26,8 +26,8 @@ impl Handler for LineCounter {
         }
     }
 
-    fn on_close(&mut self, lines: u64, id: ConnId, reason: CloseReason) {
-        println!("{id} closed: {reason} after {lines} lines");
+    fn on_close(&mut self, lines: u64, ctx: &mut Context<'_, u64>, reason: CloseReason) {
+        println!("{} closed: {reason} after {lines} lines", ctx.id());
     }
 }
 

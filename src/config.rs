@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::close::Error;
+use crate::error::Error;
 
 /// Largest connection cap accepted: slab keys must fit the low half of a [`mio::Token`].
 pub const MAX_CONNECTIONS_LIMIT: usize = if usize::BITS >= 64 {
@@ -89,6 +89,43 @@ pub struct Config {
     pub read_budget: usize,
     /// Wheel entries handled per loop turn, so a mass expiry does not stall the loop. Default 4096.
     pub expire_budget: usize,
+    /// A graceful close (the handler's, a drain's) flushes the output, shuts down the write side
+    /// and then reads and discards what the peer still sends, until its EOF, this long, or
+    /// [`linger_bytes`](Self::linger_bytes): closing a socket with unread input makes Linux
+    /// send a reset and drop the reply still queued (nginx's `lingering_close`). Zero closes at
+    /// once. Default 5 s.
+    pub linger_timeout: Duration,
+    /// Most bytes read and discarded while lingering before the socket is closed anyway.
+    /// Default 4 MiB.
+    pub linger_bytes: u64,
+    /// `SO_RCVBUF` of accepted and dialed sockets (set once on the listener; Linux copies it to
+    /// accepted sockets). The kernel doubles the value and stops autotuning that socket's
+    /// buffer: the knob that bounds kernel memory per slow peer (nginx `listen ... rcvbuf=`,
+    /// HAProxy `tune.rcvbuf.client`). `None` = the kernel's autotuning. Default `None`.
+    pub recv_buffer: Option<usize>,
+    /// `SO_SNDBUF` of accepted and dialed sockets, like [`recv_buffer`](Self::recv_buffer).
+    /// Default `None`.
+    pub send_buffer: Option<usize>,
+    /// A dial ([`Context::connect`](crate::Context::connect)) that has not completed after this
+    /// long is closed with [`CloseReason::ConnectTimeout`](crate::CloseReason::ConnectTimeout).
+    /// Default 5 s.
+    pub connect_timeout: Duration,
+    /// A connection whose pending output exceeds this many bytes is not writable
+    /// ([`Context::is_writable`](crate::Context::is_writable) is false) until it falls to
+    /// [`write_low_watermark`](Self::write_low_watermark), when
+    /// [`Handler::on_drained`](crate::Handler::on_drained) is called. At most
+    /// [`max_pending`](Self::max_pending). `None` = half of `max_pending`.
+    pub write_high_watermark: Option<usize>,
+    /// See [`write_high_watermark`](Self::write_high_watermark); at most the high watermark.
+    /// `None` = a quarter of the high watermark.
+    pub write_low_watermark: Option<usize>,
+    /// How often [`Handler::on_periodic`](crate::Handler::on_periodic) runs (housekeeping on the
+    /// loop); zero = never. Default zero.
+    pub periodic: Duration,
+    /// Capacity of each queue that other threads feed through [`Handle::send`](crate::Handle::send),
+    /// [`Handle::close`](crate::Handle::close) and [`Remote::run`](crate::Remote::run); a full
+    /// queue is the sender's error. Default 1024.
+    pub remote_queue: usize,
 }
 
 impl Default for Config {
@@ -115,11 +152,27 @@ impl Default for Config {
             accept_budget: 128,
             read_budget: 16,
             expire_budget: 4096,
+            linger_timeout: Duration::from_secs(5),
+            linger_bytes: 4 << 20,
+            recv_buffer: None,
+            send_buffer: None,
+            connect_timeout: Duration::from_secs(5),
+            write_high_watermark: None,
+            write_low_watermark: None,
+            periodic: Duration::ZERO,
+            remote_queue: 1024,
         }
     }
 }
 
 impl Config {
+    /// The write watermarks in force, `(low, high)`, with the defaults filled in.
+    pub fn watermarks(&self) -> (usize, usize) {
+        let high = self.write_high_watermark.unwrap_or(self.max_pending / 2);
+        let low = self.write_low_watermark.unwrap_or(high / 4);
+        (low, high)
+    }
+
     /// Checks the settings against each other.
     ///
     /// # Errors
@@ -141,6 +194,9 @@ impl Config {
         for (name, value) in [
             ("idle timeout", self.idle_timeout),
             ("write timeout", self.write_timeout),
+            ("linger timeout", self.linger_timeout),
+            ("connect timeout", self.connect_timeout),
+            ("periodic interval", self.periodic),
         ] {
             if !value.is_zero() && value < self.tick {
                 return bad(format!(
@@ -186,12 +242,48 @@ impl Config {
                 return bad(format!("{name} must be at least 1"));
             }
         }
-        // Linux refuses TCP_KEEPIDLE above 32767 s (MAX_TCP_KEEPIDLE).
-        if self.tcp_keepalive > Duration::from_secs(32_767) {
+        // TCP_KEEPIDLE is whole seconds, at least 1 (a 500 ms value would become 0, which the
+        // kernel refuses with a bare EINVAL at listen time) and at most 32767
+        // (MAX_TCP_KEEPIDLE).
+        if !self.tcp_keepalive.is_zero() {
+            let k = self.tcp_keepalive;
+            if k.subsec_nanos() != 0 || k < Duration::from_secs(1) {
+                return bad(format!(
+                    "tcp keepalive {k:?} must be whole seconds, at least 1s (TCP_KEEPIDLE has one-second resolution), or 0 for off"
+                ));
+            }
+            if k > Duration::from_secs(32_767) {
+                return bad(format!(
+                    "tcp keepalive {k:?} is above the 32767s the kernel accepts"
+                ));
+            }
+        }
+        for (name, value) in [
+            ("receive buffer", self.recv_buffer),
+            ("send buffer", self.send_buffer),
+        ] {
+            // The kernel clamps SO_RCVBUF/SO_SNDBUF to [rmem|wmem]_max and doubles it; the
+            // setsockopt argument is an int.
+            if let Some(v) = value {
+                if v == 0 || v > i32::MAX as usize / 2 {
+                    return bad(format!("{name} must be between 1 byte and 1GiB (got {v})"));
+                }
+            }
+        }
+        let (low, high) = self.watermarks();
+        if high > self.max_pending {
             return bad(format!(
-                "tcp keepalive {:?} is above the 32767s the kernel accepts",
-                self.tcp_keepalive
+                "write high watermark {high} is above max pending {} (the connection would overflow before it is unwritable)",
+                self.max_pending
             ));
+        }
+        if low > high {
+            return bad(format!(
+                "write low watermark {low} is above the high watermark {high}"
+            ));
+        }
+        if self.remote_queue == 0 {
+            return bad("remote queue capacity must be at least 1".into());
         }
         if self.accept_retry.is_zero() {
             return bad("accept retry must be above 0".into());
@@ -242,5 +334,48 @@ mod tests {
             ..Config::default()
         };
         assert!(err(&c).contains("write timeout"));
+    }
+
+    #[test]
+    fn keepalive_must_be_whole_seconds() {
+        for bad in [
+            Duration::from_millis(500),
+            Duration::from_millis(1500),
+            Duration::from_secs(40_000),
+        ] {
+            let c = Config {
+                tcp_keepalive: bad,
+                ..Config::default()
+            };
+            assert!(err(&c).contains("tcp keepalive"), "{bad:?}: {}", err(&c));
+        }
+        for good in [
+            Duration::ZERO,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        ] {
+            Config {
+                tcp_keepalive: good,
+                ..Config::default()
+            }
+            .validate()
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn watermarks_are_ordered_under_the_cap() {
+        let c = Config {
+            max_pending: 1000,
+            write_high_watermark: Some(2000),
+            ..Config::default()
+        };
+        assert!(err(&c).contains("high watermark"), "{}", err(&c));
+        let c = Config {
+            write_high_watermark: Some(100),
+            write_low_watermark: Some(200),
+            ..Config::default()
+        };
+        assert!(err(&c).contains("low watermark"), "{}", err(&c));
     }
 }

@@ -1,29 +1,68 @@
-//! One connection's socket-side state: the stream, the unsent remainder of its output, its
-//! activity stamps and byte counts.
+//! One connection as the slab holds it: its socket, the unsent remainder of its output, its
+//! phase and flags, its time stamps and byte counts, and the handler's state.
 //!
-//! This module drains and writes a socket and reports progress or a [`CloseReason`]; it never
-//! touches the poll, the wheel, the slab or other connections (the server does).
+//! This module writes, flushes and (while lingering) drains a socket and reports progress or a
+//! [`CloseReason`]; it never touches the poll, the wheel, the slab or other connections (the
+//! server does). Its one decision is [`Conn::deadline`]: which of the connection's deadlines is
+//! next.
 //!
-//! Memory: an idle connection owns no buffer. Its whole userspace cost is its slab entry (this
-//! struct plus the handler's state) and one 16-byte wheel entry.
+//! # Lifecycle
+//! `Connecting` (dialed, until the handshake completes) → `Open` → `Lingering` (graceful close:
+//! write side shut, input discarded until EOF) → gone. Every phase lives in the same slab entry
+//! and ends in the server's one close path.
+//!
+//! # Memory
+//! An idle connection owns no buffer: its whole userspace cost is this struct (96 bytes with a
+//! stateless handler, checked by a test) and one 16-byte wheel entry.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 
 use mio::net::TcpStream;
 
-use crate::close::CloseReason;
 use crate::metrics::Metrics;
-use crate::wheel::Tick;
+use crate::reason::CloseReason;
+use crate::time::{Tick, NEVER};
 
-/// `scheduled` value of a connection with no wheel entry.
-pub(crate) const UNSCHEDULED: Tick = Tick::MAX;
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Dialed; the handshake has not completed. Writes are kept as pending output.
+    Connecting,
+    /// Connected: read and written for the handler.
+    Open,
+    /// Closed for the handler (its `on_close` ran); the write side is shut and the loop reads
+    /// and discards until the peer's EOF, the linger deadline or the byte cap.
+    Lingering,
+}
 
-/// A connection in the slab: socket state plus the handler's state.
-#[derive(Debug)]
-pub(crate) struct Conn<S> {
-    pub(crate) io: Io,
-    pub(crate) state: S,
+/// Flag bits of [`Conn::flags`]: one byte-sized field instead of a `bool` each.
+pub(crate) mod flag {
+    /// The event said the peer's write side is closed: read past short reads until 0.
+    pub(crate) const READ_CLOSED: u16 = 1 << 0;
+    /// Already in the loop's list of connections a read budget (or a resume) left with work.
+    pub(crate) const QUEUED: u16 = 1 << 1;
+    /// Priority readiness (TCP urgent data): `recv` stops at the urgent mark, so a short read
+    /// is not "drained" until a read would block.
+    pub(crate) const URGENT: u16 = 1 << 2;
+    /// A read returned 0 (the peer's FIN): nothing more will be read.
+    pub(crate) const EOF: u16 = 1 << 3;
+    /// The handler paused reading.
+    pub(crate) const READ_PAUSED: u16 = 1 << 4;
+    /// Shut down the write side once pending output is flushed.
+    pub(crate) const SHUT_WANTED: u16 = 1 << 5;
+    /// The write side is shut down.
+    pub(crate) const SHUT_DONE: u16 = 1 << 6;
+    /// Pending output went above the high watermark and has not yet fallen to the low one.
+    pub(crate) const UNWRITABLE: u16 = 1 << 7;
+    /// Dialed by the server (else accepted).
+    pub(crate) const DIALED: u16 = 1 << 8;
+    /// Already in the loop's list of connections to settle after a callback.
+    pub(crate) const DIRTY: u16 = 1 << 9;
+    /// The handler is to be told that pending output fell to the low watermark.
+    pub(crate) const DRAINED: u16 = 1 << 10;
+    /// The handler resumed reading: read at once, without waiting for an edge.
+    pub(crate) const RESUME: u16 = 1 << 11;
 }
 
 /// Output the socket did not take yet. Boxed so that a connection without pending output pays
@@ -37,55 +76,137 @@ pub(crate) struct Pending {
     last_progress: Tick,
 }
 
-/// The socket side of a connection.
+/// Limits on a connection's output, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutputLimits {
+    /// Pending output beyond this closes the connection (`Overflow`).
+    pub(crate) max_pending: usize,
+    /// Above this the connection is not writable...
+    pub(crate) high: usize,
+    /// ...until pending output falls to this.
+    pub(crate) low: usize,
+}
+
+/// The deadlines a connection can have, in ticks (`None` = off).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    pub(crate) idle: Option<Tick>,
+    pub(crate) write: Option<Tick>,
+    pub(crate) connect: Option<Tick>,
+    pub(crate) linger: Tick,
+}
+
+/// What a deadline that came due means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Due {
+    /// No activity for the idle timeout.
+    Idle,
+    /// Pending output made no progress for the write timeout.
+    WriteStall,
+    /// A dial did not complete in time.
+    Connect,
+    /// The handler's timer.
+    Timer,
+    /// The linger deadline.
+    Linger,
+}
+
+/// What a lingering read found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LingerEnd {
+    /// The peer's EOF: everything it sent was read.
+    Eof,
+    /// The linger deadline passed.
+    Timeout,
+    /// The byte cap was reached (reading stopped then; the deadline ended it).
+    Bytes,
+    /// A read failed (typically a reset).
+    Error,
+}
+
+impl LingerEnd {
+    pub(crate) const COUNT: usize = 4;
+    pub(crate) const NAMES: [&'static str; Self::COUNT] = ["eof", "timeout", "bytes", "error"];
+}
+
+/// A connection in the slab.
 #[derive(Debug)]
-pub(crate) struct Io {
+pub(crate) struct Conn<S> {
     pub(crate) stream: TcpStream,
-    /// Unsent output, if any. While `Some`, the loop does not read (backpressure).
+    /// Generation of the slab slot's occupant (see `token`).
+    pub(crate) gen: u32,
+    /// Unsent output, if any.
     pending: Option<Box<Pending>>,
     /// The peer's address, kept as IP and port: a `SocketAddr` is 32 bytes (IPv6 flow info and
     /// scope id), this is 19, and an idle connection's whole cost is this struct.
     peer_ip: IpAddr,
     peer_port: u16,
-    /// Tick of the last activity (bytes read or write progress). Activity only stamps this; the
-    /// wheel entry is re-armed lazily when it fires.
+    pub(crate) phase: Phase,
+    /// [`flag`] bits.
+    pub(crate) flags: u16,
+    /// Close at once with this reason (a write failed, output overflowed).
+    pub(crate) abort: Option<CloseReason>,
+    /// Close with this reason once pending output is flushed (peer FIN, handler close, drain).
+    pub(crate) graceful: Option<CloseReason>,
+    /// Tick of the last activity (bytes read or write progress); while lingering, when the
+    /// linger began. Activity only stamps this; the wheel entry is re-armed lazily.
     pub(crate) last_active: Tick,
-    /// Tick of this connection's one wheel entry, or [`UNSCHEDULED`]. A fired entry whose `when`
+    /// Tick of this connection's one wheel entry, or [`NEVER`]. A fired entry whose `when`
     /// differs was superseded by an earlier one and is dropped.
     pub(crate) scheduled: Tick,
     pub(crate) opened: Tick,
+    /// While open: the handler's timer ([`NEVER`] = none). While lingering: bytes discarded
+    /// (the handler's timer is gone with its state, so the field is free to count them).
+    pub(crate) timer: Tick,
     pub(crate) bytes_in: u64,
     pub(crate) bytes_out: u64,
-    /// Generation of the slab slot's occupant (see `server::token`).
-    pub(crate) gen: u32,
-    /// Close at once with this reason (a write failed, output overflowed).
-    pub(crate) failed: Option<CloseReason>,
-    /// Close with this reason once pending output is flushed (peer FIN, handler close).
-    pub(crate) closing: Option<CloseReason>,
-    /// The peer's write side is closed (the event said so): read past short reads until 0.
-    pub(crate) read_closed: bool,
-    /// Already in the loop's list of connections a read budget left with ready data.
-    pub(crate) queued: bool,
+    /// The handler's state: `None` only while it is lent to a callback, or once the handler's
+    /// part has ended (lingering).
+    pub(crate) state: Option<S>,
 }
 
-impl Io {
-    pub(crate) fn new(stream: TcpStream, peer: SocketAddr, gen: u32, now: Tick) -> Io {
-        Io {
+impl<S> Conn<S> {
+    pub(crate) fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        gen: u32,
+        phase: Phase,
+        now: Tick,
+    ) -> Conn<S> {
+        Conn {
             stream,
+            gen,
             pending: None,
             peer_ip: peer.ip(),
             peer_port: peer.port(),
+            phase,
+            flags: if phase == Phase::Connecting {
+                flag::DIALED
+            } else {
+                0
+            },
+            abort: None,
+            graceful: None,
             last_active: now,
-            scheduled: UNSCHEDULED,
+            scheduled: NEVER,
             opened: now,
+            timer: NEVER,
             bytes_in: 0,
             bytes_out: 0,
-            gen,
-            failed: None,
-            closing: None,
-            read_closed: false,
-            queued: false,
+            state: None,
         }
+    }
+
+    pub(crate) fn has(&self, f: u16) -> bool {
+        self.flags & f != 0
+    }
+
+    pub(crate) fn set(&mut self, f: u16) {
+        self.flags |= f;
+    }
+
+    pub(crate) fn clear(&mut self, f: u16) {
+        self.flags &= !f;
     }
 
     pub(crate) fn peer(&self) -> SocketAddr {
@@ -100,27 +221,38 @@ impl Io {
         self.pending.is_some()
     }
 
+    /// Open for the handler: neither closing nor closed.
+    pub(crate) fn is_live(&self) -> bool {
+        self.phase != Phase::Lingering && self.abort.is_none() && self.graceful.is_none()
+    }
+
     /// Asks for a close after the pending output is flushed; the first reason wins.
-    pub(crate) fn request_close(&mut self, reason: CloseReason) {
-        if self.closing.is_none() {
-            self.closing = Some(reason);
+    pub(crate) fn close_gracefully(&mut self, reason: CloseReason) {
+        if self.graceful.is_none() {
+            self.graceful = Some(reason);
         }
     }
 
-    /// Writes `data` straight to the socket and keeps only what it did not take. See
-    /// [`Context::write`](crate::Context::write).
+    /// Marks the connection to close at once; the first reason wins.
+    pub(crate) fn fail(&mut self, reason: CloseReason) -> bool {
+        self.abort.get_or_insert(reason);
+        false
+    }
+
+    /// Writes `data` straight to the socket and keeps only what it did not take (while
+    /// connecting, keeps all of it). See [`Context::write`](crate::Context::write).
     pub(crate) fn write(
         &mut self,
         data: &[u8],
-        max_pending: usize,
+        limits: &OutputLimits,
         now: Tick,
         metrics: &mut Metrics,
     ) -> bool {
-        if self.failed.is_some() || self.closing.is_some() {
+        if !self.is_live() || self.has(flag::SHUT_WANTED) {
             return false;
         }
         let mut off = 0;
-        if self.pending.is_none() {
+        if self.pending.is_none() && self.phase == Phase::Open {
             while off < data.len() {
                 match self.stream.write(&data[off..]) {
                     Ok(0) => return self.fail(CloseReason::Io(io::ErrorKind::WriteZero)),
@@ -137,31 +269,36 @@ impl Io {
             }
         }
         let rest = &data[off..];
-        if self.pending_len() + rest.len() > max_pending {
+        let pending = self.pending_len() + rest.len();
+        if pending > limits.max_pending {
             return self.fail(CloseReason::Overflow);
         }
-        let pending = self.pending.get_or_insert_with(|| {
+        if pending > limits.high {
+            self.set(flag::UNWRITABLE);
+        }
+        let p = self.pending.get_or_insert_with(|| {
             Box::new(Pending {
                 buf: Vec::with_capacity(rest.len()),
                 off: 0,
                 last_progress: now,
             })
         });
-        pending.buf.extend_from_slice(rest);
+        p.buf.extend_from_slice(rest);
         metrics.pending_bytes += rest.len() as u64;
         true
     }
 
-    fn fail(&mut self, reason: CloseReason) -> bool {
-        self.failed.get_or_insert(reason);
-        false
-    }
-
     /// Writes pending output until the socket would block. Returns whether everything is out.
+    /// Sets [`flag::DRAINED`] when an unwritable connection falls to the low watermark.
     ///
     /// # Errors
     /// The reason to close with when a write fails.
-    pub(crate) fn flush(&mut self, now: Tick, metrics: &mut Metrics) -> Result<bool, CloseReason> {
+    pub(crate) fn flush(
+        &mut self,
+        limits: &OutputLimits,
+        now: Tick,
+        metrics: &mut Metrics,
+    ) -> Result<bool, CloseReason> {
         let Some(p) = self.pending.as_mut() else {
             return Ok(true);
         };
@@ -179,6 +316,7 @@ impl Io {
             }
         };
         let written = (p.off - start) as u64;
+        let left = p.buf.len() - p.off;
         if written > 0 {
             p.last_progress = now;
             self.last_active = now;
@@ -187,40 +325,74 @@ impl Io {
             metrics.pending_bytes -= written;
         }
         result?;
-        if p.off == p.buf.len() {
+        if left == 0 {
             self.pending = None;
-            Ok(true)
-        } else {
-            Ok(false)
+        }
+        if self.has(flag::UNWRITABLE) && left <= limits.low {
+            self.clear(flag::UNWRITABLE);
+            self.set(flag::DRAINED);
+        }
+        Ok(left == 0)
+    }
+
+    /// Drops pending output (the connection is closing), keeping the gauge exact.
+    pub(crate) fn discard_pending(&mut self, metrics: &mut Metrics) {
+        metrics.pending_bytes -= self.pending_len() as u64;
+        self.pending = None;
+    }
+
+    /// Reads and discards while lingering, into `buf`, until the read would block (`None`),
+    /// or the linger ends. `cap` bounds the bytes discarded over the whole linger.
+    pub(crate) fn linger_read(&mut self, buf: &mut [u8], cap: u64) -> Option<LingerEnd> {
+        loop {
+            match self.stream.read(buf) {
+                Ok(0) => return Some(LingerEnd::Eof),
+                Ok(n) => {
+                    self.timer += n as u64;
+                    if self.timer >= cap {
+                        return Some(LingerEnd::Bytes);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Some(LingerEnd::Error),
+            }
         }
     }
 
-    /// The earliest deadline this connection has, and the reason it would close for:
-    /// idle (`last_active + idle + 1`) and, while output is pending, write stall
-    /// (`last_progress + write + 1`). The `+ 1` makes up for `last_active` being rounded down
-    /// to its tick, so nothing closes before its full timeout.
-    pub(crate) fn deadline(
-        &self,
-        idle: Option<Tick>,
-        write: Option<Tick>,
-    ) -> Option<(Tick, CloseReason)> {
-        let idle = idle.map(|t| {
-            (
-                self.last_active.saturating_add(t).saturating_add(1),
-                CloseReason::IdleTimeout,
-            )
-        });
-        let stall = match (write, &self.pending) {
-            (Some(t), Some(p)) => Some((
-                p.last_progress.saturating_add(t).saturating_add(1),
-                CloseReason::WriteStall,
-            )),
-            _ => None,
+    /// The earliest deadline this connection has, and what it means. Each is a stamp plus its
+    /// timeout plus one: the `+ 1` makes up for stamps being rounded down to their tick, so
+    /// nothing fires before its full timeout.
+    pub(crate) fn deadline(&self, t: &Timeouts) -> Option<(Tick, Due)> {
+        let after = |stamp: Tick, ticks: Tick| stamp.saturating_add(ticks).saturating_add(1);
+        let mut best: Option<(Tick, Due)> = None;
+        let mut offer = |when: Tick, due: Due| {
+            if best.is_none_or(|(b, _)| when < b) {
+                best = Some((when, due));
+            }
         };
-        match (idle, stall) {
-            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
-            (a, b) => a.or(b),
+        match self.phase {
+            Phase::Lingering => offer(after(self.last_active, t.linger), Due::Linger),
+            Phase::Connecting => {
+                if let Some(c) = t.connect {
+                    offer(after(self.opened, c), Due::Connect);
+                }
+            }
+            Phase::Open => {
+                if let Some(idle) = t.idle {
+                    offer(after(self.last_active, idle), Due::Idle);
+                }
+            }
         }
+        if self.phase != Phase::Lingering {
+            if let (Some(w), Some(p)) = (t.write, &self.pending) {
+                offer(after(p.last_progress, w), Due::WriteStall);
+            }
+            if self.timer != NEVER {
+                offer(self.timer, Due::Timer);
+            }
+        }
+        best
     }
 }
 
@@ -230,7 +402,13 @@ mod tests {
     /// <= 128 B per idle connection in all, wheel entry included; see BENCHMARKS.md).
     #[test]
     fn idle_connection_entry_stays_small() {
-        let entry = std::mem::size_of::<super::Conn<()>>();
+        // mio's `TcpStream` carries a selector id in debug builds (16 bytes, not a 4-byte fd):
+        // count it as the fd it is in a release build.
+        let debug_extra = std::mem::size_of::<mio::net::TcpStream>() - 4;
+        let entry = std::mem::size_of::<super::Conn<()>>() - debug_extra;
         assert!(entry <= 96, "Conn<()> grew to {entry} bytes");
+        // Handler state that has a niche costs nothing more than its own size.
+        let with_id = std::mem::size_of::<super::Conn<crate::ConnId>>() - debug_extra;
+        assert!(with_id <= 104, "Conn<ConnId> is {with_id} bytes");
     }
 }

@@ -1,47 +1,98 @@
-//! The protocol side: the [`Handler`] trait, the [`Context`] it writes through, and the two
-//! handlers that ship with the crate, [`Echo`] and [`Discard`].
+//! The protocol side: the [`Handler`] trait, the [`Context`] its callbacks act through, and the
+//! two handlers that ship with the crate, [`Echo`] and [`Discard`].
 //!
-//! The loop owns sockets, buffers, deadlines and the close path; a handler only sees bytes and
-//! decides what to write back. Its per-connection state ([`Handler::Conn`]) lives in the
-//! connection's slab entry, so it costs nothing beyond its own size.
+//! The loop owns sockets, buffers, deadlines and the close path; a handler sees bytes and
+//! events and decides what to write, to whom, and when to close. Its per-connection state
+//! ([`Handler::Conn`]) lives in the connection's slab entry, so it costs nothing beyond its own
+//! size.
+//!
+//! # Shape of the API
+//! A single-threaded, slab-indexed core wants callbacks, not futures: the loop calls the
+//! handler with `&mut` access to its own state and to a [`Context`]. From the peers studied:
+//! - **Reaching other connections** by id, as Netty's `ChannelGroup` or a libuv program keeping
+//!   `uv_tcp_t` pointers would, but through a generation-checked [`ConnId`]:
+//!   [`Context::conn`] fails for a connection that is gone, so a stale id never reaches the
+//!   slot's next occupant. A write to another connection obeys *its* pending cap.
+//! - **Dialing** ([`Context::connect`], like `uv_tcp_connect`) puts the new connection in the
+//!   same slab with its handler state from the start; the handshake's end is
+//!   [`Handler::on_connected`], and a dial that fails (refused, unreachable, timed out) ends in
+//!   [`Handler::on_close`] with its own [`CloseReason`], like any other close.
+//! - **Timers** are one per connection ([`Context::set_timer`] → [`Handler::on_timer`]) riding
+//!   the same lazy wheel entry as the idle deadline: no allocation and no wheel operation per
+//!   re-arm, like a `uv_timer_t` embedded in the connection. [`Handler::on_idle`] lets a
+//!   protocol keep an idle connection (after writing a ping), as Netty's `IdleStateHandler` does.
+//! - **Writability** is a threshold with hysteresis (Netty's `channelWritabilityChanged`): a
+//!   connection whose pending output passes the high watermark is not writable until it falls
+//!   to the low one, when [`Handler::on_drained`] runs.
+//! - **Other threads** reach the loop through bounded queues and mio's waker
+//!   ([`Handle::send`](crate::Handle::send), [`Remote::run`](crate::Remote::run)).
+//!
+//! None of it costs [`Echo`] anything: its callbacks are the same two, an idle connection's
+//! entry is the same size, and nothing is queued or armed unless a handler asks.
+//!
+//! # Re-entrancy
+//! A callback never runs inside another. Closing a connection from a callback
+//! ([`ConnMut::close`], an overflowing write to another connection) only marks it; the loop
+//! closes it, and calls its `on_close`, once the callback has returned.
 //!
 //! A handler that panics unwinds through [`Server::turn`](crate::Server::turn): on one thread that
 //! stops every connection. The loop does not catch panics; make handlers total.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
 
-use crate::close::CloseReason;
-use crate::conn::Io;
-use crate::metrics::Metrics;
-use crate::wheel::Tick;
+use crate::conn::{flag, Phase};
+use crate::reason::CloseReason;
+use crate::table::{DialError, Table};
+use crate::time::NEVER;
+use crate::token::ConnId;
 
-/// Identifies one connection for its whole life: slab key and generation. A later connection
-/// that reuses the slot gets a different id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub u64);
-
-impl std::fmt::Display for ConnId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // key#generation reads better in logs than the packed integer.
-        write!(f, "{}#{}", self.0 & 0xffff_ffff, self.0 >> 32)
-    }
+/// Whether the server accepted a connection or dialed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// Accepted on a listener.
+    Accepted,
+    /// Dialed with [`Context::connect`] or [`Server::connect`](crate::Server::connect).
+    Dialed,
 }
 
-/// A protocol: what to do with a connection's bytes.
+/// What to do after the peer's end of stream (see [`Handler::on_eof`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eof {
+    /// Flush what is pending, then close ([`CloseReason::PeerClosed`]). The default.
+    Close,
+    /// Keep the connection open for writing (a half-closed TCP connection): nothing more is
+    /// read; the handler closes it when it is done. Idle and write-stall deadlines still apply.
+    KeepOpen,
+}
+
+/// What to do with a connection whose idle deadline passed (see [`Handler::on_idle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// Close it ([`CloseReason::IdleTimeout`]). The default.
+    Close,
+    /// Keep it: the idle timeout starts again from now (after writing a ping, say).
+    Keep,
+}
+
+/// A protocol: what to do with connections, their bytes and their events.
+///
+/// Only [`on_open`](Self::on_open) and [`on_data`](Self::on_data) are required; every other
+/// callback has a default that keeps today's behaviour of a plain server.
 ///
 /// # Examples
 /// A handler that upper-cases what it receives and closes on `q`:
 /// ```
-/// use sockman::{CloseReason, ConnId, Context, Handler};
+/// use sockman::{CloseReason, Context, Handler};
 ///
 /// struct Upper;
 /// impl Handler for Upper {
 ///     type Conn = u64; // bytes seen on this connection
-///     fn on_open(&mut self, ctx: &mut Context<'_>) -> u64 {
+///     fn on_open(&mut self, ctx: &mut Context<'_, u64>) -> u64 {
 ///         ctx.write(b"hello\n");
 ///         0
 ///     }
-///     fn on_data(&mut self, seen: &mut u64, ctx: &mut Context<'_>, data: &[u8]) {
+///     fn on_data(&mut self, seen: &mut u64, ctx: &mut Context<'_, u64>, data: &[u8]) {
 ///         *seen += data.len() as u64;
 ///         if data.contains(&b'q') {
 ///             ctx.close(); // flushes what was written, then closes
@@ -49,8 +100,8 @@ impl std::fmt::Display for ConnId {
 ///             ctx.write(&data.to_ascii_uppercase());
 ///         }
 ///     }
-///     fn on_close(&mut self, seen: u64, id: ConnId, reason: CloseReason) {
-///         println!("{id} closed ({reason}) after {seen} bytes");
+///     fn on_close(&mut self, seen: u64, ctx: &mut Context<'_, u64>, reason: CloseReason) {
+///         println!("{} closed ({reason}) after {seen} bytes", ctx.id());
 ///     }
 /// }
 /// ```
@@ -58,47 +109,266 @@ pub trait Handler {
     /// Per-connection state, kept in the connection's slab entry. `()` for stateless protocols.
     type Conn;
 
+    /// Whether a connection is not read while its own output is pending (the default, and the
+    /// backpressure an echo or request/reply protocol wants: a peer that does not read its
+    /// answers is not read either). A relay that moves bytes between two connections sets it to
+    /// `false` and pauses the *source* instead ([`ConnMut::pause_reading`]).
+    const PAUSE_READING_WHILE_PENDING: bool = true;
+
     /// A connection was accepted. May write a greeting or close at once.
-    fn on_open(&mut self, ctx: &mut Context<'_>) -> Self::Conn;
+    fn on_open(&mut self, ctx: &mut Context<'_, Self::Conn>) -> Self::Conn;
 
-    /// Bytes arrived. `data` borrows the loop's read buffer and is valid for this call only.
-    /// Not called while the connection has output pending (backpressure) or after it closed.
-    fn on_data(&mut self, conn: &mut Self::Conn, ctx: &mut Context<'_>, data: &[u8]);
+    /// Bytes arrived. `data` borrows the loop's read buffer and is valid for this call only; it
+    /// is never longer than [`Config::max_pending`](crate::Config::max_pending), so writing it
+    /// back cannot overflow. Not called while reading is paused or after the connection closed.
+    fn on_data(&mut self, conn: &mut Self::Conn, ctx: &mut Context<'_, Self::Conn>, data: &[u8]);
 
-    /// The connection is gone (its socket is already closed) for `reason`. Called exactly once
-    /// per connection that `on_open` was called for.
-    fn on_close(&mut self, conn: Self::Conn, id: ConnId, reason: CloseReason) {
-        let _ = (conn, id, reason);
+    /// A dialed connection completed its handshake; what was written while it was connecting is
+    /// sent now.
+    fn on_connected(&mut self, conn: &mut Self::Conn, ctx: &mut Context<'_, Self::Conn>) {
+        let _ = (conn, ctx);
+    }
+
+    /// The peer closed its write side (a read returned 0). The default closes once pending
+    /// output is flushed.
+    fn on_eof(&mut self, conn: &mut Self::Conn, ctx: &mut Context<'_, Self::Conn>) -> Eof {
+        let _ = (conn, ctx);
+        Eof::Close
+    }
+
+    /// Pending output fell to the low watermark after passing the high one: the connection is
+    /// writable again (see [`Config::write_high_watermark`](crate::Config::write_high_watermark)).
+    fn on_drained(&mut self, conn: &mut Self::Conn, ctx: &mut Context<'_, Self::Conn>) {
+        let _ = (conn, ctx);
+    }
+
+    /// The timer set with [`Context::set_timer`] is due. It is not re-armed by itself.
+    fn on_timer(&mut self, conn: &mut Self::Conn, ctx: &mut Context<'_, Self::Conn>) {
+        let _ = (conn, ctx);
+    }
+
+    /// The connection has been idle for [`Config::idle_timeout`](crate::Config::idle_timeout).
+    /// The default closes it; [`Idle::Keep`] starts the timeout again. (During a drain idle
+    /// connections close without asking.)
+    fn on_idle(&mut self, conn: &mut Self::Conn, ctx: &mut Context<'_, Self::Conn>) -> Idle {
+        let _ = (conn, ctx);
+        Idle::Close
+    }
+
+    /// The connection is gone for `reason`: called exactly once per connection that `on_open`
+    /// was called for or that was dialed. After an abortive close the socket is already closed;
+    /// after a graceful one the loop still owns it while it lingers (it is no longer the
+    /// handler's: [`Context::conn`] no longer finds it). `ctx` acts on the *other* connections
+    /// (`ctx.id()` is this one's id, for bookkeeping).
+    fn on_close(
+        &mut self,
+        conn: Self::Conn,
+        ctx: &mut Context<'_, Self::Conn>,
+        reason: CloseReason,
+    ) {
+        let _ = (conn, ctx, reason);
+    }
+
+    /// Runs every [`Config::periodic`](crate::Config::periodic), on the loop, with no current
+    /// connection (`ctx.id()` is [`ConnId::NONE`]): housekeeping.
+    fn on_periodic(&mut self, ctx: &mut Context<'_, Self::Conn>) {
+        let _ = ctx;
     }
 }
 
-/// A handler's view of one connection during a callback: write, close, and who it is.
+/// A handler's view of the loop during a callback: the current connection (write, close, who
+/// it is) and, by [`ConnId`], every other one; dials; timers.
+///
+/// `S` is the handler's per-connection state ([`Handler::Conn`]); the default `()` lets a
+/// stateless handler write `Context<'_>`.
 #[derive(Debug)]
-pub struct Context<'a> {
-    pub(crate) io: &'a mut Io,
-    pub(crate) metrics: &'a mut Metrics,
-    pub(crate) max_pending: usize,
-    pub(crate) now: Tick,
+pub struct Context<'a, S = ()> {
+    pub(crate) table: &'a mut Table<S>,
+    /// The connection the callback is about ([`ConnId::NONE`] for periodic and remote work).
     pub(crate) id: ConnId,
+    /// In `on_close`: the closed connection's peer (it is no longer in the table).
+    pub(crate) closed_peer: Option<SocketAddr>,
 }
 
-impl Context<'_> {
-    /// Writes `data`: straight to the socket, and only what the socket does not take at once is
-    /// kept (up to the pending-output cap). While output is pending the loop stops reading from
-    /// this connection, which pushes back on the peer through TCP.
+impl<'a, S> Context<'a, S> {
+    pub(crate) fn new(table: &'a mut Table<S>, id: ConnId) -> Context<'a, S> {
+        Context {
+            table,
+            id,
+            closed_peer: None,
+        }
+    }
+
+    /// The current connection's id.
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// The current turn's time (the loop reads the clock once per turn, or takes it from
+    /// [`Server::turn_at`](crate::Server::turn_at)).
+    pub fn now(&self) -> Instant {
+        self.table.now_at
+    }
+
+    /// The current connection's peer address (in `on_close`, the closed connection's).
+    pub fn peer(&self) -> SocketAddr {
+        match self.table.slab.get(self.id.key()) {
+            Some(c) if c.gen == self.id.generation() => c.peer(),
+            _ => self
+                .closed_peer
+                .unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
+        }
+    }
+
+    /// The current connection, if it is still open for the handler.
+    fn current(&mut self) -> Option<ConnMut<'_, S>> {
+        let id = self.id;
+        self.conn(id)
+    }
+
+    /// Writes `data` to the current connection: straight to the socket, and only what the socket
+    /// does not take at once is kept (up to the pending-output cap).
     ///
-    /// Returns `false` if the data was not accepted: the connection is closing, a write failed, or
-    /// the pending output would exceed the cap (the connection then closes with
+    /// Returns `false` if the data was not accepted: the connection is closing, a write failed,
+    /// or the pending output would exceed the cap (the connection then closes with
     /// [`CloseReason::Overflow`]).
     pub fn write(&mut self, data: &[u8]) -> bool {
-        self.io
-            .write(data, self.max_pending, self.now, self.metrics)
+        self.current().is_some_and(|mut c| c.write(data))
     }
 
-    /// Closes the connection once what was written so far is flushed (reason
-    /// [`CloseReason::Handler`]). No further `on_data` calls follow.
+    /// Closes the current connection once what was written so far is flushed (reason
+    /// [`CloseReason::Handler`]); it then lingers (see
+    /// [`Config::linger_timeout`](crate::Config::linger_timeout)). No further `on_data` calls
+    /// follow.
     pub fn close(&mut self) {
-        self.io.request_close(CloseReason::Handler);
+        if let Some(mut c) = self.current() {
+            c.close();
+        }
+    }
+
+    /// Bytes written to the current connection but not yet taken by its socket.
+    pub fn pending(&self) -> usize {
+        self.table
+            .slab
+            .get(self.id.key())
+            .filter(|c| c.gen == self.id.generation())
+            .map_or(0, |c| c.pending_len())
+    }
+
+    /// Whether the current connection is writable (its pending output is not above the high
+    /// watermark); see [`Handler::on_drained`].
+    pub fn is_writable(&mut self) -> bool {
+        self.current().is_some_and(|c| c.is_writable())
+    }
+
+    /// Whether the current connection was accepted or dialed.
+    pub fn origin(&mut self) -> Origin {
+        self.current().map_or(Origin::Accepted, |c| c.origin())
+    }
+
+    /// Arms the current connection's timer: [`Handler::on_timer`] runs `after` from now (rounded
+    /// up to the tick). One timer per connection; setting it again replaces it.
+    pub fn set_timer(&mut self, after: Duration) {
+        if let Some(mut c) = self.current() {
+            c.set_timer(after);
+        }
+    }
+
+    /// Disarms the current connection's timer.
+    pub fn cancel_timer(&mut self) {
+        if let Some(mut c) = self.current() {
+            c.cancel_timer();
+        }
+    }
+
+    /// The connection `id`, if it is still open for the handler: `None` once it closed (or
+    /// started closing), so a stale id can never reach the slot's next occupant.
+    pub fn conn(&mut self, id: ConnId) -> Option<ConnMut<'_, S>> {
+        self.table.live(id)?;
+        Some(ConnMut {
+            table: self.table,
+            id,
+            current: id == self.id,
+        })
+    }
+
+    /// Writes `data` to connection `id` (see [`ConnMut::write`]).
+    ///
+    /// # Errors
+    /// [`SendError::Gone`] if that connection is gone or closing; [`SendError::Refused`] if it
+    /// did not take the data (a write failed, or its pending cap overflowed: *it* then closes,
+    /// not the sender).
+    pub fn send(&mut self, id: ConnId, data: &[u8]) -> Result<(), SendError> {
+        let mut conn = self.conn(id).ok_or(SendError::Gone)?;
+        if conn.write(data) {
+            Ok(())
+        } else {
+            Err(SendError::Refused)
+        }
+    }
+
+    /// Closes connection `id` once its pending output is flushed (reason
+    /// [`CloseReason::Handler`]).
+    ///
+    /// # Errors
+    /// [`SendError::Gone`] if it is already gone or closing.
+    pub fn close_conn(&mut self, id: ConnId) -> Result<(), SendError> {
+        self.conn(id).ok_or(SendError::Gone)?.close();
+        Ok(())
+    }
+
+    /// Dials `addr`: a nonblocking TCP connection in the same table, with `state` as its handler
+    /// state from the start. [`Handler::on_connected`] runs when the handshake completes; a
+    /// refused, unreachable or timed-out dial ([`Config::connect_timeout`](crate::Config::connect_timeout))
+    /// ends in [`Handler::on_close`] with [`CloseReason::ConnectRefused`],
+    /// [`CloseReason::Unreachable`] or [`CloseReason::ConnectTimeout`]. Until connected, writes
+    /// to it are kept as pending output (up to its cap).
+    ///
+    /// # Errors
+    /// [`DialError`] (with `state` handed back) when the dial cannot start: at the connection
+    /// cap (a clear error, never EMFILE), after the server stopped, or when the socket cannot
+    /// be created or start connecting.
+    pub fn connect(&mut self, addr: SocketAddr, state: S) -> Result<ConnId, DialError<S>> {
+        self.table.dial(addr, state)
+    }
+}
+
+/// Why [`Context::send`] or [`Context::close_conn`] did nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// No such open connection: it closed (or is closing), or the id is stale.
+    Gone,
+    /// The connection did not take the data (a write failed, or its pending output would have
+    /// exceeded its cap: it is closing now).
+    Refused,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SendError::Gone => "the connection is gone",
+            SendError::Refused => "the connection did not take the data",
+        })
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// One open connection, reached through [`Context::conn`] for the length of a borrow.
+#[derive(Debug)]
+pub struct ConnMut<'c, S> {
+    table: &'c mut Table<S>,
+    id: ConnId,
+    /// The callback's own connection: the loop settles it after the callback anyway.
+    current: bool,
+}
+
+impl<S> ConnMut<'_, S> {
+    fn touch(&mut self) -> &mut crate::conn::Conn<S> {
+        if !self.current {
+            self.table.mark_dirty(self.id);
+        }
+        &mut self.table.slab[self.id.key()]
     }
 
     /// This connection's id.
@@ -106,14 +376,103 @@ impl Context<'_> {
         self.id
     }
 
-    /// The peer's address.
+    /// The peer's address (for a dialed connection, the address dialed).
     pub fn peer(&self) -> SocketAddr {
-        self.io.peer()
+        self.table.slab[self.id.key()].peer()
+    }
+
+    /// Accepted or dialed.
+    pub fn origin(&self) -> Origin {
+        if self.table.slab[self.id.key()].has(flag::DIALED) {
+            Origin::Dialed
+        } else {
+            Origin::Accepted
+        }
+    }
+
+    /// Whether a dialed connection is still completing its handshake.
+    pub fn is_connecting(&self) -> bool {
+        self.table.slab[self.id.key()].phase == Phase::Connecting
+    }
+
+    /// Writes `data`: straight to the socket (unless output is already pending or the connection
+    /// is still connecting), keeping what the socket does not take, up to *this* connection's
+    /// pending cap. Returns `false` if it was not taken: the connection is closing, its write
+    /// side is shut, a write failed, or the cap overflowed (the connection then closes with
+    /// [`CloseReason::Overflow`]).
+    pub fn write(&mut self, data: &[u8]) -> bool {
+        let (limits, now) = (self.table.limits, self.table.now);
+        let table = &mut *self.table;
+        if !self.current {
+            table.mark_dirty(self.id);
+        }
+        table.slab[self.id.key()].write(data, &limits, now, &mut table.metrics)
     }
 
     /// Bytes written but not yet taken by the socket.
     pub fn pending(&self) -> usize {
-        self.io.pending_len()
+        self.table.slab[self.id.key()].pending_len()
+    }
+
+    /// Whether pending output is not above the high watermark (see [`Handler::on_drained`]).
+    pub fn is_writable(&self) -> bool {
+        !self.table.slab[self.id.key()].has(flag::UNWRITABLE)
+    }
+
+    /// How long since the connection last read a byte or made write progress.
+    pub fn idle(&self) -> Duration {
+        let c = &self.table.slab[self.id.key()];
+        self.table
+            .clock
+            .duration(self.table.now.saturating_sub(c.last_active))
+    }
+
+    /// Closes once pending output is flushed (reason [`CloseReason::Handler`]), then lingers.
+    pub fn close(&mut self) {
+        self.touch().close_gracefully(CloseReason::Handler);
+    }
+
+    /// Shuts down the write side (sends FIN) once pending output is flushed; later writes are
+    /// refused. Reading goes on: a half-close, as a proxy passes a FIN on.
+    pub fn shutdown_write(&mut self) {
+        self.touch().set(flag::SHUT_WANTED);
+    }
+
+    /// Stops reading this connection until [`resume_reading`](Self::resume_reading): the
+    /// kernel's buffers fill and TCP pushes back on the peer.
+    pub fn pause_reading(&mut self) {
+        self.touch().set(flag::READ_PAUSED);
+    }
+
+    /// Reads again: data that arrived meanwhile is read at the next turn, without waiting for an
+    /// edge (none comes for it).
+    pub fn resume_reading(&mut self) {
+        let id = self.id;
+        let conn = self.touch();
+        if conn.has(flag::READ_PAUSED) {
+            conn.clear(flag::READ_PAUSED);
+            conn.set(flag::RESUME);
+            // Settling queues the read; the callback's own connection is settled only if dirty.
+            self.table.mark_dirty(id);
+        }
+    }
+
+    /// Arms this connection's timer: [`Handler::on_timer`] runs `after` from now.
+    pub fn set_timer(&mut self, after: Duration) {
+        let when = self
+            .table
+            .now
+            .saturating_add(self.table.clock.ticks(after))
+            .min(NEVER - 1);
+        let id = self.id;
+        self.touch().timer = when;
+        // The wheel entry may be later than the new timer: settle re-arms.
+        self.table.mark_dirty(id);
+    }
+
+    /// Disarms this connection's timer (its wheel entry dies lazily).
+    pub fn cancel_timer(&mut self) {
+        self.touch().timer = NEVER;
     }
 }
 

@@ -1,26 +1,32 @@
-//! sockman: a single-threaded readiness-polling TCP server core that never leaks a socket.
+//! sockman: a single-threaded readiness-polling TCP core that never leaks a socket.
 //!
-//! Every accepted connection is tracked, timed and freed exactly once, by one loop:
+//! Every connection, accepted or dialed, is tracked, timed and freed exactly once, by one loop:
 //!
-//! - **One turn** ([`Server::turn`]): poll (zero timeout when a budget left ready work, else
-//!   until the next wheel tick that holds entries); read the clock once, after the poll; dispatch
-//!   events (listener → accept, connection → flush and read); expire due deadlines; continue
-//!   budgeted work. [`Server::run`] loops over turns until a [`Handle`] stops it.
+//! - **One turn** ([`Server::turn`], or [`Server::turn_at`] with time as an input): poll (zero
+//!   timeout when a budget left ready work, else until the next deadline); take `now` once,
+//!   after the poll; dispatch events (listener → accept, connection → connect, flush, read);
+//!   expire due deadlines; continue budgeted work. [`Server::run`] loops over turns until a
+//!   [`Handle`] stops it.
 //! - **Connections** live in a [`slab`], keyed by the low half of their `mio::Token`; the high
-//!   half is a generation, so an event or a timer for a connection that is gone (and whose slot
-//!   was reused) is recognised and dropped.
-//! - **Deadlines** (idle, write stall) live in a hashed timer [`wheel`] with lazy re-arm:
-//!   activity only stamps the connection; the wheel re-inserts or closes when a slot fires.
+//!   half is a generation, so an event, a timer or a [`ConnId`] for a connection that is gone
+//!   (and whose slot was reused) is recognised and dropped.
+//! - **Deadlines** (idle, write stall, connect, the handler's timer, linger) share one entry per
+//!   connection in a hashed timer wheel with lazy re-arm: activity only stamps the connection;
+//!   the wheel re-inserts or acts when a slot fires.
 //! - **I/O**: reads go into one loop-wide buffer (an idle connection owns no buffer); writes go
 //!   straight out and only the unsent remainder is kept, up to a cap. While output is pending
 //!   the connection is not read, which pushes back on the peer through TCP.
 //! - **One close path** deregisters, closes the fd, frees the slot, calls
-//!   [`Handler::on_close`] and counts the [`CloseReason`] in the [`Metrics`].
+//!   [`Handler::on_close`] and counts the [`CloseReason`] in the [`Metrics`]. A graceful close
+//!   lingers first (write side shut, input discarded until the peer's EOF), so a reply is never
+//!   cut short by a reset.
 //! - **Limits**: the connection cap follows the open-file limit; at the cap new connections are
 //!   rejected or the longest-idle one is evicted; EMFILE sheds the backlog with a spare fd and
 //!   pauses accepting instead of spinning.
 //!
-//! The protocol is a [`Handler`]; [`Echo`] and [`Discard`] ship with the crate.
+//! The protocol is a [`Handler`]; [`Echo`] and [`Discard`] ship with the crate. The
+//! [`handler`](Handler) docs explain the API's shape: reaching other connections by [`ConnId`],
+//! dialing, timers, writability, other threads.
 //!
 //! # Example
 //! ```no_run
@@ -38,22 +44,44 @@
 //! # Ok::<(), sockman::Error>(())
 //! ```
 //!
+//! # Layout
+//! | file | holds |
+//! |---|---|
+//! | `server/mod.rs` | the loop: [`Server`], one turn, dispatch, reads and writes, the close path, lingering |
+//! | `server/accept.rs` | listeners, the accept gate, admission (cap, per-IP, evict-idle), binding |
+//! | `server/timers.rs` | the wheel's use: arming, expiry, the drain's schedule, periodic work, the leak self-check |
+//! | `table.rs` | the slab and what a callback may touch; dialing |
+//! | `conn.rs` | one connection: socket, pending output, phase, flags, its deadlines |
+//! | `handler.rs` | [`Handler`], [`Context`], [`ConnMut`], [`Echo`], [`Discard`] |
+//! | `remote.rs` | [`Handle`] and [`Remote`]: other threads to the loop |
+//! | `token.rs` | what a `mio::Token` names; [`ConnId`] |
+//! | `time.rs` | ticks and their conversion to and from instants |
+//! | `wheel.rs` | the hashed timing wheel, a plain data structure |
+//! | `limits.rs` | fd limit, the accept gate's states, per-IP counts, the LRU |
+//! | `metrics.rs`, `reason.rs`, `error.rs`, `config.rs` | [`Metrics`], [`CloseReason`], [`Error`], [`Config`] |
+//! | `admin/` | the admin endpoint (`admin` feature) behind a shell the loop always calls |
+//!
 //! # Features
-//! `cli` (default) adds what only the `sockman` binary needs: the load generator ([`load`]),
-//! unit parsing, clap, env_logger, signal-hook, hdrhistogram. With `default-features = false`
-//! the library depends on mio, slab, log, socket2 and rlimit only.
+//! `admin` (default) serves `/metrics`, `/connections` and `/health` from the loop (httparse).
+//! `cli` (default) builds the `sockman` binary. With `default-features = false` the library
+//! depends on mio, slab, log, socket2, rlimit and libc only.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
-#[cfg(feature = "admin")]
 mod admin;
-mod close;
 mod config;
 mod conn;
+mod error;
 mod handler;
 mod limits;
 mod metrics;
+mod reason;
+mod remote;
 mod server;
+mod table;
+mod time;
+mod token;
+#[doc(hidden)]
 pub mod wheel;
 
 #[cfg(feature = "cli")]
@@ -61,9 +89,15 @@ pub mod load;
 #[cfg(feature = "cli")]
 pub mod units;
 
-pub use close::{CloseReason, Error};
 pub use config::{Config, OnFull, MAX_CONNECTIONS_LIMIT};
-pub use handler::{ConnId, Context, Discard, Echo, Handler};
+pub use error::Error;
+pub use handler::{ConnMut, Context, Discard, Echo, Eof, Handler, Idle, Origin, SendError};
 pub use limits::{FALLBACK_MAX_CONNECTIONS, FD_RESERVE};
-pub use metrics::{Metrics, RejectReason, LIFETIME_BUCKETS_MS};
-pub use server::{Handle, Server};
+pub use metrics::{
+    Metrics, RejectReason, ACCEPT_ERROR_NAMES, LIFETIME_BUCKETS_MS, LINGER_END_NAMES,
+};
+pub use reason::CloseReason;
+pub use remote::{Handle, Remote, RemoteError};
+pub use server::Server;
+pub use table::{DialError, DialFailure};
+pub use token::ConnId;

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use log::warn;
 
-use crate::wheel::Tick;
+use crate::time::Tick;
 
 /// File descriptors kept back from the connection cap: listeners, the epoll fd, the waker, the
 /// spare fd, stdio and logging, and a margin for an embedder's own files.
@@ -55,8 +55,21 @@ pub(crate) fn effective_max_connections(
 }
 
 /// Open descriptors of this process, from `/proc/self/fd` (None where it does not exist).
-/// Blocking I/O on procfs: the loop calls it every few seconds, never per turn.
+///
+/// Since Linux 6.2 the `stat` size of `/proc/PID/fd` is the number of open descriptors: one
+/// syscall whose cost does not grow with them. Older kernels report 0 there, and the directory
+/// is listed instead: O(fds), about 1.5 µs per descriptor here (see BENCHMARKS.md), so the loop
+/// calls this every few seconds, never per turn.
 pub(crate) fn count_open_fds() -> Option<u64> {
+    match std::fs::metadata("/proc/self/fd") {
+        Ok(meta) if meta.len() > 0 => Some(meta.len()),
+        Ok(_) => count_open_fds_by_listing(),
+        Err(_) => None,
+    }
+}
+
+/// [`count_open_fds`] for kernels before 6.2: lists `/proc/self/fd`.
+pub(crate) fn count_open_fds_by_listing() -> Option<u64> {
     // The directory listing itself holds one descriptor: subtract it.
     let n = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
     Some(n.saturating_sub(1))
@@ -156,28 +169,45 @@ impl Lru {
     }
 }
 
-/// Accept pausing after EMFILE/ENFILE, with libuv's spare-fd trick.
+/// Whether the listeners are accepted from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GateState {
+    /// Accepting.
+    Open,
+    /// Not accepting until this tick (or a close, for fd exhaustion).
+    Paused { until: Tick },
+    /// A descriptor came free while paused: accept again at this turn's end.
+    Resume,
+}
+
+/// Accept pausing after EMFILE/ENFILE (with libuv's spare-fd trick), ENOBUFS/ENOMEM, or a turn
+/// whose accepts all failed. The gate owns its state transitions; the server asks it
+/// ([`is_paused`](Self::is_paused), [`take_resume`](Self::take_resume),
+/// [`poll_at`](Self::poll_at)) and reports to it ([`exhausted`](Self::exhausted),
+/// [`pause`](Self::pause), [`on_close`](Self::on_close), [`on_admit`](Self::on_admit)).
 #[derive(Debug)]
 pub(crate) struct AcceptGate {
+    state: GateState,
     /// An open `/dev/null` held in reserve: closing it frees one descriptor, enough to accept
     /// (and at once close) what is queued instead of leaving those clients hanging.
     spare: Option<File>,
-    /// While paused: the tick at which to try again (a close resumes earlier).
-    pub(crate) paused_until: Option<Tick>,
     /// Connections shed since accepting first paused, for the resume message.
-    pub(crate) shed: u64,
-    /// Accepting failed for lack of descriptors and no connection was admitted since: the
-    /// paused/resumed warnings are logged on this flag's transitions only.
-    pub(crate) exhausted: bool,
+    shed: u64,
+    /// Accepting failed for lack of descriptors or memory and no connection was admitted
+    /// since: the paused/resumed warnings are logged on this flag's transitions only.
+    exhausted: bool,
+    /// Pauses since the last admitted connection, for the resume message.
+    pauses: u64,
 }
 
 impl AcceptGate {
     pub(crate) fn new() -> AcceptGate {
         AcceptGate {
+            state: GateState::Open,
             spare: File::open("/dev/null").ok(),
-            paused_until: None,
             shed: 0,
             exhausted: false,
+            pauses: 0,
         }
     }
 
@@ -186,18 +216,89 @@ impl AcceptGate {
         usize::from(self.spare.is_some())
     }
 
+    /// Listener events are ignored while paused (a resume accepts by itself: edge-triggered
+    /// listeners give no new event for connections already queued).
     pub(crate) fn is_paused(&self) -> bool {
-        self.paused_until.is_some()
+        matches!(self.state, GateState::Paused { .. })
     }
 
-    /// Releases the spare descriptor so that one `accept` can succeed.
-    pub(crate) fn release_spare(&mut self) -> bool {
-        self.spare.take().is_some()
+    /// When the loop must wake for the gate: the end of a pause, or now for a resume.
+    pub(crate) fn poll_at(&self) -> Option<Tick> {
+        match self.state {
+            GateState::Open => None,
+            GateState::Paused { until } => Some(until),
+            GateState::Resume => Some(0),
+        }
     }
 
-    /// Takes the spare descriptor back (it may fail while fds are still exhausted; then it is
-    /// retried at the next resume).
-    pub(crate) fn reclaim_spare(&mut self) {
+    /// Out of descriptors (EMFILE/ENFILE): releases the spare so that the caller can shed the
+    /// backlog (returns whether it may), and pauses until a close or `now + retry`.
+    /// Returns `(may_shed, first)`: `first` is the transition to log.
+    pub(crate) fn exhausted(&mut self, now: Tick, retry: Tick) -> (bool, bool) {
+        let shed = self.spare.take().is_some();
+        (shed, self.pause(now, retry))
+    }
+
+    /// Counts connections shed with the spare descriptor, and takes it back (it may fail while
+    /// descriptors are still exhausted; then it is retried at the next resume).
+    pub(crate) fn shed(&mut self, n: u64) {
+        self.shed += n;
+        self.reclaim_spare();
+    }
+
+    /// Pauses accepting until `now + retry` (ENOBUFS/ENOMEM, or nothing but errors in a turn:
+    /// no shedding, a fd would not help). Returns whether this is the transition to log.
+    pub(crate) fn pause(&mut self, now: Tick, retry: Tick) -> bool {
+        self.state = GateState::Paused {
+            until: now.saturating_add(retry.max(1)),
+        };
+        self.pauses += 1;
+        !std::mem::replace(&mut self.exhausted, true)
+    }
+
+    /// A connection closed: a paused accept resumes at this turn's end (for every kind of pause:
+    /// a freed descriptor or buffer is what each of them waits for).
+    pub(crate) fn on_close(&mut self) {
+        if self.is_paused() {
+            self.state = GateState::Resume;
+        }
+    }
+
+    /// Whether a pause is over now (its time came, or a close resumed it); if so the gate is
+    /// open again and the spare is taken back.
+    pub(crate) fn take_resume(&mut self, now: Tick) -> bool {
+        let due = match self.state {
+            GateState::Open => false,
+            GateState::Paused { until } => until <= now,
+            GateState::Resume => true,
+        };
+        if due {
+            self.state = GateState::Open;
+            self.reclaim_spare();
+        }
+        due
+    }
+
+    /// Opens the gate whatever its state (the listeners are closing: a pause is moot).
+    pub(crate) fn reset(&mut self) {
+        self.state = GateState::Open;
+        self.reclaim_spare();
+    }
+
+    /// A connection was admitted: if accepting had been failing, returns `(shed, pauses)` since
+    /// then, for the one "resumed" message of the transition.
+    pub(crate) fn on_admit(&mut self) -> Option<(u64, u64)> {
+        if !self.exhausted {
+            return None;
+        }
+        self.exhausted = false;
+        Some((
+            std::mem::take(&mut self.shed),
+            std::mem::take(&mut self.pauses),
+        ))
+    }
+
+    fn reclaim_spare(&mut self) {
         if self.spare.is_none() {
             self.spare = File::open("/dev/null").ok();
         }
@@ -209,34 +310,60 @@ impl AcceptGate {
 pub(crate) enum AcceptError {
     /// Nothing more to accept now.
     Drained,
-    /// A transient failure of one connection (EINTR, ECONNABORTED, EPROTO): keep accepting.
-    Retry,
-    /// The process's descriptors are exhausted (EMFILE).
+    /// The new connection's own failure, to be retried like EAGAIN (accept(2): "Linux accept()
+    /// passes already-pending network errors on the new socket as an error code from accept()";
+    /// also EINTR, ECONNABORTED and EPERM, a firewall refusing it).
+    Connection,
+    /// The process's descriptors are exhausted (EMFILE): shed the backlog and pause.
     ProcessFds,
-    /// The system's descriptors or memory are exhausted (ENFILE, ENOBUFS, ENOMEM).
+    /// The system's descriptors are exhausted (ENFILE): shed the backlog and pause.
     SystemFds,
-    /// Anything else: stop this round; the listener is retried later.
+    /// Kernel memory is short (ENOBUFS, ENOMEM): pause without shedding.
+    Memory,
+    /// Anything else: retried within the budget, logged once per kind.
     Other,
+}
+
+impl AcceptError {
+    pub(crate) const COUNT: usize = 5;
+    /// Counter names, in [`AcceptError::index`] order (`Drained` is not an error).
+    pub(crate) const NAMES: [&'static str; Self::COUNT] =
+        ["emfile", "enfile", "nomem", "connection", "other"];
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            AcceptError::ProcessFds => 0,
+            AcceptError::SystemFds => 1,
+            AcceptError::Memory => 2,
+            AcceptError::Connection | AcceptError::Drained => 3,
+            AcceptError::Other => 4,
+        }
+    }
 }
 
 /// Classifies an `accept` error.
 pub(crate) fn classify_accept_error(err: &io::Error) -> AcceptError {
-    const EMFILE: i32 = 24;
-    const ENFILE: i32 = 23;
-    const ENOBUFS: i32 = 105;
-    const ENOMEM: i32 = 12;
-    const EPROTO: i32 = 71;
-    const EPERM: i32 = 1;
-    match err.kind() {
-        io::ErrorKind::WouldBlock => return AcceptError::Drained,
-        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => return AcceptError::Retry,
-        _ => {}
+    if err.kind() == io::ErrorKind::WouldBlock {
+        return AcceptError::Drained;
     }
     match err.raw_os_error() {
-        Some(EMFILE) => AcceptError::ProcessFds,
-        Some(ENFILE | ENOBUFS | ENOMEM) => AcceptError::SystemFds,
-        // EPROTO: a protocol error on the new connection; EPERM: a firewall refused it.
-        Some(EPROTO | EPERM) => AcceptError::Retry,
+        Some(libc::EMFILE) => AcceptError::ProcessFds,
+        Some(libc::ENFILE) => AcceptError::SystemFds,
+        Some(libc::ENOBUFS | libc::ENOMEM) => AcceptError::Memory,
+        Some(
+            libc::EINTR
+            | libc::ECONNABORTED
+            | libc::EPERM
+            | libc::EPROTO
+            | libc::ENETDOWN
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EHOSTUNREACH
+            | libc::EOPNOTSUPP
+            | libc::ENETUNREACH
+            | libc::ETIMEDOUT,
+        ) => AcceptError::Connection,
         _ => AcceptError::Other,
     }
 }
@@ -244,6 +371,21 @@ pub(crate) fn classify_accept_error(err: &io::Error) -> AcceptError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fd_count_from_stat_matches_the_listing() {
+        // Both see the same table (this test's own process; other tests' threads may open and
+        // close sockets meanwhile, hence the retry until two readings agree).
+        for _ in 0..100 {
+            let a = count_open_fds_by_listing().unwrap();
+            let b = count_open_fds().unwrap();
+            let c = count_open_fds_by_listing().unwrap();
+            if a == b && b == c {
+                return;
+            }
+        }
+        panic!("the stat size of /proc/self/fd never matched its listing");
+    }
 
     #[test]
     fn lru_orders_by_last_touch() {
@@ -297,11 +439,74 @@ mod tests {
     #[test]
     fn accept_errors_classify() {
         let os = io::Error::from_raw_os_error;
-        assert_eq!(classify_accept_error(&os(24)), AcceptError::ProcessFds);
-        assert_eq!(classify_accept_error(&os(23)), AcceptError::SystemFds);
-        assert_eq!(classify_accept_error(&os(103)), AcceptError::Retry); // ECONNABORTED
-        assert_eq!(classify_accept_error(&os(4)), AcceptError::Retry); // EINTR
-        assert_eq!(classify_accept_error(&os(11)), AcceptError::Drained); // EAGAIN
-        assert_eq!(classify_accept_error(&os(22)), AcceptError::Other); // EINVAL
+        assert_eq!(
+            classify_accept_error(&os(libc::EMFILE)),
+            AcceptError::ProcessFds
+        );
+        assert_eq!(
+            classify_accept_error(&os(libc::ENFILE)),
+            AcceptError::SystemFds
+        );
+        // Memory shortage pauses without shedding: a spare descriptor would not help.
+        assert_eq!(
+            classify_accept_error(&os(libc::ENOBUFS)),
+            AcceptError::Memory
+        );
+        assert_eq!(
+            classify_accept_error(&os(libc::ENOMEM)),
+            AcceptError::Memory
+        );
+        // The new connection's pending network errors (accept(2)) are retried like EAGAIN,
+        // never a reason to shed the backlog.
+        for errno in [
+            libc::ENETDOWN,
+            libc::EPROTO,
+            libc::ENOPROTOOPT,
+            libc::EHOSTDOWN,
+            libc::ENONET,
+            libc::EHOSTUNREACH,
+            libc::EOPNOTSUPP,
+            libc::ENETUNREACH,
+            libc::ECONNABORTED,
+            libc::EINTR,
+            libc::EPERM,
+        ] {
+            assert_eq!(
+                classify_accept_error(&os(errno)),
+                AcceptError::Connection,
+                "errno {errno}"
+            );
+        }
+        assert_eq!(
+            classify_accept_error(&os(libc::EAGAIN)),
+            AcceptError::Drained
+        );
+        assert_eq!(classify_accept_error(&os(libc::EINVAL)), AcceptError::Other);
+    }
+
+    #[test]
+    fn gate_pauses_resumes_and_logs_transitions_once() {
+        let mut g = AcceptGate::new();
+        assert!(!g.is_paused() && g.poll_at().is_none());
+        let (may_shed, first) = g.exhausted(10, 5);
+        assert!(may_shed && first);
+        g.shed(3);
+        assert!(g.is_paused());
+        assert_eq!(g.poll_at(), Some(15));
+        assert!(!g.take_resume(14));
+        assert!(g.take_resume(15));
+        assert!(!g.is_paused());
+        // Failing again before anything was admitted is not a new transition.
+        let (_, first) = g.exhausted(20, 5);
+        assert!(!first);
+        // A close resumes at once.
+        g.on_close();
+        assert_eq!(g.poll_at(), Some(0));
+        assert!(g.take_resume(21));
+        assert_eq!(g.on_admit(), Some((3, 2)));
+        assert_eq!(g.on_admit(), None);
+        // A memory pause sheds nothing.
+        assert!(g.pause(30, 5));
+        assert_eq!(g.poll_at(), Some(35));
     }
 }

@@ -6,7 +6,9 @@
 
 use std::fmt;
 
-use crate::close::CloseReason;
+use crate::conn::LingerEnd;
+use crate::limits::AcceptError;
+use crate::reason::CloseReason;
 
 /// Why a connection was refused at accept (it never became a connection).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,27 +46,50 @@ pub const LIFETIME_BUCKETS_MS: [u64; 9] = [
     1, 10, 100, 1_000, 10_000, 60_000, 300_000, 1_800_000, 3_600_000,
 ];
 
+/// Names of the `accept` error counters in [`Metrics::accept_errors`]: `emfile` (the
+/// process's open-file limit), `enfile` (the system's), `nomem` (ENOBUFS/ENOMEM),
+/// `connection` (the new connection's own error, e.g. ECONNABORTED, EPROTO, ENETUNREACH:
+/// retried), `other`.
+pub const ACCEPT_ERROR_NAMES: [&str; AcceptError::COUNT] = AcceptError::NAMES;
+
+/// Names of the counters in [`Metrics::linger_ends`]: how lingering closes ended (the peer's
+/// `eof`, the `timeout`, the `bytes` cap, a read `error`).
+pub const LINGER_END_NAMES: [&str; LingerEnd::COUNT] = LingerEnd::NAMES;
+
 /// Counters (monotonic) and gauges (current values) of one server loop.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Metrics {
-    /// Gauge: open connections.
+    /// Gauge: connections open for the handler, accepted and dialed (dials still connecting
+    /// included; lingering ones not: see [`lingering`](Self::lingering)).
     pub active: u64,
     /// Highest `active` seen.
     pub peak: u64,
     /// Connections accepted and admitted.
     pub accepted: u64,
-    /// Closes per [`CloseReason::index`].
+    /// Dials started.
+    pub dialed: u64,
+    /// Dials whose handshake completed.
+    pub connected: u64,
+    /// Gauge: dialed connections open (the part of `active` that is outbound).
+    pub active_dialed: u64,
+    /// Closes per [`CloseReason::index`], accepted and dialed connections together.
     pub closed: [u64; CloseReason::COUNT],
+    /// Gauge: dials still completing their handshake.
+    pub connecting: u64,
+    /// The part of [`closed`](Self::closed) that were dialed connections.
+    pub closed_dialed: [u64; CloseReason::COUNT],
     /// Refusals at accept per [`RejectReason::index`].
     pub rejected: [u64; RejectReason::COUNT],
-    /// `accept` failures with EMFILE (the process's open-file limit).
-    pub accept_emfile: u64,
-    /// `accept` failures with ENFILE (the system-wide file limit) or ENOBUFS/ENOMEM.
-    pub accept_enfile: u64,
-    /// Other `accept` failures (not counting WouldBlock, EINTR, ECONNABORTED).
-    pub accept_other: u64,
-    /// Times accepting was paused after fd exhaustion.
+    /// `accept` failures per kind, named by [`ACCEPT_ERROR_NAMES`] (WouldBlock is not one).
+    pub accept_errors: [u64; AcceptError::COUNT],
+    /// Times accepting paused (fd exhaustion, memory shortage, a turn of nothing but errors);
+    /// while exhausted, each retry that fails again counts too.
     pub accept_pauses: u64,
+    /// Gauge: connections lingering after a graceful close (closed for the handler, their
+    /// write side shut, input discarded until the peer's EOF).
+    pub lingering: u64,
+    /// How lingering closes ended, named by [`LINGER_END_NAMES`].
+    pub linger_ends: [u64; LingerEnd::COUNT],
     /// Bytes read from peers.
     pub bytes_in: u64,
     /// Bytes written to peers.
@@ -77,6 +102,9 @@ pub struct Metrics {
     pub events: u64,
     /// Events and wheel entries dropped because their generation no longer matched.
     pub stale: u64,
+    /// Messages from other threads ([`Handle::send`](crate::Handle::send),
+    /// [`Handle::close`](crate::Handle::close)) whose connection was gone when they arrived.
+    pub remote_dropped: u64,
     /// Connections still open at a drain's deadline, closed by force.
     pub drain_forced: u64,
     /// Connection lifetimes: count per bucket of [`LIFETIME_BUCKETS_MS`] (the last slot is
@@ -112,9 +140,29 @@ impl Metrics {
         self.rejected[reason.index()]
     }
 
-    pub(crate) fn count_close(&mut self, reason: CloseReason, lifetime_us: u64) {
+    /// `accept` failures of the kind named `name` (one of [`ACCEPT_ERROR_NAMES`]).
+    pub fn accept_errors_named(&self, name: &str) -> u64 {
+        ACCEPT_ERROR_NAMES
+            .iter()
+            .position(|&n| n == name)
+            .map_or(0, |i| self.accept_errors[i])
+    }
+
+    /// Lingering closes that ended the way named `name` (one of [`LINGER_END_NAMES`]).
+    pub fn linger_ends_named(&self, name: &str) -> u64 {
+        LINGER_END_NAMES
+            .iter()
+            .position(|&n| n == name)
+            .map_or(0, |i| self.linger_ends[i])
+    }
+
+    pub(crate) fn count_close(&mut self, reason: CloseReason, dialed: bool, lifetime_us: u64) {
         self.closed[reason.index()] += 1;
         self.active -= 1;
+        if dialed {
+            self.closed_dialed[reason.index()] += 1;
+            self.active_dialed -= 1;
+        }
         let bucket = LIFETIME_BUCKETS_MS
             .iter()
             .position(|&le_ms| lifetime_us <= le_ms * 1000)
@@ -127,6 +175,22 @@ impl Metrics {
         self.accepted += 1;
         self.active += 1;
         self.peak = self.peak.max(self.active);
+    }
+
+    pub(crate) fn count_dial(&mut self) {
+        self.dialed += 1;
+        self.connecting += 1;
+        self.active_dialed += 1;
+        self.active += 1;
+        self.peak = self.peak.max(self.active);
+    }
+}
+
+impl Metrics {
+    /// Dials that ended before their handshake completed (refused, unreachable, timed out, or
+    /// another error while connecting).
+    pub fn dial_failures(&self) -> u64 {
+        self.dialed - self.connected - self.connecting
     }
 }
 
@@ -162,13 +226,39 @@ impl fmt::Display for Metrics {
             "}} bytes_in={} bytes_out={} pending={}",
             self.bytes_in, self.bytes_out, self.pending_bytes
         )?;
-        let accept_errors = self.accept_emfile + self.accept_enfile + self.accept_other;
-        if accept_errors > 0 {
+        if self.dialed > 0 {
             write!(
                 f,
-                " accept_errors={{emfile={} enfile={} other={}}} accept_pauses={}",
-                self.accept_emfile, self.accept_enfile, self.accept_other, self.accept_pauses
+                " dialed={} connected={} active_dialed={} dial_failed={}",
+                self.dialed,
+                self.connected,
+                self.active_dialed,
+                self.dial_failures()
             )?;
+        }
+        let lingered: u64 = self.linger_ends.iter().sum();
+        if self.lingering > 0 || lingered > 0 {
+            write!(f, " lingering={} lingered={lingered}{{", self.lingering)?;
+            sep = "";
+            for (name, n) in LINGER_END_NAMES.iter().zip(self.linger_ends) {
+                if n > 0 {
+                    write!(f, "{sep}{name}={n}")?;
+                    sep = " ";
+                }
+            }
+            f.write_str("}")?;
+        }
+        let accept_errors: u64 = self.accept_errors.iter().sum();
+        if accept_errors > 0 {
+            write!(f, " accept_errors={accept_errors}{{")?;
+            sep = "";
+            for (name, n) in ACCEPT_ERROR_NAMES.iter().zip(self.accept_errors) {
+                if n > 0 {
+                    write!(f, "{sep}{name}={n}")?;
+                    sep = " ";
+                }
+            }
+            write!(f, "}} accept_pauses={}", self.accept_pauses)?;
         }
         Ok(())
     }
@@ -183,7 +273,7 @@ mod tests {
         let mut m = Metrics::default();
         m.count_open();
         m.count_open();
-        m.count_close(CloseReason::IdleTimeout, 1500);
+        m.count_close(CloseReason::IdleTimeout, false, 1500);
         assert_eq!(m.lifetime_buckets[1], 1);
         m.rejected[RejectReason::Full.index()] += 3;
         let line = m.to_string();

@@ -1,5 +1,7 @@
 //! A single-level hashed timing wheel over `u64` ticks, holding `(slab key, generation)` entries.
 //!
+//! Public only for the benches and the property tests (`#[doc(hidden)]`): not part of the API.
+//!
 //! The server keeps one entry per connection for its earliest deadline (idle timeout, write
 //! stall). [`Wheel::advance`] hands back the entries that are due; [`Wheel::next_deadline`] tells
 //! the loop how long it may sleep. The wheel knows nothing about connections or clocks: time is
@@ -52,9 +54,6 @@
 
 use std::fmt;
 
-/// An absolute tick number since the loop started.
-pub type Tick = u64;
-
 /// The fewest slots a wheel has: one bitmap word.
 const MIN_SLOTS: usize = 64;
 
@@ -86,7 +85,7 @@ pub struct Entry {
     /// The connection's generation at insert time; a mismatch on fire means the key was reused.
     pub gen: u32,
     /// The tick at or after which the entry is due.
-    pub when: Tick,
+    pub when: u64,
 }
 
 /// A single-level hashed timing wheel; see the [module docs](self).
@@ -99,7 +98,7 @@ pub struct Wheel {
     /// `slots.len() - 1`, for hashing a tick to its slot.
     mask: u64,
     /// Every tick below this has been processed; the next `advance` starts here.
-    elapsed: Tick,
+    elapsed: u64,
     /// Number of entries in all slots, kept exact for `len` and for cheap emptiness checks.
     len: usize,
     /// Bitmap words read by `next_occupied` so far (tests only): the cost measure that
@@ -146,7 +145,7 @@ impl Wheel {
     /// // A 60 s idle timeout at a 10 ms tick.
     /// assert_eq!(Wheel::for_span(6000).slots(), 8192);
     /// ```
-    pub fn for_span(span: Tick) -> Wheel {
+    pub fn for_span(span: u64) -> Wheel {
         let want = span.saturating_add(2).min(MAX_SPAN_SLOTS as u64) as usize;
         Wheel::with_slots(want)
     }
@@ -169,7 +168,7 @@ impl Wheel {
     /// wheel.insert(8, 1, 100);
     /// assert_eq!(wheel.next_deadline(), Some(36));
     /// ```
-    pub fn insert(&mut self, key: u32, gen: u32, when: Tick) {
+    pub fn insert(&mut self, key: u32, gen: u32, when: u64) {
         let slot = self.slot_for(when);
         let bucket = &mut self.slots[slot];
         bucket.push(Entry { key, gen, when });
@@ -209,7 +208,7 @@ impl Wheel {
     /// assert_eq!(out.len(), 3);
     /// assert_eq!(wheel.elapsed(), 11);
     /// ```
-    pub fn advance(&mut self, now: Tick, budget: usize, out: &mut Vec<Entry>) -> bool {
+    pub fn advance(&mut self, now: u64, budget: usize, out: &mut Vec<Entry>) -> bool {
         if now < self.elapsed {
             return false;
         }
@@ -255,7 +254,7 @@ impl Wheel {
     ///
     /// Found with the occupancy bitmap (`trailing_zeros` over `u64` words), not by walking
     /// slots.
-    pub fn next_deadline(&self) -> Option<Tick> {
+    pub fn next_deadline(&self) -> Option<u64> {
         if self.len == 0 {
             return None;
         }
@@ -282,7 +281,7 @@ impl Wheel {
     }
 
     /// Every tick `< elapsed()` has been fully processed; the next advance starts here.
-    pub fn elapsed(&self) -> Tick {
+    pub fn elapsed(&self) -> u64 {
         self.elapsed
     }
 
@@ -292,7 +291,7 @@ impl Wheel {
     }
 
     /// The slot an entry for `when` goes to now: `max(when, elapsed) & mask`.
-    fn slot_for(&self, when: Tick) -> usize {
+    fn slot_for(&self, when: u64) -> usize {
         (when.max(self.elapsed) & self.mask) as usize
     }
 
@@ -333,8 +332,8 @@ impl Wheel {
     /// Returns `true` if due entries remain there because the budget ran out.
     fn drain_slot(
         &mut self,
-        tick: Tick,
-        now: Tick,
+        tick: u64,
+        now: u64,
         budget: &mut usize,
         out: &mut Vec<Entry>,
     ) -> bool {
@@ -452,7 +451,7 @@ impl fmt::Debug for Wheel {
 mod tests {
     use super::*;
 
-    fn advance_all(wheel: &mut Wheel, now: Tick) -> Vec<Entry> {
+    fn advance_all(wheel: &mut Wheel, now: u64) -> Vec<Entry> {
         let mut out = Vec::new();
         assert!(!wheel.advance(now, usize::MAX, &mut out));
         wheel.check_invariants();

@@ -121,7 +121,7 @@ impl Handler for Greeter {
     /// The connection's own id and whether it asked to close.
     type Conn = (ConnId, bool);
 
-    fn on_open(&mut self, ctx: &mut Context<'_>) -> (ConnId, bool) {
+    fn on_open(&mut self, ctx: &mut Context<'_, (ConnId, bool)>) -> (ConnId, bool) {
         self.opened.push(ctx.id());
         ctx.write(b"hello\n");
         if self.close_on_open {
@@ -130,7 +130,12 @@ impl Handler for Greeter {
         (ctx.id(), self.close_on_open)
     }
 
-    fn on_data(&mut self, conn: &mut (ConnId, bool), ctx: &mut Context<'_>, data: &[u8]) {
+    fn on_data(
+        &mut self,
+        conn: &mut (ConnId, bool),
+        ctx: &mut Context<'_, (ConnId, bool)>,
+        data: &[u8],
+    ) {
         if conn.1 {
             self.data_after_close += 1;
         }
@@ -147,7 +152,13 @@ impl Handler for Greeter {
         }
     }
 
-    fn on_close(&mut self, conn: (ConnId, bool), id: ConnId, reason: CloseReason) {
+    fn on_close(
+        &mut self,
+        conn: (ConnId, bool),
+        ctx: &mut Context<'_, (ConnId, bool)>,
+        reason: CloseReason,
+    ) {
+        let id = ctx.id();
         assert_eq!(conn.0, id, "on_close got another connection's state");
         self.closed.push((id, reason));
     }

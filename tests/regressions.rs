@@ -8,7 +8,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::rc::Rc;
 use std::time::Duration;
 
-use sockman::{CloseReason, Config, ConnId, Context, Echo, Handler, OnFull, RejectReason, Server};
+use sockman::{CloseReason, Config, Context, Echo, Handler, OnFull, RejectReason, Server};
 use util::{connect_from, expect_closed, local_config, turn_until};
 
 /// A client refused by the per-IP cap must not evict another client's idle connection.
@@ -51,7 +51,7 @@ impl Handler for Count {
         self.0.set(self.0.get() + 1);
     }
     fn on_data(&mut self, _: &mut (), _: &mut Context<'_>, _: &[u8]) {}
-    fn on_close(&mut self, _: (), _: ConnId, reason: CloseReason) {
+    fn on_close(&mut self, _: (), _: &mut Context<'_>, reason: CloseReason) {
         assert_eq!(reason, CloseReason::Shutdown);
         self.0.set(self.0.get() - 1);
     }

@@ -9,7 +9,10 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use sockman::wheel::{Entry, Tick, Wheel};
+use sockman::wheel::{Entry, Wheel};
+
+/// A tick, as the wheel counts them.
+type Tick = u64;
 
 const SLOTS: u64 = 64;
 const NEAR_HALF: Tick = u64::MAX / 2;

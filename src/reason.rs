@@ -1,12 +1,11 @@
-//! Why a connection ended ([`CloseReason`]) and the crate's [`Error`].
+//! Why a connection ended: [`CloseReason`], one per connection, counted per variant.
 //!
-//! Every connection ends through the server's one close path with exactly one reason; the
-//! metrics count closes per reason. A connection refused at accept never becomes a connection:
-//! it is counted as a rejection, not as a close reason.
+//! Every connection ends through the server's one close path with exactly one reason. A
+//! connection refused at accept never becomes a connection: it is counted as a
+//! [`RejectReason`](crate::RejectReason), not as a close reason.
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
 
 /// Why a connection was closed. Counted per variant in [`Metrics`](crate::Metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,11 +29,17 @@ pub enum CloseReason {
     Shutdown,
     /// The handler asked for the close (after its output was flushed).
     Handler,
+    /// A dial was refused (`ECONNREFUSED`: nothing listens there).
+    ConnectRefused,
+    /// A dial did not complete within [`Config::connect_timeout`](crate::Config::connect_timeout).
+    ConnectTimeout,
+    /// A dial found no route (`EHOSTUNREACH`, `ENETUNREACH`, `EHOSTDOWN`, `ENETDOWN`).
+    Unreachable,
 }
 
 impl CloseReason {
     /// Number of distinct counters, one per variant ([`CloseReason::index`]).
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 12;
 
     /// Every counter's name, in [`CloseReason::index`] order.
     pub const NAMES: [&'static str; Self::COUNT] = [
@@ -47,6 +52,9 @@ impl CloseReason {
         "evicted",
         "shutdown",
         "handler",
+        "connect_refused",
+        "connect_timeout",
+        "unreachable",
     ];
 
     /// The counter slot of this reason (all `Io` kinds share one slot).
@@ -61,6 +69,9 @@ impl CloseReason {
             CloseReason::Evicted => 6,
             CloseReason::Shutdown => 7,
             CloseReason::Handler => 8,
+            CloseReason::ConnectRefused => 9,
+            CloseReason::ConnectTimeout => 10,
+            CloseReason::Unreachable => 11,
         }
     }
 
@@ -79,6 +90,27 @@ impl CloseReason {
             kind => CloseReason::Io(kind),
         }
     }
+
+    /// Classifies the error that ended a dial (from `SO_ERROR` or `connect` itself).
+    pub fn from_connect_error(err: &io::Error) -> CloseReason {
+        match err.raw_os_error() {
+            Some(libc::ECONNREFUSED) => CloseReason::ConnectRefused,
+            Some(libc::ETIMEDOUT) => CloseReason::ConnectTimeout,
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
+                CloseReason::Unreachable
+            }
+            _ => CloseReason::from_io(err),
+        }
+    }
+
+    /// Whether the peer may still be sending when the server closes for this reason, so that a
+    /// plain `close()` risks a reset that destroys the reply: these closes linger
+    /// ([`Config::linger_timeout`](crate::Config::linger_timeout)). The others are either
+    /// abortive (reset, overflow, write stall, forced stop) or happen when the peer is done
+    /// (its FIN was read) or silent (idle).
+    pub(crate) fn lingers(self) -> bool {
+        matches!(self, CloseReason::Handler | CloseReason::Shutdown)
+    }
 }
 
 impl fmt::Display for CloseReason {
@@ -87,50 +119,6 @@ impl fmt::Display for CloseReason {
             CloseReason::Io(kind) => write!(f, "io({kind})"),
             other => f.write_str(other.name()),
         }
-    }
-}
-
-/// A failure that stops the server (or keeps it from starting). A connection's own error never
-/// becomes an `Error`: it closes that connection with a [`CloseReason`].
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Error {
-    /// The configuration is invalid; the message says which setting and why.
-    Config(String),
-    /// A listen address could not be bound.
-    Bind {
-        /// The address that failed.
-        addr: SocketAddr,
-        /// The underlying error (e.g. address in use).
-        source: io::Error,
-    },
-    /// The poll or another loop-wide resource failed.
-    Io(io::Error),
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::Config(msg) => write!(f, "invalid configuration: {msg}"),
-            Error::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
-            Error::Io(e) => write!(f, "event loop failed: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Error::Config(_) => None,
-            Error::Bind { source, .. } => Some(source),
-            Error::Io(e) => Some(e),
-        }
-    }
-}
-
-impl From<io::Error> for Error {
-    fn from(e: io::Error) -> Self {
-        Error::Io(e)
     }
 }
 
@@ -167,6 +155,9 @@ mod tests {
             CloseReason::Evicted,
             CloseReason::Shutdown,
             CloseReason::Handler,
+            CloseReason::ConnectRefused,
+            CloseReason::ConnectTimeout,
+            CloseReason::Unreachable,
         ];
         for (i, r) in all.iter().enumerate() {
             assert_eq!(r.index(), i);
@@ -175,6 +166,27 @@ mod tests {
         assert_eq!(
             CloseReason::Io(io::ErrorKind::TimedOut).to_string(),
             "io(timed out)"
+        );
+    }
+
+    #[test]
+    fn connect_errors_classify_to_reasons() {
+        let os = io::Error::from_raw_os_error;
+        assert_eq!(
+            CloseReason::from_connect_error(&os(libc::ECONNREFUSED)),
+            CloseReason::ConnectRefused
+        );
+        assert_eq!(
+            CloseReason::from_connect_error(&os(libc::ETIMEDOUT)),
+            CloseReason::ConnectTimeout
+        );
+        assert_eq!(
+            CloseReason::from_connect_error(&os(libc::ENETUNREACH)),
+            CloseReason::Unreachable
+        );
+        assert_eq!(
+            CloseReason::from_connect_error(&os(libc::ECONNRESET)),
+            CloseReason::Reset
         );
     }
 }

@@ -1,0 +1,145 @@
+//! The admin side of the loop, as the loop sees it: [`AdminSide`] has the same methods whether
+//! the `admin` feature is on (an HTTP endpoint, [`http`]) or off (a shell that does nothing),
+//! so the loop has no `cfg` of its own for it (mio's approach to platform shells).
+
+use std::io;
+use std::net::SocketAddr;
+
+use mio::Registry;
+use slab::Slab;
+
+use crate::conn::Conn;
+use crate::metrics::Metrics;
+use crate::time::{Clock, Tick};
+
+#[cfg(feature = "admin")]
+mod http;
+
+/// Descriptors the admin side may hold at most (listener and connections), kept back from the
+/// connection cap.
+#[cfg(feature = "admin")]
+pub(crate) const ADMIN_FDS: u64 = 1 + http::MAX_ADMIN_CONNS as u64;
+#[cfg(not(feature = "admin"))]
+pub(crate) const ADMIN_FDS: u64 = 0;
+
+/// What the admin pages show, borrowed from the server for one request.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "admin"), allow(dead_code))]
+pub(crate) struct View<'a, S> {
+    pub(crate) metrics: &'a Metrics,
+    pub(crate) conns: &'a Slab<Conn<S>>,
+    pub(crate) now: Tick,
+    pub(crate) clock: Clock,
+    pub(crate) draining: bool,
+}
+
+/// The admin endpoint, or nothing.
+#[derive(Debug, Default)]
+pub(crate) struct AdminSide {
+    #[cfg(feature = "admin")]
+    inner: Option<http::Admin>,
+}
+
+impl AdminSide {
+    /// Binds the admin listener at `addr` (`None` = off).
+    ///
+    /// # Errors
+    /// The bind error; without the `admin` feature, any address is an `Unsupported` error.
+    pub(crate) fn bind(
+        addr: Option<SocketAddr>,
+        registry: &Registry,
+        clock: &Clock,
+        linger: (Tick, u64),
+    ) -> io::Result<AdminSide> {
+        #[cfg(feature = "admin")]
+        {
+            Ok(AdminSide {
+                inner: match addr {
+                    Some(addr) => Some(http::Admin::bind(addr, registry, clock, linger)?),
+                    None => None,
+                },
+            })
+        }
+        #[cfg(not(feature = "admin"))]
+        {
+            let _ = (registry, clock, linger);
+            match addr {
+                Some(_) => Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the admin endpoint needs the `admin` cargo feature",
+                )),
+                None => Ok(AdminSide::default()),
+            }
+        }
+    }
+
+    /// The bound address, if on.
+    pub(crate) fn addr(&self) -> Option<SocketAddr> {
+        #[cfg(feature = "admin")]
+        {
+            self.inner.as_ref().map(|a| a.addr)
+        }
+        #[cfg(not(feature = "admin"))]
+        None
+    }
+
+    /// The admin listener is readable: accept (within a per-turn budget).
+    pub(crate) fn accept(&mut self, registry: &Registry, now: Tick) {
+        #[cfg(feature = "admin")]
+        if let Some(a) = &mut self.inner {
+            a.accept(registry, now);
+        }
+        #[cfg(not(feature = "admin"))]
+        let _ = (registry, now);
+    }
+
+    /// Admin connection `k` is ready.
+    pub(crate) fn drive<S>(&mut self, k: usize, registry: &Registry, view: &View<'_, S>) {
+        #[cfg(feature = "admin")]
+        if let Some(a) = &mut self.inner {
+            a.drive(k, registry, view);
+        }
+        #[cfg(not(feature = "admin"))]
+        let _ = (k, registry, view);
+    }
+
+    /// Work a budget left (queued admin clients), and deadlines due by `now`.
+    pub(crate) fn tick(&mut self, registry: &Registry, now: Tick) {
+        #[cfg(feature = "admin")]
+        if let Some(a) = &mut self.inner {
+            a.tick(registry, now);
+        }
+        #[cfg(not(feature = "admin"))]
+        let _ = (registry, now);
+    }
+
+    /// When the loop must run for the admin side: `Some(0)` if a budget left work.
+    pub(crate) fn poll_at(&self) -> Option<Tick> {
+        #[cfg(feature = "admin")]
+        {
+            self.inner.as_ref().and_then(|a| a.poll_at())
+        }
+        #[cfg(not(feature = "admin"))]
+        None
+    }
+
+    /// Open descriptors the admin side holds.
+    pub(crate) fn fds(&self) -> usize {
+        #[cfg(feature = "admin")]
+        {
+            self.inner.as_ref().map_or(0, |a| a.fds())
+        }
+        #[cfg(not(feature = "admin"))]
+        0
+    }
+
+    /// Closes the listener and every admin connection.
+    pub(crate) fn close_all(&mut self, registry: &Registry) {
+        #[cfg(feature = "admin")]
+        if let Some(mut a) = self.inner.take() {
+            a.close_all(registry);
+        }
+        #[cfg(not(feature = "admin"))]
+        let _ = registry;
+    }
+}

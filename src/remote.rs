@@ -1,0 +1,204 @@
+//! Other threads talking to the loop: [`Handle`] (stop, drain, write to or close a connection)
+//! and [`Remote`] (run a closure on the loop with the handler and a context).
+//!
+//! Both go through bounded queues plus the mio `Waker`: a full queue is the sender's error,
+//! never unbounded memory. The loop drains the queues once per turn, within a budget of one
+//! queue's capacity. A sender wakes the loop only if no wake is already pending (one `eventfd`
+//! write per burst, not per message).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::warn;
+use mio::Waker;
+
+use crate::handler::{Context, Handler};
+use crate::token::ConnId;
+
+/// Work from another thread for connection `id`.
+#[derive(Debug)]
+pub(crate) enum Msg {
+    Send(ConnId, Vec<u8>),
+    Close(ConnId),
+}
+
+/// What the loop shares with [`Handle`]s and [`Remote`]s on other threads.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    waker: Waker,
+    pub(crate) stop: AtomicBool,
+    /// Requested drain timeout in nanoseconds; `u64::MAX` = no drain requested.
+    pub(crate) drain_ns: AtomicU64,
+    /// A wake is pending: set by the sender that wakes the loop, cleared by the loop before it
+    /// drains the queues (so a message sent after the clear wakes it again).
+    woken: AtomicBool,
+    mail: SyncSender<Msg>,
+}
+
+impl Shared {
+    /// The shared part, and the receiving end of the message queue (the loop's).
+    pub(crate) fn new(waker: Waker, capacity: usize) -> (Arc<Shared>, Receiver<Msg>) {
+        let (mail, rx) = mpsc::sync_channel(capacity);
+        (
+            Arc::new(Shared {
+                waker,
+                stop: AtomicBool::new(false),
+                drain_ns: AtomicU64::new(u64::MAX),
+                woken: AtomicBool::new(false),
+                mail,
+            }),
+            rx,
+        )
+    }
+
+    fn wake(&self) {
+        if !self.woken.swap(true, Ordering::AcqRel) {
+            if let Err(e) = self.waker.wake() {
+                warn!("cannot wake the loop: {e}");
+            }
+        }
+    }
+
+    /// The loop is about to drain the queues: later sends must wake it again.
+    pub(crate) fn clear_wake(&self) {
+        self.woken.store(false, Ordering::Release);
+    }
+}
+
+/// A message or closure that could not be queued, handed back.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RemoteError<T> {
+    /// The queue is full ([`Config::remote_queue`](crate::Config::remote_queue)): try later.
+    Full(T),
+    /// The server is gone.
+    Stopped(T),
+}
+
+impl<T> std::fmt::Display for RemoteError<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RemoteError::Full(_) => "the loop's queue is full",
+            RemoteError::Stopped(_) => "the server has stopped",
+        })
+    }
+}
+
+impl<T: std::fmt::Debug> std::error::Error for RemoteError<T> {}
+
+fn queue<M, T>(
+    tx: &SyncSender<M>,
+    msg: M,
+    back: impl FnOnce(M) -> T,
+) -> Result<(), RemoteError<T>> {
+    tx.try_send(msg).map_err(|e| match e {
+        TrySendError::Full(m) => RemoteError::Full(back(m)),
+        TrySendError::Disconnected(m) => RemoteError::Stopped(back(m)),
+    })
+}
+
+/// Stops, drains or feeds a [`Server`](crate::Server) from any thread (a signal thread, a test,
+/// a supervisor, a producer).
+#[derive(Debug, Clone)]
+pub struct Handle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Asks the loop to stop now: at its next turn it closes every connection with
+    /// [`CloseReason::Shutdown`](crate::CloseReason::Shutdown), closes its listeners, and
+    /// [`Server::run`](crate::Server::run) returns. Also ends a drain early.
+    pub fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.wake_now();
+    }
+
+    /// Asks the loop to drain: the data listeners close at once (connections already queued
+    /// are accepted and served; new connects are refused), connections idle for
+    /// [`Config::drain_idle`](crate::Config::drain_idle) with nothing pending are closed, active
+    /// ones are served until they end or go idle, and after `timeout` whatever is left is
+    /// closed. The loop stops when no connection is left.
+    pub fn drain(&self, timeout: Duration) {
+        let ns = timeout.as_nanos().min(u64::MAX as u128 - 1) as u64;
+        self.shared.drain_ns.store(ns, Ordering::Release);
+        self.wake_now();
+    }
+
+    /// Writes `data` to connection `id` from another thread, as
+    /// [`Context::send`](crate::Context::send) would on the loop (its pending cap applies). A
+    /// connection that is gone by then drops it (counted as `remote_dropped`).
+    ///
+    /// # Errors
+    /// [`RemoteError::Full`] (with `data` back) when the queue is full, [`RemoteError::Stopped`]
+    /// when the server is gone.
+    pub fn send(&self, id: ConnId, data: Vec<u8>) -> Result<(), RemoteError<Vec<u8>>> {
+        queue(&self.shared.mail, Msg::Send(id, data), |m| match m {
+            Msg::Send(_, d) => d,
+            Msg::Close(_) => Vec::new(),
+        })?;
+        self.shared.wake();
+        Ok(())
+    }
+
+    /// Closes connection `id` (gracefully, as [`Context::close_conn`](crate::Context::close_conn))
+    /// from another thread.
+    ///
+    /// # Errors
+    /// As [`Handle::send`].
+    pub fn close(&self, id: ConnId) -> Result<(), RemoteError<()>> {
+        queue(&self.shared.mail, Msg::Close(id), |_| ())?;
+        self.shared.wake();
+        Ok(())
+    }
+
+    /// Stop and drain always wake the loop, even if a message wake is pending.
+    fn wake_now(&self) {
+        self.shared.woken.store(true, Ordering::Release);
+        if let Err(e) = self.shared.waker.wake() {
+            warn!("cannot wake the loop: {e}");
+        }
+    }
+}
+
+/// A closure run on the loop.
+pub(crate) type Job<H> = Box<dyn FnOnce(&mut H, &mut Context<'_, <H as Handler>::Conn>) + Send>;
+
+/// Runs closures on a [`Server`](crate::Server)'s loop from any thread, with the handler and a
+/// [`Context`] (no current connection: `ctx.id()` is [`ConnId::NONE`]). From
+/// [`Server::remote`](crate::Server::remote).
+pub struct Remote<H: Handler> {
+    pub(crate) tx: SyncSender<Job<H>>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl<H: Handler> Remote<H> {
+    /// Queues `job` to run on the loop at its next turn.
+    ///
+    /// # Errors
+    /// [`RemoteError::Full`] when the queue is full, [`RemoteError::Stopped`] when the server is
+    /// gone (the job is dropped either way).
+    pub fn run(
+        &self,
+        job: impl FnOnce(&mut H, &mut Context<'_, H::Conn>) + Send + 'static,
+    ) -> Result<(), RemoteError<()>> {
+        queue(&self.tx, Box::new(job) as Job<H>, |_| ())?;
+        self.shared.wake();
+        Ok(())
+    }
+}
+
+impl<H: Handler> Clone for Remote<H> {
+    fn clone(&self) -> Self {
+        Remote {
+            tx: self.tx.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<H: Handler> std::fmt::Debug for Remote<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,397 @@
+//! Accepting: the listeners, the accept gate (pausing after fd exhaustion), admission (the
+//! connection cap, per-IP cap, evict-idle) and listener binding.
+//!
+//! # Invariants
+//! - While the gate is paused listener events are ignored; the gate resuming (a close, or the
+//!   retry time) makes the loop accept by itself, since queued connections bring no new edge.
+//! - A listener whose accept budget ran out is carried to the next turn (which then polls with
+//!   a zero timeout), so the budget holds per turn and nothing queued is forgotten.
+//! - A refusal at accept (cap, per-IP, shed) is counted as a rejection, never as a close.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use log::{debug, trace, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::Interest;
+use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
+
+use super::Server;
+use crate::config::Config;
+use crate::conn::{Conn, Phase};
+use crate::handler::{Context, Handler};
+use crate::limits::{self, AcceptError, AcceptGate, Lru, PerIp};
+use crate::metrics::RejectReason;
+use crate::reason::CloseReason;
+use crate::table::{apply_buffers, SocketOptions};
+use crate::time::Tick;
+use crate::token::{self, ConnId};
+
+/// A listening socket.
+#[derive(Debug)]
+pub(super) struct Listener {
+    pub(super) socket: TcpListener,
+    /// The bound address (with the real port when configured with port 0).
+    pub(super) addr: SocketAddr,
+    /// The accept budget ran out with connections possibly still queued: no new edge will come
+    /// for them, so the next turn accepts again without waiting for an event.
+    pub(super) ready: bool,
+    /// `ready` as it was when this turn began: what this turn continues.
+    pub(super) carried: bool,
+}
+
+/// The accept side's state: its field group in [`Server`].
+#[derive(Debug)]
+pub(super) struct Acceptor {
+    pub(super) listeners: Vec<Listener>,
+    pub(super) gate: AcceptGate,
+    /// Least-recently-active order, only with [`OnFull::EvictIdle`](crate::OnFull::EvictIdle).
+    pub(super) lru: Option<Lru>,
+    /// Connections per peer IP, only with a per-IP cap.
+    pub(super) per_ip: Option<PerIp>,
+    pub(super) evict_min_ticks: Tick,
+    pub(super) retry_ticks: Tick,
+    /// `accept` error numbers already logged (each kind once).
+    logged: Vec<i32>,
+}
+
+impl Acceptor {
+    pub(super) fn new(
+        listeners: Vec<Listener>,
+        config: &Config,
+        ticks: impl Fn(Duration) -> Tick,
+    ) -> Acceptor {
+        Acceptor {
+            listeners,
+            gate: AcceptGate::new(),
+            lru: (config.on_full == crate::OnFull::EvictIdle).then(Lru::new),
+            per_ip: (config.max_per_ip > 0).then(PerIp::default),
+            evict_min_ticks: ticks(config.evict_min_idle),
+            retry_ticks: ticks(config.accept_retry).max(1),
+            logged: Vec::new(),
+        }
+    }
+
+    /// Whether a listener has queued connections this turn could not take.
+    pub(super) fn has_ready(&self) -> bool {
+        !self.gate.is_paused() && self.listeners.iter().any(|l| l.ready)
+    }
+}
+
+impl<H: Handler> Server<H> {
+    /// Accepts on listener `i` until WouldBlock or the per-turn budget.
+    pub(super) fn accept(&mut self, i: usize, now: Tick) {
+        self.accept.listeners[i].ready = false;
+        let mut admitted = false;
+        let mut other = false;
+        for _ in 0..self.config.accept_budget {
+            let err = match self.accept.listeners[i].socket.accept() {
+                Ok((stream, peer)) => {
+                    admitted = true;
+                    self.admit(stream, peer, now);
+                    continue;
+                }
+                Err(e) => e,
+            };
+            let kind = limits::classify_accept_error(&err);
+            if kind == AcceptError::Drained {
+                return;
+            }
+            self.table.metrics.accept_errors[kind.index()] += 1;
+            match kind {
+                AcceptError::ProcessFds | AcceptError::SystemFds => {
+                    return self.exhausted(i, &err, now)
+                }
+                AcceptError::Memory => return self.pause_accepting(&err, now),
+                AcceptError::Connection => trace!("accept: the new connection failed: {err}"),
+                AcceptError::Drained => {}
+                AcceptError::Other => {
+                    other = true;
+                    let errno = err.raw_os_error().unwrap_or(-1);
+                    if !self.accept.logged.contains(&errno) {
+                        self.accept.logged.push(errno);
+                        warn!(
+                            "accept on {} failed: {err} (retried; logged once per kind)",
+                            self.accept.listeners[i].addr
+                        );
+                    }
+                }
+            }
+        }
+        if other && !admitted {
+            // A whole budget of nothing but unexplained errors: wait a retry period rather than
+            // spin with a zero poll timeout.
+            return self.pause_accepting(&io::Error::other("accept keeps failing"), now);
+        }
+        self.accept.listeners[i].ready = true;
+    }
+
+    /// Out of descriptors: shed what is queued with the spare fd, then pause accepting until a
+    /// connection closes or the retry time passes. Warns on the transition, not per attempt.
+    fn exhausted(&mut self, i: usize, err: &io::Error, now: Tick) {
+        let (may_shed, first) = self.accept.gate.exhausted(now, self.accept.retry_ticks);
+        let mut shed = 0;
+        if may_shed {
+            // One free descriptor: accept and close at once what is queued, so those clients
+            // learn now instead of hanging in the backlog.
+            shed = self.accept_queued(i, None);
+            self.accept.gate.shed(shed);
+        }
+        self.table.metrics.rejected[RejectReason::Shed.index()] += shed;
+        self.table.metrics.accept_pauses += 1;
+        if first {
+            warn!(
+                "accept paused: {err} (active={} max_connections={}); shed {shed} queued connections; resuming on the next close or in {:?}",
+                self.table.metrics.active, self.table.max_connections, self.config.accept_retry
+            );
+        } else {
+            debug!("accept paused again: {err}; shed {shed}");
+        }
+    }
+
+    /// Pauses accepting without shedding (ENOBUFS/ENOMEM: a spare descriptor would not help).
+    fn pause_accepting(&mut self, err: &io::Error, now: Tick) {
+        let first = self.accept.gate.pause(now, self.accept.retry_ticks);
+        self.table.metrics.accept_pauses += 1;
+        if first {
+            warn!(
+                "accept paused: {err}; resuming on the next close or in {:?}",
+                self.config.accept_retry
+            );
+        }
+    }
+
+    /// Resumes a paused accept whose time came (or that a close resumed): accepts at once,
+    /// since queued connections bring no new edge.
+    pub(super) fn resume_accepting(&mut self, now: Tick) {
+        if self.accept.gate.take_resume(now) {
+            debug!("accept: retrying after pause");
+            for l in &mut self.accept.listeners {
+                l.carried = true;
+            }
+        }
+        for i in 0..self.accept.listeners.len() {
+            if std::mem::take(&mut self.accept.listeners[i].carried)
+                && !self.accept.gate.is_paused()
+            {
+                self.accept(i, now);
+            }
+        }
+    }
+
+    /// Accepts what listener `i` has queued, up to one backlog's worth (a flood cannot hold the
+    /// loop here): admitted as connections with `Some(now)`, closed at once with `None` (shed).
+    /// Returns how many were accepted.
+    fn accept_queued(&mut self, i: usize, admit_at: Option<Tick>) -> u64 {
+        let mut accepted = 0;
+        for _ in 0..self.config.backlog.min(65_536) {
+            match self.accept.listeners[i].socket.accept() {
+                Ok((stream, peer)) => {
+                    accepted += 1;
+                    match admit_at {
+                        Some(now) => self.admit(stream, peer, now),
+                        None => drop(stream),
+                    }
+                }
+                Err(e) if limits::classify_accept_error(&e) == AcceptError::Connection => {}
+                Err(_) => break,
+            }
+        }
+        accepted
+    }
+
+    /// Accepts every listener's backlog, then closes the listeners (the start of a drain).
+    pub(super) fn close_listeners_after_backlog(&mut self, now: Tick) {
+        for i in 0..self.accept.listeners.len() {
+            self.accept_queued(i, Some(now));
+        }
+        self.close_listeners();
+        self.accept.gate.reset();
+    }
+
+    /// Deregisters and closes every data listener.
+    pub(super) fn close_listeners(&mut self) {
+        for l in &mut self.accept.listeners {
+            let _ = self.table.poll.registry().deregister(&mut l.socket);
+        }
+        self.accept.listeners.clear();
+    }
+
+    /// Admits an accepted socket as a connection, or refuses it (cap, per-IP).
+    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr, now: Tick) {
+        if let Some((shed, pauses)) = self.accept.gate.on_admit() {
+            warn!("accept resumed: {shed} connections shed and {pauses} pauses since it stopped");
+        }
+        // The per-IP cap is checked first: a refused client must not evict anybody.
+        if let Some(per_ip) = &mut self.accept.per_ip {
+            if !per_ip.try_add(peer.ip(), self.config.max_per_ip) {
+                self.table.metrics.rejected[RejectReason::PerIp.index()] += 1;
+                trace!("rejected peer={peer} reason=per_ip");
+                return;
+            }
+        }
+        if self.table.slab.len() >= self.table.max_connections && !self.evict_for(now) {
+            if let Some(per_ip) = &mut self.accept.per_ip {
+                per_ip.remove(peer.ip());
+            }
+            self.table.metrics.rejected[RejectReason::Full.index()] += 1;
+            trace!("rejected peer={peer} reason=full");
+            return; // dropping the stream closes it: the client learns at once
+        }
+        let id = self.table.next_id();
+        // Readable, writable and priority (urgent data), edge-triggered, once for the
+        // connection's life: backpressure is "do not read" rather than an interest change, so
+        // no epoll_ctl per stall.
+        if let Err(e) = self.table.poll.registry().register(
+            &mut stream,
+            token::conn(id),
+            Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
+        ) {
+            self.table.metrics.rejected[RejectReason::Register.index()] += 1;
+            if let Some(per_ip) = &mut self.accept.per_ip {
+                per_ip.remove(peer.ip());
+            }
+            warn!("cannot register connection from {peer}: {e}");
+            return;
+        }
+        #[cfg(not(target_os = "linux"))]
+        if self.config.nodelay {
+            let _ = stream.set_nodelay(true);
+        }
+        let key =
+            self.table
+                .slab
+                .insert(Conn::new(stream, peer, id.generation(), Phase::Open, now));
+        debug_assert_eq!(key, id.key(), "slab did not use its vacant key");
+        self.table.metrics.count_open();
+        if let Some(lru) = &mut self.accept.lru {
+            lru.push(key);
+        }
+        debug!("accepted conn={id} peer={peer}");
+        let state = self.handler.on_open(&mut Context::new(&mut self.table, id));
+        self.table.slab[key].state = Some(state);
+        self.after_callback(id);
+    }
+
+    /// At the cap with evict-idle: closes the longest-idle connection if it has been idle long
+    /// enough. Returns whether a slot was freed.
+    fn evict_for(&mut self, now: Tick) -> bool {
+        let Some(key) = self.accept.lru.as_ref().and_then(Lru::oldest) else {
+            return false;
+        };
+        let idle = now.saturating_sub(self.table.slab[key].last_active);
+        if idle < self.accept.evict_min_ticks {
+            return false;
+        }
+        self.close(key, CloseReason::Evicted);
+        true
+    }
+
+    /// Forgets connection `key` in the accept side's bookkeeping (LRU, per-IP): it no longer
+    /// counts as the handler's.
+    pub(super) fn forget(&mut self, key: usize) {
+        if let Some(lru) = &mut self.accept.lru {
+            lru.remove(key);
+        }
+        let conn = &self.table.slab[key];
+        if !conn.has(crate::conn::flag::DIALED) {
+            if let Some(per_ip) = &mut self.accept.per_ip {
+                per_ip.remove(conn.peer().ip());
+            }
+        }
+    }
+
+    /// Marks connection `key` as just active for eviction order.
+    pub(super) fn touch_lru(&mut self, key: usize) {
+        if let Some(lru) = &mut self.accept.lru {
+            lru.touch(key);
+        }
+    }
+
+    /// A dialed connection completed: it joins the eviction order like an accepted one.
+    pub(super) fn push_lru(&mut self, id: ConnId) {
+        if let Some(lru) = &mut self.accept.lru {
+            lru.push(id.key());
+        }
+    }
+}
+
+/// Creates a nonblocking listening socket with the configured options. Options set on the
+/// listener are inherited by accepted sockets on Linux (TCP_NODELAY, keepalive, SO_RCVBUF,
+/// SO_SNDBUF), which saves a `setsockopt` per connection.
+pub(super) fn bind_listener(addr: SocketAddr, config: &Config) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Restart without waiting out TIME_WAIT of the previous run's connections.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_tcp_nodelay(config.nodelay)?;
+    if !config.tcp_keepalive.is_zero() {
+        let interval = (config.tcp_keepalive / 3).max(Duration::from_secs(1));
+        socket.set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(config.tcp_keepalive)
+                .with_interval(interval),
+        )?;
+    }
+    apply_buffers(&socket, &socket_options(config))?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(config.backlog as i32)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// The socket options of every connection, from the configuration.
+pub(super) fn socket_options(config: &Config) -> SocketOptions {
+    SocketOptions {
+        nodelay: config.nodelay,
+        recv_buffer: config.recv_buffer,
+        send_buffer: config.send_buffer,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_listener_options() {
+        // TCP_NODELAY, keepalive and the buffer sizes are set once on the listener; Linux copies
+        // them to each accepted socket, which saves a setsockopt per connection. Verify that it
+        // does.
+        let config = Config {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            tcp_keepalive: Duration::from_secs(30),
+            recv_buffer: Some(16 * 1024),
+            send_buffer: Some(24 * 1024),
+            ..Config::default()
+        };
+        let listener = bind_listener(config.listen[0], &config).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let (stream, _) = loop {
+            match listener.accept() {
+                Ok(pair) => break pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "no connection to accept"
+                    );
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        assert!(stream.nodelay().unwrap(), "TCP_NODELAY not inherited");
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap(), "SO_KEEPALIVE not inherited");
+        #[cfg(target_os = "linux")]
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
+        // Linux doubles the value set (for its bookkeeping overhead) and reports the double.
+        assert_eq!(sock.recv_buffer_size().unwrap(), 2 * 16 * 1024, "SO_RCVBUF");
+        assert_eq!(sock.send_buffer_size().unwrap(), 2 * 24 * 1024, "SO_SNDBUF");
+    }
+}

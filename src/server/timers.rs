@@ -1,0 +1,324 @@
+//! Deadlines: the wheel and what fires from it (idle, write stall, connect, handler timers,
+//! linger), the drain's schedule, the periodic callback and the leak self-check.
+//!
+//! # Invariants
+//! - At most one live wheel entry per connection, for its earliest deadline
+//!   ([`Conn::deadline`](crate::conn::Conn::deadline)); `Conn::scheduled` names it. A later
+//!   deadline is not inserted: the entry is recomputed when it fires (lazy re-arm), so activity
+//!   never touches the wheel.
+//! - Dead entries (their connection closed, or a newer entry superseded them) die when their
+//!   slot fires, or in a sweep once they outnumber live connections twice over.
+
+use std::mem;
+use std::time::Duration;
+
+use log::{info, trace, warn};
+
+use super::Server;
+use crate::conn::{flag, Due, Phase, Timeouts};
+use crate::handler::{Context, Handler, Idle};
+use crate::limits;
+use crate::reason::CloseReason;
+use crate::time::{Tick, NEVER};
+use crate::token::ConnId;
+use crate::wheel::{Entry, Wheel};
+
+/// Dead wheel entries tolerated before a sweep.
+pub(super) const COMPACT_MIN: usize = 4096;
+
+/// The loop's deadlines: its field group in [`Server`].
+#[derive(Debug)]
+pub(super) struct Timers {
+    pub(super) wheel: Wheel,
+    /// The deadlines a connection can have, in ticks.
+    pub(super) timeouts: Timeouts,
+    /// The expiry budget left due wheel entries.
+    pub(super) expire_ready: bool,
+    /// Scratch for fired wheel entries.
+    fired: Vec<Entry>,
+    /// Wheel entries known to be dead. Past [`COMPACT_MIN`] and twice the live connections,
+    /// `compact` sweeps them, so a high close rate with a long idle timeout cannot pile up
+    /// rate × timeout entries.
+    pub(super) stale: usize,
+    /// While draining: the tick at which whatever is left gets closed.
+    pub(super) drain_deadline: Option<Tick>,
+    /// Next run of `Handler::on_periodic`, and its period.
+    next_periodic: Option<Tick>,
+    periodic: Tick,
+    /// Leak self-check: next check tick, its period, and the descriptors that were open before
+    /// the loop's first turn and are not the loop's own (stdio, logs, the embedder's files).
+    pub(super) next_fd_check: Option<Tick>,
+    fd_check: Tick,
+    fd_baseline: Option<i64>,
+}
+
+impl Timers {
+    pub(super) fn new(timeouts: Timeouts, span: Tick, periodic: Tick, fd_check: Tick) -> Timers {
+        Timers {
+            wheel: Wheel::for_span(span),
+            timeouts,
+            expire_ready: false,
+            fired: Vec::new(),
+            stale: 0,
+            drain_deadline: None,
+            next_periodic: (periodic > 0).then_some(periodic),
+            periodic,
+            next_fd_check: None,
+            fd_check,
+            fd_baseline: None,
+        }
+    }
+
+    /// The earliest tick at which the loop has something to do for a deadline.
+    pub(super) fn poll_at(&self) -> Option<Tick> {
+        [
+            self.wheel.next_deadline(),
+            self.drain_deadline,
+            self.next_fd_check,
+            self.next_periodic,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+}
+
+impl<H: Handler> Server<H> {
+    /// Inserts a wheel entry if the connection's earliest deadline is before its scheduled one
+    /// (at most one live entry per connection; later deadlines are re-armed lazily on fire).
+    pub(super) fn arm(&mut self, key: usize) {
+        let t = &mut self.timers;
+        let conn = &mut self.table.slab[key];
+        if let Some((when, _)) = conn.deadline(&t.timeouts) {
+            if when < conn.scheduled {
+                if conn.scheduled != NEVER {
+                    t.stale += 1; // the later entry is superseded
+                }
+                t.wheel.insert(key as u32, conn.gen, when);
+                conn.scheduled = when;
+            }
+        }
+    }
+
+    /// Fires due wheel entries: stale → drop; deadline moved by activity → re-insert; else act
+    /// on what came due.
+    pub(super) fn expire(&mut self, now: Tick) {
+        let mut fired = mem::take(&mut self.timers.fired);
+        self.timers.expire_ready =
+            self.timers
+                .wheel
+                .advance(now, self.config.expire_budget, &mut fired);
+        for entry in fired.drain(..) {
+            let key = entry.key as usize;
+            let t = &mut self.timers;
+            let Some(conn) = self.table.slab.get_mut(key).filter(|c| c.gen == entry.gen) else {
+                self.table.metrics.stale += 1;
+                t.stale = t.stale.saturating_sub(1);
+                continue;
+            };
+            if conn.scheduled != entry.when {
+                t.stale = t.stale.saturating_sub(1);
+                continue; // superseded by an earlier entry
+            }
+            conn.scheduled = NEVER;
+            match conn.deadline(&t.timeouts) {
+                Some((when, due)) if when <= now => self.fire(key, due, now),
+                Some((when, _)) => {
+                    t.wheel.insert(entry.key, entry.gen, when);
+                    conn.scheduled = when;
+                }
+                None => {}
+            }
+        }
+        self.timers.fired = fired;
+    }
+
+    /// Acts on a deadline that came due for connection `key`.
+    fn fire(&mut self, key: usize, due: Due, now: Tick) {
+        let id = ConnId::new(key, self.table.slab[key].gen);
+        match due {
+            Due::Connect => self.close(key, CloseReason::ConnectTimeout),
+            Due::WriteStall => self.close(key, CloseReason::WriteStall),
+            Due::Linger => {
+                // Past the byte cap the linger stopped reading and waited for this deadline.
+                let capped = self.table.slab[key].timer >= self.config.linger_bytes;
+                let end = if capped {
+                    crate::conn::LingerEnd::Bytes
+                } else {
+                    crate::conn::LingerEnd::Timeout
+                };
+                self.end_linger(key, end);
+            }
+            Due::Idle if self.timers.drain_deadline.is_some() => {
+                // Idle during a drain is the drain closing it: reason Shutdown, gracefully.
+                let conn = &mut self.table.slab[key];
+                if conn.has_pending() {
+                    // Output still waiting is not idle: look again one drain-idle period
+                    // later, not every tick (write stall and the drain deadline bound it).
+                    let again = now + self.timers.timeouts.idle.unwrap_or(1).max(1);
+                    self.timers.wheel.insert(key as u32, conn.gen, again);
+                    conn.scheduled = again;
+                } else {
+                    conn.close_gracefully(CloseReason::Shutdown);
+                    self.settle(id);
+                }
+            }
+            Due::Idle => {
+                let verdict = self.call(key, |h, state, ctx| h.on_idle(state, ctx));
+                match verdict {
+                    Some(Idle::Keep) => {
+                        if let Some(conn) = self.table.get(id) {
+                            conn.last_active = now;
+                        }
+                        self.after_callback(id);
+                    }
+                    Some(Idle::Close) => {
+                        if let Some(conn) = self.table.get(id) {
+                            conn.fail(CloseReason::IdleTimeout);
+                        }
+                        self.after_callback(id);
+                    }
+                    None => {}
+                }
+            }
+            Due::Timer => {
+                self.table.slab[key].timer = NEVER;
+                if self
+                    .call(key, |h, state, ctx| h.on_timer(state, ctx))
+                    .is_some()
+                {
+                    self.after_callback(id);
+                }
+            }
+        }
+    }
+
+    /// Sweeps dead entries out of the wheel: O(entries), paid once per [`COMPACT_MIN`] (and at
+    /// least twice the live connections) closes, so O(1) per close amortised.
+    pub(super) fn compact_wheel(&mut self) {
+        let conns = &self.table.slab;
+        let before = self.timers.wheel.len();
+        self.timers.wheel.retain(|e| {
+            conns
+                .get(e.key as usize)
+                .is_some_and(|c| c.gen == e.gen && c.scheduled == e.when)
+        });
+        trace!(
+            "wheel compacted: {} dead entries dropped, {} kept",
+            before - self.timers.wheel.len(),
+            self.timers.wheel.len()
+        );
+        self.timers.stale = 0;
+    }
+
+    /// The periodic callback, when due.
+    pub(super) fn run_periodic(&mut self, now: Tick) {
+        if self.timers.next_periodic.is_some_and(|t| t <= now) {
+            self.timers.next_periodic = Some(now + self.timers.periodic);
+            let mut ctx = Context::new(&mut self.table, ConnId::NONE);
+            self.handler.on_periodic(&mut ctx);
+            self.process_dirty();
+        }
+    }
+
+    /// Starts a drain at `now` (see [`Handle::drain`](crate::Handle::drain)); a second call only
+    /// shortens the deadline.
+    pub(super) fn begin_drain(&mut self, timeout: Duration, now: Tick) {
+        if self.table.stopped {
+            return;
+        }
+        let deadline = now.saturating_add(self.table.clock.ticks(timeout));
+        if let Some(current) = self.timers.drain_deadline {
+            self.timers.drain_deadline = Some(current.min(deadline));
+            return;
+        }
+        // Serve what the kernel already queued (those clients connected before the drain), then
+        // close the data listeners so that new connects are refused instead of left hanging.
+        self.close_listeners_after_backlog(now);
+        // Idle connections go after `drain_idle`: shorten the idle deadline and arm every
+        // connection for it (one pass over the slab, once per drain).
+        let drain_idle = self.table.clock.ticks(self.config.drain_idle);
+        let t = &mut self.timers.timeouts;
+        t.idle = Some(t.idle.map_or(drain_idle, |i| i.min(drain_idle)));
+        let keys: Vec<usize> = self.table.slab.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.arm(key);
+        }
+        self.timers.drain_deadline = Some(deadline);
+        info!(
+            "draining: listeners closed, {} connections open, idle ones close after {:?}, the rest at {:?}",
+            self.table.slab.len(),
+            self.config.drain_idle,
+            timeout
+        );
+        self.check_drain(deadline, now);
+    }
+
+    /// Ends the drain when no connection is left (lingering ones included), or at its deadline.
+    pub(super) fn check_drain(&mut self, deadline: Tick, now: Tick) {
+        if self.table.slab.is_empty() {
+            info!("drain complete: every connection ended");
+            self.shutdown();
+        } else if now >= deadline {
+            let left = self.table.slab.len() as u64;
+            self.table.metrics.drain_forced += left;
+            warn!("drain deadline: force-closing {left} connections");
+            self.shutdown();
+        }
+    }
+
+    /// Descriptors the loop itself holds besides connections: epoll, waker, listeners, the
+    /// spare, the admin side.
+    fn own_fds(&self) -> i64 {
+        (2 + self.accept.listeners.len() + self.accept.gate.fds() + self.admin.fds()) as i64
+    }
+
+    pub(super) fn start_fd_check(&mut self) {
+        if self.timers.fd_check == 0 {
+            return;
+        }
+        if let Some(open) = limits::count_open_fds() {
+            self.table.metrics.fds_open = open;
+            self.timers.fd_baseline =
+                Some(open as i64 - self.own_fds() - self.table.slab.len() as i64);
+            self.timers.next_fd_check = Some(self.table.now + self.timers.fd_check);
+        }
+    }
+
+    /// The leak self-check: every descriptor the process has is a connection, one of the loop's
+    /// own, or was there before the first turn. Reports the difference as a gauge, and warns
+    /// when it changes from zero.
+    pub(super) fn check_fds(&mut self, now: Tick) {
+        if self.timers.next_fd_check.is_none_or(|t| t > now) {
+            return;
+        }
+        self.timers.next_fd_check = Some(now + self.timers.fd_check);
+        let (Some(open), Some(baseline)) = (limits::count_open_fds(), self.timers.fd_baseline)
+        else {
+            return;
+        };
+        let conns = self.table.slab.len() as i64;
+        let unaccounted = open as i64 - baseline - self.own_fds() - conns;
+        let m = &mut self.table.metrics;
+        if unaccounted != 0 && m.fds_unaccounted == 0 {
+            warn!(
+                "leak check: {open} descriptors open, {unaccounted} more than connections ({conns}) + own ({}) + baseline ({baseline})",
+                self.own_fds()
+            );
+        } else if unaccounted == 0 && m.fds_unaccounted != 0 {
+            info!("leak check: every descriptor accounted for again");
+        }
+        let m = &mut self.table.metrics;
+        m.fds_open = open;
+        m.fds_unaccounted = unaccounted;
+    }
+
+    /// Whether connection `key` may be read now.
+    pub(super) fn can_read(&self, key: usize) -> bool {
+        let c = &self.table.slab[key];
+        c.phase == Phase::Open
+            && c.is_live()
+            && !c.has(flag::EOF | flag::READ_PAUSED)
+            && !(H::PAUSE_READING_WHILE_PENDING && c.has_pending())
+    }
+}
