@@ -39,9 +39,9 @@
 //! ```
 //!
 //! # Features
-//! `cli` (default) adds what only the `sockman` binary needs: the load generator ([`load`]),
-//! unit parsing, clap, env_logger, signal-hook, hdrhistogram. With `default-features = false`
-//! the library depends on mio, slab, log, socket2 and rlimit only.
+//! `cli` (default) adds the dependencies only the `sockman` binary needs: clap, env_logger,
+//! signal-hook, hdrhistogram, serde and serde_json. With `default-features = false` the library
+//! depends on mio, slab, log, socket2 and rlimit only.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
@@ -55,11 +55,6 @@ mod limits;
 mod metrics;
 mod server;
 pub mod wheel;
-
-#[cfg(feature = "cli")]
-pub mod load;
-#[cfg(feature = "cli")]
-pub mod units;
 
 pub use close::{CloseReason, Error};
 pub use config::{Config, OnFull, MAX_CONNECTIONS_LIMIT};

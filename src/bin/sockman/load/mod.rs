@@ -2,7 +2,8 @@
 //!
 //! It drives any TCP echo server on loopback (sockman or a peer) and reports operations/s, MB/s,
 //! latency percentiles, errors by kind and connections the server closed, like redis ships
-//! redis-benchmark. `sockman load` and `benches/e2e.rs` both call [`run`].
+//! redis-benchmark. `sockman load` calls [`run`]; `benches/e2e.rs` and `benches/compare.sh` run
+//! the binary with `--json`.
 //!
 //! # Modes ([`Mode`])
 //! - **pingpong**: each connection sends `size` bytes, waits for all of them back, verifies them,
@@ -51,22 +52,9 @@
 //! (`taskset`).
 //!
 //! # Example
-//! ```no_run
-//! use sockman::load::{run, LoadConfig, Mode};
-//! use std::time::Duration;
-//!
-//! let cfg = LoadConfig {
-//!     connect: "127.0.0.1:7000".parse().unwrap(),
-//!     connections: 50,
-//!     mode: Mode::Pipeline,
-//!     depth: 16,
-//!     duration: Duration::from_secs(5),
-//!     ..LoadConfig::default()
-//! };
-//! let report = run(&cfg)?;
-//! println!("{report}");
-//! println!("{}", report.to_json());
-//! # Ok::<(), sockman::load::LoadError>(())
+//! ```text
+//! sockman load --connect 127.0.0.1:7000 --connections 50 --mode pipeline --depth 16 \
+//!     --duration 5s --json
 //! ```
 
 mod engine;
@@ -84,7 +72,7 @@ use std::time::Duration;
 
 use crate::units::{parse_duration, parse_size};
 
-pub use report::{Latency, Report};
+pub use report::Report;
 
 /// How long one connect may take before it counts as a `timed_out` error; also how long the
 /// generator waits for the *first* connection before it calls the server unreachable.
@@ -236,7 +224,7 @@ impl LoadArgs {
     }
 }
 
-/// What [`run`] does: the validated form of [`LoadArgs`], also built directly by benches.
+/// What [`run`] does: the validated form of [`LoadArgs`], also built directly by the tests.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
     /// Echo server address; must be loopback (127.0.0.0/8 or ::1).
