@@ -60,8 +60,10 @@
 mod engine;
 mod pattern;
 mod procfs;
+mod protocol;
 mod report;
 mod schedule;
+mod source;
 #[cfg(test)]
 mod tests;
 
