@@ -61,10 +61,10 @@ impl<'a> Sources<'a> {
 /// Binds `socket` to `ip` and the next port of `ports` from `cursor`.
 ///
 /// Why not port 0: the kernel then searches for a port with no owner at all, and with
-/// thousands of TIME_WAIT sockets on the address each bind scans most of the range (measured:
-/// 19 000 idle connections over two addresses took 30 s of system time and got 11 240; churn
-/// fell to ~600 connections/s). A chosen port with SO_REUSEADDR is one hash lookup (19 000 in
-/// ~1 s; churn ~24 000/s), and connect() accepts a TIME_WAIT 4-tuple on loopback
+/// thousands of TIME_WAIT sockets on the address each bind scans most of the range: idle runs
+/// spent most of their time in the kernel and lost connections, churn slowed to a crawl. A
+/// chosen port with SO_REUSEADDR is one hash lookup (figures: "Load generator design figures"
+/// in BENCHMARKS.md), and connect() accepts a TIME_WAIT 4-tuple on loopback
 /// (tcp_tw_reuse = 2, the default). A port held by a listener or by a socket without
 /// SO_REUSEADDR fails with AddrInUse and the next one is tried, [`BIND_ATTEMPTS`] times.
 fn bind_source(socket: &Socket, ip: IpAddr, ports: &PortSpace, cursor: &mut u32) -> io::Result<()> {
@@ -82,13 +82,13 @@ fn bind_source(socket: &Socket, ip: IpAddr, ports: &PortSpace, cursor: &mut u32)
 }
 
 /// The ports `--source-addrs` binds explicitly: 1024–65535 *outside* the kernel's ephemeral
-/// range (`ip_local_port_range`, default 32768–60999), i.e. 35 000 or so per address.
+/// range (`ip_local_port_range`, default 32768–60999), i.e. 36 280 per address by default.
 ///
 /// Why outside: a port bound explicitly gets a bind bucket that the kernel's own connect-time
 /// port choice skips for as long as any socket on it lives, TIME_WAIT included, on *every*
 /// address. Binding inside the range left later runs without `--source-addrs` (and anything
-/// else on the machine) out of ephemeral ports for a minute (measured: 17 270 of 19 000
-/// connects failed with addr_not_available).
+/// else on the machine) out of ephemeral ports for a minute: most of their connects failed
+/// with addr_not_available (see BENCHMARKS.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PortSpace {
     /// Disjoint inclusive ranges, ascending.
