@@ -63,7 +63,8 @@
 //!
 //! # Features
 //! `admin` (default) serves `/metrics`, `/connections` and `/health` from the loop (httparse).
-//! `cli` (default) builds the `sockman` binary. With `default-features = false` the library
+//! `cli` (default) adds the dependencies only the `sockman` binary needs: clap, env_logger,
+//! signal-hook, hdrhistogram, serde and serde_json. With `default-features = false` the library
 //! depends on mio, slab, log, socket2, rlimit and libc only.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
@@ -83,11 +84,6 @@ mod time;
 mod token;
 #[doc(hidden)]
 pub mod wheel;
-
-#[cfg(feature = "cli")]
-pub mod load;
-#[cfg(feature = "cli")]
-pub mod units;
 
 pub use config::{Config, OnFull, MAX_CONNECTIONS_LIMIT};
 pub use error::Error;

@@ -1,35 +1,17 @@
-//! The `sockman` binary: `sockman serve` (an echo server with limits, idle timeouts and metrics)
-//! and `sockman load` (its load generator). It uses only the library's public API.
+//! `sockman serve`: the library's [`Server`] with [`Echo`] or [`Discard`], configured from the
+//! command line, stopped by signals. Invariant: signal handlers are installed before the server
+//! binds and logs its listening line, so a SIGTERM right after "ready" drains instead of killing.
 
 use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::ValueEnum;
 use log::{info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use sockman::units::{parse_duration, parse_size};
 use sockman::{Config, Discard, Echo, Handler, Metrics, OnFull, Server};
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "sockman",
-    version,
-    about = "A TCP server core that never leaks a socket"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run the echo server (defaults: 127.0.0.1:7000, 60s idle timeout).
-    Serve(Box<ServeArgs>),
-    /// Generate load against an echo server and report throughput and latency.
-    Load(sockman::load::LoadArgs),
-}
+use crate::units::{parse_duration, parse_size};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum HandlerKind {
@@ -48,7 +30,7 @@ enum OnFullArg {
 }
 
 #[derive(Debug, clap::Args)]
-struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// Address to listen on; repeat for several (replaces the default 127.0.0.1:7000).
     #[arg(
         long = "listen",
@@ -151,27 +133,14 @@ impl ServeArgs {
     }
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let result = match cli.command {
-        Command::Serve(args) => {
-            let config = args.config();
-            match args.handler {
-                HandlerKind::Echo => serve(config, Echo, &args),
-                HandlerKind::Discard => serve(config, Discard, &args),
-            }
-            .map(|_| ())
-        }
-        Command::Load(args) => load(&args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
-            eprintln!("sockman: {msg}");
-            ExitCode::FAILURE
-        }
+/// Runs `sockman serve` with `args` until a signal stops it.
+pub(crate) fn run(args: &ServeArgs) -> Result<(), String> {
+    let config = args.config();
+    match args.handler {
+        HandlerKind::Echo => serve(config, Echo, args),
+        HandlerKind::Discard => serve(config, Discard, args),
     }
+    .map(|_| ())
 }
 
 /// Runs the server turn by turn, logging a counters line every `stats_interval`, until a signal.
@@ -240,18 +209,5 @@ fn watch_signals(
             }
         })
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;
-    Ok(())
-}
-
-fn load(args: &sockman::load::LoadArgs) -> Result<(), String> {
-    use std::io::IsTerminal;
-    let mut config = args.to_config()?;
-    config.progress = std::io::stderr().is_terminal();
-    let report = sockman::load::run(&config).map_err(|e| e.to_string())?;
-    if args.json {
-        println!("{}", report.to_json());
-    } else {
-        println!("{report}");
-    }
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! The result of a run: figures, parameters, a readable form and one JSON object.
 
 use std::collections::BTreeMap;
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
+
+use serde::{Serialize, Serializer};
 
 use super::Mode;
 
@@ -91,7 +93,8 @@ pub struct Report {
 }
 
 impl Report {
-    /// Total errors of every kind.
+    /// Total errors of every kind (the tests' shorthand; the binary prints them by kind).
+    #[cfg(test)]
     pub fn error_count(&self) -> u64 {
         self.errors.values().sum()
     }
@@ -105,59 +108,8 @@ impl Report {
 
     /// The report as one JSON object on one line (keys are stable; absent values are `null`).
     pub fn to_json(&self) -> String {
-        let mut j = JsonObject::new();
-        j.str("mode", self.mode.as_str());
-        j.str("connect", &self.connect.to_string());
-        j.uint("connections", self.connections as u64);
-        j.uint("size", self.size as u64);
-        j.uint("depth", self.depth as u64);
-        j.num("rate", self.rate);
-        j.num("duration_s", Some(self.duration.as_secs_f64()));
-        j.num("warmup_s", Some(self.warmup.as_secs_f64()));
-        let addrs: Vec<String> = self
-            .source_addrs
-            .iter()
-            .map(|a| json_string(&a.to_string()))
-            .collect();
-        j.raw("source_addrs", &format!("[{}]", addrs.join(",")));
-        j.opt_uint("server_pid", self.server_pid.map(u64::from));
-        j.num("elapsed_s", Some(self.elapsed.as_secs_f64()));
-        j.uint("ops", self.ops);
-        j.num("ops_per_sec", Some(self.ops_per_sec));
-        j.uint("bytes", self.bytes);
-        j.num("mb_per_sec", Some(self.mb_per_sec));
-        match &self.latency {
-            Some(l) => {
-                let mut o = JsonObject::new();
-                o.uint("samples", l.samples);
-                o.num("mean", Some(l.mean_us));
-                o.num("p50", Some(l.p50_us));
-                o.num("p90", Some(l.p90_us));
-                o.num("p99", Some(l.p99_us));
-                o.num("p99_9", Some(l.p999_us));
-                o.num("max", Some(l.max_us));
-                j.raw("latency_us", &o.finish());
-            }
-            None => j.raw("latency_us", "null"),
-        }
-        let mut e = JsonObject::new();
-        for (kind, n) in &self.errors {
-            e.uint(kind, *n);
-        }
-        j.raw("errors", &e.finish());
-        j.uint("closed_by_server", self.closed_by_server);
-        j.uint("connected", self.connected);
-        j.opt_uint("connections_held", self.connections_held);
-        j.num("connects_per_sec", self.connects_per_sec);
-        j.num("server_cpu_us", self.server_cpu_us);
-        j.num("server_cpu_us_per_op", self.server_cpu_us_per_op);
-        j.opt_uint("server_rss_start_bytes", self.server_rss_start_bytes);
-        j.opt_uint("server_rss_bytes", self.server_rss_bytes);
-        j.num(
-            "server_rss_per_held_connection_bytes",
-            self.server_rss_per_held_connection(),
-        );
-        j.finish()
+        serde_json::to_string(&JsonReport::from(self))
+            .expect("a report serializes: string keys, no failing Serialize impl")
     }
 }
 
@@ -270,197 +222,180 @@ fn opt_f(v: Option<f64>, decimals: usize) -> String {
     v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.decimals$}"))
 }
 
-/// A JSON object written field by field.
-struct JsonObject {
-    out: String,
+/// The JSON form of a [`Report`], key for key: times in seconds, latency in µs under short
+/// keys, and the derived `server_rss_per_held_connection_bytes`. Fractions are rounded to 3
+/// decimals; `None` and non-finite numbers (JSON has no NaN) are `null`.
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    mode: &'static str,
+    connect: SocketAddr,
+    connections: usize,
+    size: usize,
+    depth: usize,
+    #[serde(serialize_with = "milli")]
+    rate: Option<f64>,
+    #[serde(serialize_with = "milli")]
+    duration_s: Option<f64>,
+    #[serde(serialize_with = "milli")]
+    warmup_s: Option<f64>,
+    source_addrs: &'a [IpAddr],
+    server_pid: Option<u32>,
+    #[serde(serialize_with = "milli")]
+    elapsed_s: Option<f64>,
+    ops: u64,
+    #[serde(serialize_with = "milli")]
+    ops_per_sec: Option<f64>,
+    bytes: u64,
+    #[serde(serialize_with = "milli")]
+    mb_per_sec: Option<f64>,
+    latency_us: Option<JsonLatency>,
+    errors: &'a BTreeMap<String, u64>,
+    closed_by_server: u64,
+    connected: u64,
+    connections_held: Option<u64>,
+    #[serde(serialize_with = "milli")]
+    connects_per_sec: Option<f64>,
+    #[serde(serialize_with = "milli")]
+    server_cpu_us: Option<f64>,
+    #[serde(serialize_with = "milli")]
+    server_cpu_us_per_op: Option<f64>,
+    server_rss_start_bytes: Option<u64>,
+    server_rss_bytes: Option<u64>,
+    #[serde(serialize_with = "milli")]
+    server_rss_per_held_connection_bytes: Option<f64>,
 }
 
-impl JsonObject {
-    fn new() -> JsonObject {
-        JsonObject {
-            out: String::from("{"),
+/// The JSON form of a [`Latency`].
+#[derive(Serialize)]
+struct JsonLatency {
+    samples: u64,
+    #[serde(serialize_with = "milli")]
+    mean: Option<f64>,
+    #[serde(serialize_with = "milli")]
+    p50: Option<f64>,
+    #[serde(serialize_with = "milli")]
+    p90: Option<f64>,
+    #[serde(serialize_with = "milli")]
+    p99: Option<f64>,
+    #[serde(serialize_with = "milli")]
+    p99_9: Option<f64>,
+    #[serde(serialize_with = "milli")]
+    max: Option<f64>,
+}
+
+impl<'a> From<&'a Report> for JsonReport<'a> {
+    fn from(r: &'a Report) -> Self {
+        JsonReport {
+            mode: r.mode.as_str(),
+            connect: r.connect,
+            connections: r.connections,
+            size: r.size,
+            depth: r.depth,
+            rate: r.rate,
+            duration_s: Some(r.duration.as_secs_f64()),
+            warmup_s: Some(r.warmup.as_secs_f64()),
+            source_addrs: &r.source_addrs,
+            server_pid: r.server_pid,
+            elapsed_s: Some(r.elapsed.as_secs_f64()),
+            ops: r.ops,
+            ops_per_sec: Some(r.ops_per_sec),
+            bytes: r.bytes,
+            mb_per_sec: Some(r.mb_per_sec),
+            latency_us: r.latency.map(|l| JsonLatency {
+                samples: l.samples,
+                mean: Some(l.mean_us),
+                p50: Some(l.p50_us),
+                p90: Some(l.p90_us),
+                p99: Some(l.p99_us),
+                p99_9: Some(l.p999_us),
+                max: Some(l.max_us),
+            }),
+            errors: &r.errors,
+            closed_by_server: r.closed_by_server,
+            connected: r.connected,
+            connections_held: r.connections_held,
+            connects_per_sec: r.connects_per_sec,
+            server_cpu_us: r.server_cpu_us,
+            server_cpu_us_per_op: r.server_cpu_us_per_op,
+            server_rss_start_bytes: r.server_rss_start_bytes,
+            server_rss_bytes: r.server_rss_bytes,
+            server_rss_per_held_connection_bytes: r.server_rss_per_held_connection(),
         }
-    }
-
-    fn raw(&mut self, key: &str, value: &str) {
-        if self.out.len() > 1 {
-            self.out.push(',');
-        }
-        self.out.push_str(&json_string(key));
-        self.out.push(':');
-        self.out.push_str(value);
-    }
-
-    fn str(&mut self, key: &str, value: &str) {
-        self.raw(key, &json_string(value));
-    }
-
-    fn uint(&mut self, key: &str, value: u64) {
-        self.raw(key, &value.to_string());
-    }
-
-    fn opt_uint(&mut self, key: &str, value: Option<u64>) {
-        self.raw(key, &value.map_or_else(|| "null".into(), |v| v.to_string()));
-    }
-
-    /// A number with 3 decimals; `None` and non-finite values (JSON has no NaN) become null.
-    fn num(&mut self, key: &str, value: Option<f64>) {
-        let text = match value {
-            Some(v) if v.is_finite() => format!("{v:.3}"),
-            _ => "null".into(),
-        };
-        self.raw(key, &text);
-    }
-
-    fn finish(mut self) -> String {
-        self.out.push('}');
-        self.out
     }
 }
 
-/// `s` as a quoted JSON string.
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+/// A number rounded to 3 decimals (as the report has always printed them); `None` and
+/// non-finite values become `null`. Values too large for a thousandth to matter are kept whole.
+fn milli<S: Serializer>(value: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match *value {
+        Some(v) if v.is_finite() => {
+            let rounded = if v.abs() < 1e15 {
+                (v * 1000.0).round() / 1000.0
+            } else {
+                v
+            };
+            s.serialize_f64(rounded)
         }
+        _ => s.serialize_none(),
     }
-    out.push('"');
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A minimal JSON checker (objects, arrays, strings, numbers, null, booleans) that returns
-    /// the top-level object's keys, so the tests can fail on malformed output.
-    struct Checker<'a> {
-        s: &'a [u8],
-        i: usize,
-    }
+    use serde_json::{Map, Value};
 
-    impl Checker<'_> {
-        fn ws(&mut self) {
-            while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
-                self.i += 1;
-            }
-        }
-        fn eat(&mut self, b: u8) -> Result<(), String> {
-            self.ws();
-            if self.s.get(self.i) == Some(&b) {
-                self.i += 1;
-                Ok(())
-            } else {
-                Err(format!("expected {:?} at {}", b as char, self.i))
-            }
-        }
-        fn string(&mut self) -> Result<String, String> {
-            self.eat(b'"')?;
-            let start = self.i;
-            while let Some(&c) = self.s.get(self.i) {
-                match c {
-                    b'"' => {
-                        self.i += 1;
-                        return Ok(String::from_utf8_lossy(&self.s[start..self.i - 1]).into());
-                    }
-                    b'\\' => self.i += 2,
-                    c if c < 0x20 => return Err(format!("control byte at {}", self.i)),
-                    _ => self.i += 1,
-                }
-            }
-            Err("unterminated string".into())
-        }
-        fn value(&mut self) -> Result<(), String> {
-            self.ws();
-            match self.s.get(self.i) {
-                Some(b'{') => self.object().map(|_| ()),
-                Some(b'[') => {
-                    self.i += 1;
-                    self.ws();
-                    if self.s.get(self.i) == Some(&b']') {
-                        self.i += 1;
-                        return Ok(());
-                    }
-                    loop {
-                        self.value()?;
-                        self.ws();
-                        match self.s.get(self.i) {
-                            Some(b',') => self.i += 1,
-                            Some(b']') => {
-                                self.i += 1;
-                                return Ok(());
-                            }
-                            _ => return Err(format!("bad array at {}", self.i)),
-                        }
-                    }
-                }
-                Some(b'"') => self.string().map(|_| ()),
-                _ => {
-                    let start = self.i;
-                    while self
-                        .s
-                        .get(self.i)
-                        .is_some_and(|c| c.is_ascii_alphanumeric() || b"+-.".contains(c))
-                    {
-                        self.i += 1;
-                    }
-                    let word = std::str::from_utf8(&self.s[start..self.i]).unwrap_or("");
-                    if matches!(word, "null" | "true" | "false") || word.parse::<f64>().is_ok() {
-                        if word.contains("inf") || word.contains("NaN") {
-                            return Err(format!("non-JSON number {word}"));
-                        }
-                        Ok(())
-                    } else {
-                        Err(format!("bad value {word:?} at {start}"))
-                    }
-                }
-            }
-        }
-        fn object(&mut self) -> Result<Vec<String>, String> {
-            self.eat(b'{')?;
-            let mut keys = Vec::new();
-            self.ws();
-            if self.s.get(self.i) == Some(&b'}') {
-                self.i += 1;
-                return Ok(keys);
-            }
-            loop {
-                keys.push(self.string()?);
-                self.eat(b':')?;
-                self.value()?;
-                self.ws();
-                match self.s.get(self.i) {
-                    Some(b',') => self.i += 1,
-                    Some(b'}') => {
-                        self.i += 1;
-                        return Ok(keys);
-                    }
-                    _ => return Err(format!("bad object at {}", self.i)),
-                }
-            }
-        }
-    }
+    /// The keys of a report's JSON object, in the order they are written.
+    const KEYS: [&str; 26] = [
+        "mode",
+        "connect",
+        "connections",
+        "size",
+        "depth",
+        "rate",
+        "duration_s",
+        "warmup_s",
+        "source_addrs",
+        "server_pid",
+        "elapsed_s",
+        "ops",
+        "ops_per_sec",
+        "bytes",
+        "mb_per_sec",
+        "latency_us",
+        "errors",
+        "closed_by_server",
+        "connected",
+        "connections_held",
+        "connects_per_sec",
+        "server_cpu_us",
+        "server_cpu_us_per_op",
+        "server_rss_start_bytes",
+        "server_rss_bytes",
+        "server_rss_per_held_connection_bytes",
+    ];
 
-    fn top_keys(json: &str) -> Vec<String> {
-        let mut c = Checker {
-            s: json.as_bytes(),
-            i: 0,
+    /// The keys of the `latency_us` object, in order.
+    const LATENCY_KEYS: [&str; 7] = ["samples", "mean", "p50", "p90", "p99", "p99_9", "max"];
+
+    /// Parses `json` as one object and checks it has exactly [`KEYS`], written in that order.
+    fn parse(json: &str) -> Map<String, Value> {
+        let value: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e} in {json}"));
+        let Value::Object(top) = value else {
+            panic!("not an object: {json}")
         };
-        let keys = c.object().unwrap_or_else(|e| panic!("{e} in {json}"));
-        c.ws();
-        assert_eq!(c.i, json.len(), "trailing text in {json}");
-        keys
+        assert_eq!(top.len(), KEYS.len(), "{json}");
+        let mut last = 0;
+        for key in KEYS {
+            assert!(top.contains_key(key), "{key} missing from {json}");
+            let at = json
+                .find(&format!("\"{key}\":"))
+                .unwrap_or_else(|| panic!("{key} not found in {json}"));
+            assert!(at >= last, "{key} out of order in {json}");
+            last = at;
+        }
+        top
     }
 
     fn sample() -> Report {
@@ -507,49 +442,59 @@ mod tests {
     fn json_is_one_object_with_every_key() {
         let json = sample().to_json();
         assert!(!json.contains('\n'));
-        let keys = top_keys(&json);
-        for key in [
-            "mode",
-            "connect",
-            "connections",
-            "size",
-            "depth",
-            "rate",
-            "duration_s",
-            "warmup_s",
-            "source_addrs",
-            "server_pid",
-            "elapsed_s",
-            "ops",
-            "ops_per_sec",
-            "bytes",
-            "mb_per_sec",
-            "latency_us",
-            "errors",
-            "closed_by_server",
-            "connected",
-            "connections_held",
-            "connects_per_sec",
-            "server_cpu_us",
-            "server_cpu_us_per_op",
-            "server_rss_start_bytes",
-            "server_rss_bytes",
-            "server_rss_per_held_connection_bytes",
-        ] {
-            assert!(keys.iter().any(|k| k == key), "{key} missing from {json}");
+        let top = parse(&json);
+        assert_eq!(top["mode"], "pipeline");
+        assert_eq!(top["connect"], "127.0.0.1:7000");
+        assert_eq!(top["connections"], 50);
+        assert_eq!(top["size"], 64);
+        assert_eq!(top["depth"], 16);
+        assert_eq!(top["rate"], 1000.0);
+        assert_eq!(top["duration_s"], 10.0);
+        assert_eq!(top["warmup_s"], 1.0);
+        assert_eq!(
+            top["source_addrs"],
+            serde_json::json!(["127.0.0.2", "127.0.0.3"])
+        );
+        assert_eq!(top["server_pid"], 42);
+        assert_eq!(top["elapsed_s"], 10.0);
+        assert_eq!(top["ops"], 12_345);
+        assert_eq!(top["ops_per_sec"], 1234.5);
+        assert_eq!(top["bytes"], 12_345 * 64);
+        assert_eq!(top["mb_per_sec"], 0.079);
+        let Value::Object(latency) = &top["latency_us"] else {
+            panic!("latency_us is not an object: {json}")
+        };
+        assert_eq!(latency.len(), LATENCY_KEYS.len(), "{json}");
+        for key in LATENCY_KEYS {
+            assert!(
+                latency.contains_key(key),
+                "latency_us.{key} missing from {json}"
+            );
         }
-        assert_eq!(keys.len(), 26, "{keys:?}");
-        assert!(json.contains(r#""mode":"pipeline""#));
+        assert_eq!(latency["samples"], 12_345);
+        assert_eq!(latency["mean"], 31.5);
+        assert_eq!(latency["p50"], 30.1);
+        assert_eq!(latency["p90"], 40.0);
+        assert_eq!(latency["p99"], 80.2);
+        assert_eq!(latency["p99_9"], 150.0);
+        assert_eq!(latency["max"], 900.0);
         assert!(
             json.contains(r#""errors":{"mismatch":2,"timed_out":1}"#),
             "{json}"
         );
-        assert!(json.contains(r#""p99":80.200"#), "{json}");
-        assert!(
-            json.contains(r#""server_cpu_us":null"#),
+        assert_eq!(top["closed_by_server"], 3);
+        assert_eq!(top["connected"], 50);
+        assert_eq!(top["connections_held"], Value::Null);
+        assert_eq!(top["connects_per_sec"], Value::Null);
+        assert_eq!(
+            top["server_cpu_us"],
+            Value::Null,
             "NaN must be null: {json}"
         );
-        assert!(json.contains(r#""source_addrs":["127.0.0.2","127.0.0.3"]"#));
+        assert_eq!(top["server_cpu_us_per_op"], 5.25);
+        assert_eq!(top["server_rss_start_bytes"], Value::Null);
+        assert_eq!(top["server_rss_bytes"], 4 << 20);
+        assert_eq!(top["server_rss_per_held_connection_bytes"], Value::Null);
     }
 
     #[test]
@@ -561,15 +506,43 @@ mod tests {
         r.server_pid = None;
         r.rate = None;
         let json = r.to_json();
-        top_keys(&json);
-        assert!(json.contains(r#""latency_us":null"#));
-        assert!(json.contains(r#""errors":{}"#));
-        assert!(json.contains(r#""source_addrs":[]"#));
+        let top = parse(&json);
+        assert_eq!(top["latency_us"], Value::Null);
+        assert_eq!(top["errors"], serde_json::json!({}));
+        assert_eq!(top["source_addrs"], serde_json::json!([]));
+        assert_eq!(top["server_pid"], Value::Null);
+        assert_eq!(top["rate"], Value::Null);
+    }
+
+    #[test]
+    fn json_idle_figures_and_rounding() {
+        let mut r = sample();
+        r.mode = Mode::Idle;
+        r.connections_held = Some(1000);
+        r.server_rss_start_bytes = Some(1 << 20);
+        r.server_rss_bytes = Some((1 << 20) + 128_000);
+        r.connects_per_sec = Some(f64::INFINITY);
+        r.mb_per_sec = 1.234_567_8;
+        let top = parse(&r.to_json());
+        assert_eq!(top["mode"], "idle");
+        assert_eq!(top["connections_held"], 1000);
+        assert_eq!(top["server_rss_start_bytes"], 1 << 20);
+        assert_eq!(top["server_rss_per_held_connection_bytes"], 128.0);
+        assert_eq!(
+            top["connects_per_sec"],
+            Value::Null,
+            "infinity must be null"
+        );
+        assert_eq!(top["mb_per_sec"], 1.235, "3 decimals");
     }
 
     #[test]
     fn json_strings_are_escaped() {
-        assert_eq!(json_string("a\"b\\c\n\u{1}"), r#""a\"b\\c\n\u0001""#);
+        let mut r = sample();
+        let label = "a\"b\\c\n\u{1}";
+        r.errors = [(label.to_string(), 1)].into_iter().collect();
+        let top = parse(&r.to_json());
+        assert_eq!(top["errors"][label], 1);
     }
 
     #[test]

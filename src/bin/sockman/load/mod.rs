@@ -2,7 +2,8 @@
 //!
 //! It drives any TCP echo server on loopback (sockman or a peer) and reports operations/s, MB/s,
 //! latency percentiles, errors by kind and connections the server closed, like redis ships
-//! redis-benchmark. `sockman load` and `benches/e2e.rs` both call [`run`].
+//! redis-benchmark. `sockman load` calls [`run`]; `benches/e2e.rs` and `benches/compare.sh` run
+//! the binary with `--json`.
 //!
 //! # Modes ([`Mode`])
 //! - **pingpong**: each connection sends `size` bytes, waits for all of them back, verifies them,
@@ -41,39 +42,28 @@
 //! server's accept backlog never overflows. With `source_addrs` each socket is bound to the
 //! next address round-robin and to a port chosen by the generator outside the kernel's
 //! ephemeral range: with many TIME_WAIT sockets about, that is several times faster than the
-//! kernel's own choice (19 000 connects: ~1 s instead of ~4.5 s here; churn ~19–27 k/s instead
-//! of ~14 k/s), so pass `--source-addrs 127.0.0.2,127.0.0.3` for idle and churn runs.
+//! kernel's own choice (see "Load generator design figures" in BENCHMARKS.md), so pass
+//! `--source-addrs 127.0.0.2,127.0.0.3` for idle and churn runs.
 //!
 //! # CPU use
 //! The generator is one thread. With `rate`, it sleeps whole milliseconds and spins through
 //! the last one before a message is due (mio's poll timeout has millisecond resolution), so
-//! at more than ~1 000 messages/s it keeps a core busy: pin it away from the server
-//! (`taskset`).
+//! once a message is due every millisecond or more often it keeps a core busy: pin it away
+//! from the server (`taskset`).
 //!
 //! # Example
-//! ```no_run
-//! use sockman::load::{run, LoadConfig, Mode};
-//! use std::time::Duration;
-//!
-//! let cfg = LoadConfig {
-//!     connect: "127.0.0.1:7000".parse().unwrap(),
-//!     connections: 50,
-//!     mode: Mode::Pipeline,
-//!     depth: 16,
-//!     duration: Duration::from_secs(5),
-//!     ..LoadConfig::default()
-//! };
-//! let report = run(&cfg)?;
-//! println!("{report}");
-//! println!("{}", report.to_json());
-//! # Ok::<(), sockman::load::LoadError>(())
+//! ```text
+//! sockman load --connect 127.0.0.1:7000 --connections 50 --mode pipeline --depth 16 \
+//!     --duration 5s --json
 //! ```
 
 mod engine;
 mod pattern;
 mod procfs;
+mod protocol;
 mod report;
 mod schedule;
+mod source;
 #[cfg(test)]
 mod tests;
 
@@ -84,24 +74,24 @@ use std::time::Duration;
 
 use crate::units::{parse_duration, parse_size};
 
-pub use report::{Latency, Report};
+pub use report::Report;
 
 /// How long one connect may take before it counts as a `timed_out` error; also how long the
 /// generator waits for the *first* connection before it calls the server unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Idle mode: the most time that connecting and the one echo per connection may take before the
-/// hold starts; connections not ready by then count as `timed_out`. Generous because 19 000
-/// connects on a busy 2-core machine can take several seconds.
+/// hold starts; connections not ready by then count as `timed_out`. Generous because tens of
+/// thousands of connects on a busy machine take seconds.
 pub const IDLE_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connections opened but not yet confirmed (connecting, or connected with no byte echoed
 /// yet), at most. A connect completes on the client as soon as the kernel answers, before the
 /// server calls accept(), so limiting connects in progress does not protect the server's
-/// accept backlog; the first echoed byte proves the accept. Measured against tokio_echo
-/// (backlog 128) opening 19 000 connections: 1 000 connects in flight overflowed its backlog
-/// 126 times, and each dropped SYN came back only after the kernel's 1 s retransmit timeout.
-/// 128 fits the smallest common backlog (the old SOMAXCONN).
+/// accept backlog; the first echoed byte proves the accept. With many more in flight, a peer
+/// with a backlog of 128 overflowed it (see "Load generator design figures" in BENCHMARKS.md),
+/// and each dropped SYN came back only after the kernel's 1 s retransmit timeout. 128 fits the
+/// smallest common backlog (the old SOMAXCONN).
 pub const MAX_UNCONFIRMED: usize = 128;
 
 /// Upper bound on `--depth`: the in-flight queue per connection is allocated up front.
@@ -236,7 +226,7 @@ impl LoadArgs {
     }
 }
 
-/// What [`run`] does: the validated form of [`LoadArgs`], also built directly by benches.
+/// What [`run`] does: the validated form of [`LoadArgs`], also built directly by the tests.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
     /// Echo server address; must be loopback (127.0.0.0/8 or ::1).

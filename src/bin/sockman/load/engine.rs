@@ -1,26 +1,20 @@
 //! The generator's event loop: one mio `Poll`, one slot per connection (a worker, in churn).
 //!
 //! One turn: read the clock; open connections while fewer than [`MAX_UNCONFIRMED`] are
-//! unconfirmed; expire
-//! connects older than [`CONNECT_TIMEOUT`]; fire due scheduled messages (`--rate`); move between
-//! phases (setup, window, end); print progress; poll until the nearest of those deadlines (not
-//! at all while connections wait in the ready queue); dispatch the events, reading the clock
-//! per event; then resume the ready queue. Every deadline is finite, so the loop always ends.
-//!
-//! Work per connection per event is bounded: reads stop after [`READ_BUDGET`] bytes, writes
-//! after [`WRITE_BUDGET`] (stream mode would otherwise fill a megabytes-deep loopback buffer
-//! in one go). A connection stopped at a budget gets no new edge, so it goes into the ready
-//! queue and is resumed the next turn, after the other connections' events. Events left after
-//! the window's end are not dispatched, so a turn never runs the run late.
+//! unconfirmed; expire connects older than [`CONNECT_TIMEOUT`]; fire due scheduled messages
+//! (`--rate`); move between phases (setup, window, end); print progress; poll until the nearest
+//! of those deadlines (not at all while connections wait in the ready queue); dispatch the
+//! events, reading the clock per event (none after the window's end); then resume the ready
+//! queue: connections that stopped at a read or write budget of [`protocol`](super::protocol),
+//! which no new edge would wake. Every deadline is finite, so the loop always ends.
 //!
 //! Invariants: `slots[key].conn` is `Some` exactly while the connection is open or connecting;
 //! `live`, `n_connecting` and `n_held` count those slots by phase, `n_unconfirmed` those that
-//! have not received a byte yet; a slot's `gen` changes on
-//! every close, and tokens carry it, so an event for a connection that is gone (its slot maybe
-//! reused in the same batch) is dropped.
+//! have not received a byte yet; a slot's `gen` changes on every close, and tokens carry it, so
+//! an event for a connection that is gone (its slot maybe reused in the same batch) is dropped.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -30,10 +24,12 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::pattern::{seed_for, Pattern};
+use super::pattern::Pattern;
 use super::procfs::{self, ServerSample};
+use super::protocol::{stream_chunk, Conn, End, Params, Phase, IO_CHUNK};
 use super::report::{Latency, Report};
 use super::schedule::Schedule;
+use super::source::Sources;
 use super::{LoadConfig, LoadError, Mode, CONNECT_TIMEOUT, IDLE_SETUP_TIMEOUT, MAX_UNCONFIRMED};
 
 /// Linux `EINPROGRESS`: what a nonblocking connect returns while under way. Written out because
@@ -49,20 +45,6 @@ const EINPROGRESS: i32 = 115;
 /// Events taken per poll.
 const EVENTS_CAPACITY: usize = 1024;
 
-/// The one loop-wide receive buffer; also the longest write. 256 KiB lets a streaming
-/// connection move a large part of a socket buffer per syscall.
-const IO_CHUNK: usize = 256 * 1024;
-
-/// Bytes one connection may write per readiness event (or per turn from the ready queue)
-/// before the others get their turn; at most one [`IO_CHUNK`] more is written. A loopback send
-/// buffer holds megabytes: filling it in 64-byte writes took seconds, during which no other
-/// connection ran and the clock was not read.
-const WRITE_BUDGET: usize = 4 * IO_CHUNK;
-
-/// Bytes one connection may read per readiness event (or per turn from the ready queue), the
-/// same bound for the receive side.
-const READ_BUDGET: usize = 4 * IO_CHUNK;
-
 /// Descriptors kept free beyond the connections: the poller, `/proc` reads, stdio, and the
 /// odd descriptor a caller (a bench) opens meanwhile.
 const FD_MARGIN: u64 = 32;
@@ -70,16 +52,6 @@ const FD_MARGIN: u64 = 32;
 /// Churn: pause before a worker whose connect failed tries again, so a refusing or
 /// port-exhausted host costs counted errors, not a busy loop.
 const RETRY_DELAY: Duration = Duration::from_millis(10);
-
-/// Lowest port bound explicitly with `--source-addrs` (below are the well-known ports).
-const FIRST_SOURCE_PORT: u16 = 1024;
-
-/// Fewest ports worth keeping outside the ephemeral range; below it `--source-addrs` uses
-/// every port from [`FIRST_SOURCE_PORT`] up.
-const MIN_SOURCE_PORTS: u32 = 4096;
-
-/// Ports tried per socket when binding a source address finds them in use.
-const BIND_ATTEMPTS: usize = 64;
 
 /// Longest wait, after the run, for servers to close their side (see `Engine::drain`).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -96,76 +68,6 @@ const HIST_MAX_NS: u64 = 3_600_000_000_000;
 /// Significant figures of the latency histogram.
 const HIST_SIGFIG: u8 = 3;
 
-/// Where a connection is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// `connect` returned in progress; waiting for writable.
-    Connecting,
-    /// Connected and exchanging data.
-    Open,
-    /// Idle mode: echoed once, now only watched for a close.
-    Held,
-    /// The run is over: our FIN is sent, reading and discarding until the server's.
-    Draining,
-}
-
-/// Why a connection ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum End {
-    /// Read returned 0; `owed` when echoed bytes were still expected.
-    Eof {
-        /// Echo was still expected.
-        owed: bool,
-    },
-    /// An I/O error, as a report label.
-    Io(ErrorKind),
-    /// The echo differs from what was sent (or exceeds it).
-    Mismatch,
-    /// Churn: the cycle's echo arrived; close and start the next cycle.
-    CycleDone,
-}
-
-/// One connection.
-#[derive(Debug)]
-struct Conn {
-    /// The socket, registered for READABLE | WRITABLE once (edge-triggered), never re-registered.
-    stream: TcpStream,
-    /// Life stage.
-    phase: Phase,
-    /// Start of this connection's byte pattern.
-    seed: u8,
-    /// Bytes written so far (stream offset of the next byte to write).
-    sent: u64,
-    /// Bytes issued so far; `target - sent` still has to go out.
-    target: u64,
-    /// Bytes received and verified so far.
-    recv: u64,
-    /// Messages in flight: the stream offset at which each one's echo is complete, and the
-    /// instant its latency is measured from (actual issue, or scheduled time with `--rate`).
-    inflight: VecDeque<(u64, Instant)>,
-    /// `--rate`: the next message of this connection's schedule.
-    next_k: u64,
-    /// When this connection started connecting (churn: the cycle's start).
-    started: Instant,
-    /// The last write was short or WouldBlock: wait for a writable event. Writing again before
-    /// would only cost an EAGAIN syscall.
-    write_blocked: bool,
-    /// The last flush stopped at [`WRITE_BUDGET`] with the socket still writable: no new edge
-    /// will come, so the ready queue must resume it.
-    write_more: bool,
-    /// The last read stopped at [`READ_BUDGET`] without draining the socket: likewise.
-    read_more: bool,
-    /// In the engine's ready queue.
-    queued: bool,
-}
-
-impl Conn {
-    /// Stopped at a budget with work left; the ready queue resumes it (no edge will).
-    fn has_more(&self) -> bool {
-        self.read_more || self.write_more
-    }
-}
-
 /// A connection's place, reused across churn cycles.
 #[derive(Debug, Default)]
 struct Slot {
@@ -175,56 +77,23 @@ struct Slot {
     conn: Option<Conn>,
 }
 
-/// Run-wide parameters the per-connection code reads.
+/// Counters of the run; [`Conn`] counts its completed messages and verified bytes itself.
 #[derive(Debug)]
-struct Params {
-    mode: Mode,
-    size: u64,
-    /// Stream: bytes issued at once when everything issued is written: as many whole `size`
-    /// units as fit in [`IO_CHUNK`] (at least one), so one write call moves up to
-    /// [`IO_CHUNK`] bytes whatever `size` is.
-    stream_chunk: u64,
-    depth: usize,
-    schedule: Option<Schedule>,
-    /// Start of the load: the origin of the schedule.
-    t0: Instant,
-    /// The measured window `[start, end)`; `None` until idle setup completes.
-    window: Option<(Instant, Instant)>,
-}
-
-impl Params {
-    fn in_window(&self, t: Instant) -> bool {
-        self.window.is_some_and(|(s, e)| t >= s && t < e)
-    }
-
-    /// Whether the window has ended by `t`.
-    fn past_end(&self, t: Instant) -> bool {
-        self.window.is_some_and(|(_, e)| t >= e)
-    }
-
-    /// Whether new messages may still be issued at `t` (not after the window's end).
-    fn may_issue(&self, t: Instant) -> bool {
-        self.window.is_none_or(|(_, e)| t < e)
-    }
-}
-
-/// Counters of the run.
-#[derive(Debug)]
-struct Stats {
+pub(super) struct Stats {
     /// Errors by label (see `Report::errors`).
     errors: BTreeMap<String, u64>,
     closed_by_server: u64,
     connected: u64,
     /// Operations over the whole run, for the progress line.
-    ops_total: u64,
+    pub(super) ops_total: u64,
     /// Operations in the window.
-    ops: u64,
+    pub(super) ops: u64,
     /// Verified echoed bytes in the window.
-    bytes: u64,
+    pub(super) bytes: u64,
     /// Idle: connections whose one echo was verified.
-    idle_checked: u64,
+    pub(super) idle_checked: u64,
     /// Latency in ns, window only.
-    hist: Histogram<u64>,
+    pub(super) hist: Histogram<u64>,
 }
 
 impl Stats {
@@ -271,150 +140,6 @@ fn split_token(t: Token) -> (usize, u32) {
     ((v & 0xffff_ffff) as usize, (v >> 32) as u32)
 }
 
-impl Conn {
-    /// Queues one message and remembers when its latency starts.
-    fn issue(&mut self, size: u64, origin: Instant) {
-        self.target += size;
-        self.inflight.push_back((self.target, origin));
-    }
-
-    /// `--rate`: issues every message of this connection that is due by `now` and fits in
-    /// `depth`.
-    fn issue_due(&mut self, key: usize, p: &Params, now: Instant) {
-        let Some(s) = p.schedule else { return };
-        while self.inflight.len() < p.depth {
-            let due = p.t0 + s.due(key, self.next_k);
-            if due > now || !p.may_issue(due) {
-                break;
-            }
-            self.issue(p.size, due);
-            self.next_k += 1;
-        }
-    }
-
-    /// Writes issued bytes (stream: endlessly, [`Params::stream_chunk`] at a time) until done,
-    /// the socket is full, or [`WRITE_BUDGET`] is spent (then `write_more` is set).
-    fn flush(&mut self, pattern: &Pattern, p: &Params) -> Result<(), End> {
-        self.write_more = false;
-        let mut written = 0;
-        while !self.write_blocked {
-            if self.sent == self.target {
-                if p.mode != Mode::Stream {
-                    break;
-                }
-                self.target += p.stream_chunk;
-            }
-            if written >= WRITE_BUDGET {
-                self.write_more = true;
-                break;
-            }
-            let len = (self.target - self.sent).min(IO_CHUNK as u64) as usize;
-            match self.stream.write(pattern.slice(self.seed, self.sent, len)) {
-                Ok(0) => return Err(End::Io(ErrorKind::WriteZero)),
-                Ok(n) => {
-                    self.sent += n as u64;
-                    written += n;
-                    // A short write means the send buffer filled; Linux then flags the socket
-                    // so that freed space raises a new writable edge.
-                    self.write_blocked = n < len;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => self.write_blocked = true,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(End::Io(e.kind())),
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads and verifies until the socket is drained or [`READ_BUDGET`] is spent (then
-    /// `read_more` is set), completing messages as their echo arrives and issuing the next
-    /// ones. Bytes count in the window by `now`, read per event, so at most one budget late.
-    ///
-    /// A read shorter than the buffer ends the drain without the extra read that would return
-    /// WouldBlock: it emptied the receive queue, and on Linux any later arrival raises a new
-    /// edge (the same choice as `epoll_echo short`). The generator shares the CPUs with the
-    /// server it measures, so it saves the syscall.
-    fn read(
-        &mut self,
-        key: usize,
-        buf: &mut [u8],
-        pattern: &Pattern,
-        p: &Params,
-        stats: &mut Stats,
-        now: Instant,
-    ) -> Result<(), End> {
-        self.read_more = false;
-        let mut read = 0;
-        loop {
-            if read >= READ_BUDGET {
-                self.read_more = true;
-                return Ok(());
-            }
-            let n = match self.stream.read(buf) {
-                Ok(0) => {
-                    return Err(End::Eof {
-                        owed: self.recv < self.target,
-                    })
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(End::Io(e.kind())),
-            };
-            let data = &buf[..n];
-            if self.recv + n as u64 > self.sent || !pattern.matches(self.seed, self.recv, data) {
-                return Err(End::Mismatch);
-            }
-            self.recv += n as u64;
-            read += n;
-            if p.in_window(now) {
-                stats.bytes += n as u64;
-            }
-            self.complete_messages(key, p, stats)?;
-            if n < buf.len() {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Pops every message whose echo is now complete, records it, and issues what follows.
-    fn complete_messages(&mut self, key: usize, p: &Params, stats: &mut Stats) -> Result<(), End> {
-        let mut done_at = None;
-        while let Some(&(end, origin)) = self.inflight.front() {
-            if self.recv < end {
-                break;
-            }
-            self.inflight.pop_front();
-            // Latency ends when the echo is seen, not at the start of the turn.
-            let t = *done_at.get_or_insert_with(Instant::now);
-            let since = if p.mode == Mode::Churn {
-                self.started
-            } else {
-                origin
-            };
-            if p.mode == Mode::Idle {
-                self.phase = Phase::Held;
-                stats.idle_checked += 1;
-                continue;
-            }
-            stats.ops_total += 1;
-            if p.in_window(t) {
-                stats.ops += 1;
-                let ns = u64::try_from(t.saturating_duration_since(since).as_nanos())
-                    .unwrap_or(u64::MAX);
-                stats.hist.saturating_record(ns.max(1));
-            }
-            match p.mode {
-                Mode::Churn => return Err(End::CycleDone),
-                _ if p.schedule.is_some() => self.issue_due(key, p, t),
-                _ if p.may_issue(t) => self.issue(p.size, t),
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-}
-
 /// What the loop measured besides the counters.
 #[derive(Debug)]
 struct Outcome {
@@ -453,12 +178,8 @@ struct Engine<'a> {
     n_held: usize,
     /// Connections in [`Phase::Draining`].
     n_draining: usize,
-    /// Round-robin position in `source_addrs`.
-    next_source: usize,
-    /// Ports `--source-addrs` binds (see [`bind_source`]).
-    port_space: PortSpace,
-    /// Next index into `port_space`, per source address.
-    source_cursors: Vec<u32>,
+    /// `--source-addrs`: what the next socket binds to.
+    sources: Sources<'a>,
     /// `--rate`: the next global message to fire.
     next_j: u64,
     /// Connections that stopped at a read or write budget with work left, as (key, gen), in
@@ -552,9 +273,7 @@ impl<'a> Engine<'a> {
             live: 0,
             n_held: 0,
             n_draining: 0,
-            next_source: 0,
-            port_space: PortSpace::for_host(),
-            source_cursors: vec![first_source_cursor(); cfg.source_addrs.len()],
+            sources: Sources::new(&cfg.source_addrs),
             next_j: 0,
             ready: VecDeque::new(),
             refused_early: false,
@@ -702,26 +421,7 @@ impl<'a> Engine<'a> {
         });
         match stream {
             Ok(stream) => {
-                let depth = self.params.depth;
-                self.slots[key].conn = Some(Conn {
-                    stream,
-                    phase: Phase::Connecting,
-                    seed: seed_for(key),
-                    sent: 0,
-                    target: 0,
-                    recv: 0,
-                    inflight: VecDeque::with_capacity(if self.params.mode == Mode::Stream {
-                        0
-                    } else {
-                        depth
-                    }),
-                    next_k: 0,
-                    started: now,
-                    write_blocked: false,
-                    write_more: false,
-                    read_more: false,
-                    queued: false,
-                });
+                self.slots[key].conn = Some(Conn::connecting(stream, key, &self.params, now));
                 self.live += 1;
                 self.n_connecting += 1;
                 self.n_unconfirmed += 1;
@@ -742,13 +442,7 @@ impl<'a> Engine<'a> {
         )?;
         // Small messages must leave at once; Nagle would hold a pipeline's second message.
         socket.set_tcp_nodelay(true)?;
-        if !self.cfg.source_addrs.is_empty() {
-            let i = self.next_source % self.cfg.source_addrs.len();
-            self.next_source = self.next_source.wrapping_add(1);
-            socket.set_reuse_address(true)?;
-            let ip = self.cfg.source_addrs[i];
-            bind_source(&socket, ip, &self.port_space, &mut self.source_cursors[i])?;
-        }
+        self.sources.bind_next(&socket)?;
         match socket.connect(&addr.into()) {
             Ok(()) => {}
             Err(e)
@@ -1074,23 +768,7 @@ impl<'a> Engine<'a> {
         let Some(conn) = slots[key].conn.as_mut() else {
             return;
         };
-        conn.phase = Phase::Open;
-        match params.mode {
-            Mode::Pingpong | Mode::Pipeline => {
-                if let Some(s) = params.schedule {
-                    let elapsed = now.saturating_duration_since(params.t0);
-                    conn.next_k = s.first_k_at(key, elapsed);
-                    conn.issue_due(key, params, now);
-                } else if params.may_issue(now) {
-                    let t = Instant::now();
-                    for _ in 0..params.depth {
-                        conn.issue(params.size, t);
-                    }
-                }
-            }
-            Mode::Stream => {}
-            Mode::Idle | Mode::Churn => conn.issue(params.size, Instant::now()),
-        }
+        conn.start(key, params, now);
         let result = conn.flush(pattern, params);
         self.settle(key, result, now);
     }
@@ -1269,119 +947,6 @@ impl<'a> Engine<'a> {
     }
 }
 
-/// Stream: bytes issued at once for messages of `size` bytes — the whole `size` units that fit
-/// in [`IO_CHUNK`], or one unit when `size` is larger (then written [`IO_CHUNK`] at a time).
-fn stream_chunk(size: usize) -> u64 {
-    let size = size.max(1) as u64;
-    (IO_CHUNK as u64 / size).max(1) * size
-}
-
-/// Binds `socket` to `ip` and the next port of `ports` from `cursor`.
-///
-/// Why not port 0: the kernel then searches for a port with no owner at all, and with
-/// thousands of TIME_WAIT sockets on the address each bind scans most of the range (measured:
-/// 19 000 idle connections over two addresses took 30 s of system time and got 11 240; churn
-/// fell to ~600 connections/s). A chosen port with SO_REUSEADDR is one hash lookup (19 000 in
-/// ~1 s; churn ~24 000/s), and connect() accepts a TIME_WAIT 4-tuple on loopback
-/// (tcp_tw_reuse = 2, the default). A port held by a listener or by a socket without
-/// SO_REUSEADDR fails with AddrInUse and the next one is tried, [`BIND_ATTEMPTS`] times.
-fn bind_source(
-    socket: &Socket,
-    ip: std::net::IpAddr,
-    ports: &PortSpace,
-    cursor: &mut u32,
-) -> io::Result<()> {
-    let mut last = io::Error::from(ErrorKind::AddrInUse);
-    for _ in 0..BIND_ATTEMPTS {
-        let port = ports.port(*cursor);
-        *cursor = cursor.wrapping_add(1);
-        match socket.bind(&SocketAddr::new(ip, port).into()) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::AddrInUse => last = e,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last)
-}
-
-/// The ports `--source-addrs` binds explicitly: 1024–65535 *outside* the kernel's ephemeral
-/// range (`ip_local_port_range`, default 32768–60999), i.e. 35 000 or so per address.
-///
-/// Why outside: a port bound explicitly gets a bind bucket that the kernel's own connect-time
-/// port choice skips for as long as any socket on it lives, TIME_WAIT included, on *every*
-/// address. Binding inside the range left later runs without `--source-addrs` (and anything
-/// else on the machine) out of ephemeral ports for a minute (measured: 17 270 of 19 000
-/// connects failed with addr_not_available).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct PortSpace {
-    /// Disjoint inclusive ranges, ascending.
-    ranges: Vec<(u16, u16)>,
-    /// Ports in all ranges (at least 1).
-    total: u32,
-}
-
-impl PortSpace {
-    /// The ports from [`FIRST_SOURCE_PORT`] to 65535 minus the ephemeral range
-    /// `lo..=hi`; the whole of them if that leaves fewer than [`MIN_SOURCE_PORTS`].
-    pub(super) fn outside(lo: u16, hi: u16) -> PortSpace {
-        let mut ranges = Vec::new();
-        if lo > FIRST_SOURCE_PORT {
-            ranges.push((FIRST_SOURCE_PORT, lo - 1));
-        }
-        if hi < u16::MAX {
-            ranges.push((hi.saturating_add(1).max(FIRST_SOURCE_PORT), u16::MAX));
-        }
-        let space = PortSpace::from_ranges(ranges);
-        if space.total < MIN_SOURCE_PORTS {
-            PortSpace::from_ranges(vec![(FIRST_SOURCE_PORT, u16::MAX)])
-        } else {
-            space
-        }
-    }
-
-    fn from_ranges(ranges: Vec<(u16, u16)>) -> PortSpace {
-        let total = ranges
-            .iter()
-            .map(|&(a, b)| u32::from(b) - u32::from(a) + 1)
-            .sum();
-        PortSpace { ranges, total }
-    }
-
-    /// The space for this host, from `/proc/sys/net/ipv4/ip_local_port_range`.
-    fn for_host() -> PortSpace {
-        let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|text| {
-                let mut it = text.split_whitespace().map(|w| w.parse::<u16>().ok());
-                Some((it.next()??, it.next()??))
-            })
-            .unwrap_or((32_768, 60_999));
-        PortSpace::outside(lo, hi)
-    }
-
-    /// The `i`-th port, cycling.
-    pub(super) fn port(&self, i: u32) -> u16 {
-        let mut i = i % self.total;
-        for &(a, b) in &self.ranges {
-            let len = u32::from(b) - u32::from(a) + 1;
-            if i < len {
-                return a + i as u16;
-            }
-            i -= len;
-        }
-        debug_assert!(false, "index {i} beyond {self:?}");
-        FIRST_SOURCE_PORT
-    }
-}
-
-/// A cursor into a [`PortSpace`] that differs from run to run, so a run does not start on the
-/// TIME_WAIT 4-tuples the previous one left.
-fn first_source_cursor() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos())
-}
-
 /// Reads and discards until the socket would block; `true` when the connection is finished
 /// (end of stream or an error).
 fn drain_read(stream: &mut TcpStream, buf: &mut [u8]) -> bool {
@@ -1427,37 +992,6 @@ mod tests {
             "addr_not_available"
         );
         assert_eq!(kind_label(ErrorKind::Other), "other");
-    }
-
-    #[test]
-    fn source_ports_avoid_the_ephemeral_range() {
-        let s = PortSpace::outside(32_768, 60_999);
-        assert_eq!(s.total, (32_767 - 1024 + 1) + (65_535 - 61_000 + 1));
-        assert_eq!(s.port(0), 1024);
-        assert_eq!(s.port(31_743), 32_767);
-        assert_eq!(s.port(31_744), 61_000);
-        assert_eq!(s.port(s.total - 1), 65_535);
-        assert_eq!(s.port(s.total), 1024, "wraps");
-        for i in (0..200_000u32).step_by(97) {
-            let p = s.port(i);
-            assert!((1024..32_768).contains(&p) || p >= 61_000, "{p}");
-        }
-        // An ephemeral range that leaves too little outside: use everything.
-        let all = PortSpace::outside(1024, 65_000);
-        assert_eq!(all.total, 65_535 - 1024 + 1);
-        assert_eq!(PortSpace::outside(1024, 65_535).port(7), 1031);
-        // Range reaching the top: only the low part.
-        let low = PortSpace::outside(40_000, 65_535);
-        assert_eq!(low.port(low.total - 1), 39_999);
-    }
-
-    #[test]
-    fn stream_chunks_are_whole_units_up_to_the_io_chunk() {
-        assert_eq!(stream_chunk(64), IO_CHUNK as u64);
-        assert_eq!(stream_chunk(1), IO_CHUNK as u64);
-        assert_eq!(stream_chunk(100_000), 200_000);
-        assert_eq!(stream_chunk(IO_CHUNK), IO_CHUNK as u64);
-        assert_eq!(stream_chunk(IO_CHUNK + 1), IO_CHUNK as u64 + 1);
     }
 
     #[test]

@@ -1,0 +1,60 @@
+//! The `sockman` binary: `sockman serve` (an echo server with limits, idle timeouts and metrics)
+//! and `sockman load` (its load generator). It uses only the library's public API.
+
+mod load;
+mod serve;
+mod units;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sockman",
+    version,
+    about = "A TCP server core that never leaks a socket"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the echo server (defaults: 127.0.0.1:7000, 60s idle timeout).
+    Serve(Box<serve::ServeArgs>),
+    /// Generate load against an echo server and report throughput and latency.
+    Load(load::LoadArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(&args),
+        Command::Load(args) => run_load(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("sockman: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sockman load`: runs the generator and prints the readable report or, with `--json`, one
+/// JSON object.
+fn run_load(args: &load::LoadArgs) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let mut config = args.to_config()?;
+    config.progress = std::io::stderr().is_terminal();
+    let report = load::run(&config).map_err(|e| e.to_string())?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
