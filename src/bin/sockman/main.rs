@@ -3,6 +3,7 @@
 
 mod load;
 mod serve;
+mod server;
 mod units;
 
 use std::process::ExitCode;
