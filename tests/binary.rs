@@ -292,3 +292,21 @@ fn an_address_in_use_is_one_clear_error_not_a_panic() {
     assert!(!log.contains("panicked"), "stderr:\n{log}");
     drop(taken);
 }
+
+/// A sub-second keepalive used to become TCP_KEEPIDLE=0 and fail as "cannot listen: Invalid
+/// argument"; it is refused up front, naming the setting and why.
+#[test]
+fn a_sub_second_keepalive_is_refused_with_a_clear_error() {
+    for value in ["500ms", "1500ms"] {
+        let mut bin = Bin::spawn(&["serve", "--listen", "127.0.0.1:0", "--tcp-keepalive", value]);
+        let status = bin.wait_exit();
+        let log = bin.log();
+        assert!(!status.success(), "exit status {status}; stderr:\n{log}");
+        assert!(
+            log.contains("tcp keepalive") && log.contains("whole seconds"),
+            "the error does not say what is wrong:\n{log}"
+        );
+        assert!(!log.contains("Invalid argument"), "stderr:\n{log}");
+        assert!(!log.contains("panicked"), "stderr:\n{log}");
+    }
+}
