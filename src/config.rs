@@ -30,8 +30,9 @@ pub enum OnFull {
 /// Everything the server loop needs to know. Durations of zero mean "off" where documented.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Addresses to listen on (at least one). Port 0 picks a free port: read it back with
-    /// [`Server::local_addrs`](crate::Server::local_addrs).
+    /// Addresses to listen on. Port 0 picks a free port: read it back with
+    /// [`Server::local_addrs`](crate::Server::local_addrs). Empty for a loop that only dials
+    /// ([`Server::connect`](crate::Server::connect)).
     pub listen: Vec<SocketAddr>,
     /// Close a connection after this long without activity (a read or write progress).
     /// `Duration::ZERO` turns idle timeouts off. Default 60 s.
@@ -179,9 +180,6 @@ impl Config {
     /// [`Error::Config`] naming the first offending setting and why.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |msg: String| Err(Error::Config(msg));
-        if self.listen.is_empty() {
-            return bad("the listen address list is empty".into());
-        }
         if self.tick < Duration::from_millis(1) {
             return bad(format!(
                 "tick must be at least 1ms (got {:?}): the poll timeout has millisecond resolution",
@@ -317,8 +315,9 @@ mod tests {
         assert!(err(&c).contains("idle timeout"), "{}", err(&c));
         c.idle_timeout = Duration::ZERO;
         c.validate().unwrap();
+        // No listener: a loop that only dials.
         c.listen.clear();
-        assert!(err(&c).contains("listen"), "{}", err(&c));
+        c.validate().unwrap();
         let c = Config {
             max_connections: Some(0),
             ..Config::default()
