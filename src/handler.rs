@@ -174,6 +174,19 @@ pub trait Handler {
     fn on_periodic(&mut self, ctx: &mut Context<'_, Self::Conn>) {
         let _ = ctx;
     }
+
+    /// The admin endpoint's `/connections`: appends the handler's own fields for one connection
+    /// to its line (e.g. ` side=client pair=3#1`; start with a space). Nothing by default.
+    fn describe(&self, conn: &Self::Conn, out: &mut String) {
+        let _ = (conn, out);
+    }
+
+    /// The admin endpoint's `/metrics`: appends the handler's own families in Prometheus text
+    /// format (`# HELP`, `# TYPE`, samples; names should start with `sockman_`). Nothing by
+    /// default.
+    fn write_metrics(&self, out: &mut String) {
+        let _ = out;
+    }
 }
 
 /// A handler's view of the loop during a callback: the current connection (write, close, who
@@ -381,6 +394,14 @@ impl<S> ConnMut<'_, S> {
         self.table.slab[self.id.key()].peer()
     }
 
+    /// The local address of this connection's socket (`getsockname`: one syscall).
+    ///
+    /// # Errors
+    /// The socket's error, e.g. for a dial that has not connected yet.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.table.slab[self.id.key()].stream.local_addr()
+    }
+
     /// Accepted or dialed.
     pub fn origin(&self) -> Origin {
         if self.table.slab[self.id.key()].has(flag::DIALED) {
@@ -388,6 +409,23 @@ impl<S> ConnMut<'_, S> {
         } else {
             Origin::Accepted
         }
+    }
+
+    /// Whether the peer's end of stream was read (its write side is closed).
+    pub fn is_eof(&self) -> bool {
+        self.table.slab[self.id.key()].has(flag::EOF)
+    }
+
+    /// This connection's handler state; `None` for the connection the callback is about (its
+    /// state is the callback's `conn` argument).
+    pub fn state(&self) -> Option<&S> {
+        self.table.slab[self.id.key()].state.as_ref()
+    }
+
+    /// This connection's handler state, mutably; `None` for the connection the callback is
+    /// about.
+    pub fn state_mut(&mut self) -> Option<&mut S> {
+        self.table.slab[self.id.key()].state.as_mut()
     }
 
     /// Whether a dialed connection is still completing its handshake.

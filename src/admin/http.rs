@@ -580,6 +580,7 @@ fn prometheus<S>(view: &View<'_, S>) -> String {
     let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
     let _ = writeln!(out, "{name}_sum {}", m.lifetime_sum_us as f64 / 1e6);
     let _ = writeln!(out, "{name}_count {cumulative}");
+    view.hooks.write_metrics(&mut out);
     out
 }
 
@@ -685,6 +686,11 @@ fn connections<S>(query: &str, view: &View<'_, S>) -> Result<String, String> {
             c.bytes_out,
             c.pending_len(),
         );
+        if let Some(state) = &c.state {
+            out.pop(); // the handler's fields go on the same line
+            view.hooks.describe(state, &mut out);
+            out.push('\n');
+        }
     }
     Ok(out)
 }

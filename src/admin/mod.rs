@@ -9,6 +9,7 @@ use mio::Registry;
 use slab::Slab;
 
 use crate::conn::Conn;
+use crate::handler::Handler;
 use crate::metrics::Metrics;
 use crate::time::{Clock, Tick};
 
@@ -23,7 +24,6 @@ pub(crate) const ADMIN_FDS: u64 = 1 + http::MAX_ADMIN_CONNS as u64;
 pub(crate) const ADMIN_FDS: u64 = 0;
 
 /// What the admin pages show, borrowed from the server for one request.
-#[derive(Debug)]
 #[cfg_attr(not(feature = "admin"), allow(dead_code))]
 pub(crate) struct View<'a, S> {
     pub(crate) metrics: &'a Metrics,
@@ -31,6 +31,31 @@ pub(crate) struct View<'a, S> {
     pub(crate) now: Tick,
     pub(crate) clock: Clock,
     pub(crate) draining: bool,
+    /// The handler's own parts of the pages.
+    pub(crate) hooks: &'a dyn Hooks<S>,
+}
+
+impl<S> std::fmt::Debug for View<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("View").finish_non_exhaustive()
+    }
+}
+
+/// The handler's contributions to the admin pages ([`Handler::describe`],
+/// [`Handler::write_metrics`]), as a trait object so that the admin side needs no handler type.
+#[cfg_attr(not(feature = "admin"), allow(dead_code))]
+pub(crate) trait Hooks<S> {
+    fn describe(&self, state: &S, out: &mut String);
+    fn write_metrics(&self, out: &mut String);
+}
+
+impl<H: Handler> Hooks<H::Conn> for H {
+    fn describe(&self, state: &H::Conn, out: &mut String) {
+        Handler::describe(self, state, out);
+    }
+    fn write_metrics(&self, out: &mut String) {
+        Handler::write_metrics(self, out);
+    }
 }
 
 /// The admin endpoint, or nothing.

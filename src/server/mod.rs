@@ -494,6 +494,7 @@ impl<H: Handler> Server<H> {
                     now,
                     clock: self.table.clock,
                     draining: self.timers.drain_deadline.is_some(),
+                    hooks: &self.handler,
                 };
                 self.admin.drive(k, self.table.poll.registry(), &view);
             }
