@@ -1,7 +1,8 @@
-//! The `sockman` binary: `sockman serve` (an echo server with limits, idle timeouts and metrics)
-//! and `sockman load` (its load generator). It uses only the library's public API.
+//! The `sockman` binary: `sockman serve` (an echo server with limits, idle timeouts and metrics),
+//! `sockman proxy` (an L4 proxy) and `sockman load` (the load generator). It uses only the library's public API.
 
 mod load;
+mod proxy;
 mod serve;
 mod server;
 mod units;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run the echo server (defaults: 127.0.0.1:7000, 60s idle timeout).
     Serve(Box<serve::ServeArgs>),
+    /// Run an L4 TCP proxy in front of one or more upstreams (round robin).
+    Proxy(Box<proxy::ProxyArgs>),
     /// Generate load against an echo server and report throughput and latency.
     Load(load::LoadArgs),
 }
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let result = match cli.command {
         Command::Serve(args) => serve::run(&args),
+        Command::Proxy(args) => proxy::run(&args),
         Command::Load(args) => run_load(&args),
     };
     match result {

@@ -1,0 +1,571 @@
+//! `sockman proxy`: an L4 TCP proxy on the library's public API. Every session is two
+//! connections in the same table, the accepted client and the dialed upstream, with one
+//! lifecycle:
+//!
+//! - **Dial**: each client dials the next upstream (round robin); a refused, unreachable or
+//!   timed-out dial tries the next one, up to `--connect-tries`, then the client is closed
+//!   (counted as `no_upstream`). The client is not read until its upstream is connected, so no
+//!   byte is sent to a dial that fails.
+//! - **Passive health**: an upstream whose dials fail `--upstream-max-fails` times in a row is
+//!   skipped for `--upstream-down-for` (default 3 and 10 s, HAProxy's `fall` and `inter`), unless
+//!   every upstream is down. A completed dial clears it.
+//! - **Relay with backpressure**: bytes read on one side are written straight to the other; a
+//!   side is not read while its peer has output pending (write watermarks of zero: any pending
+//!   output pauses the source, [`Handler::on_drained`] resumes it), so a session holds at most
+//!   one pending cap per direction, whatever the speeds of its ends.
+//! - **Half-close**: a FIN from one side becomes `shutdown(Write)` on the other once what is
+//!   pending is flushed; the session ends when both sides have sent their FIN.
+//! - **One lifecycle**: when either side closes (reset, error, idle with its peer idle too,
+//!   write stall, drain), the other is closed too, each exactly once; closes are counted per
+//!   side by the core (`closed` for all, `dialed_closed` for the upstream side).
+//! - `--send-proxy v1|v2` writes a PROXY protocol header (the ppp crate) to the upstream before
+//!   any client byte.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+use log::{debug, warn};
+use sockman::{CloseReason, Config, ConnId, Context, Eof, Handler, Idle, SendError};
+
+use crate::server::{self, ServerArgs};
+use crate::units::parse_duration;
+
+/// The PROXY protocol version `--send-proxy` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ProxyVersion {
+    /// The text header (`PROXY TCP4 src dst sport dport\r\n`).
+    V1,
+    /// The binary header.
+    V2,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ProxyArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Upstream address; repeat or separate with commas for several (round robin).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "SOCKMAN_UPSTREAM",
+        value_delimiter = ',',
+        required = true
+    )]
+    upstream: Vec<SocketAddr>,
+    /// A dial to an upstream that has not completed after this long fails (and the next is tried).
+    #[arg(long, value_name = "DURATION", default_value = "5s", env = "SOCKMAN_CONNECT_TIMEOUT", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// Dials per client before it is closed [default: each upstream once].
+    #[arg(long, value_name = "N", env = "SOCKMAN_CONNECT_TRIES")]
+    connect_tries: Option<usize>,
+    /// Consecutive failed dials after which an upstream is skipped for --upstream-down-for.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 3,
+        env = "SOCKMAN_UPSTREAM_MAX_FAILS"
+    )]
+    upstream_max_fails: u32,
+    /// How long an upstream that keeps failing is skipped.
+    #[arg(long, value_name = "DURATION", default_value = "10s", env = "SOCKMAN_UPSTREAM_DOWN_FOR", value_parser = parse_duration)]
+    upstream_down_for: Duration,
+    /// Send a PROXY protocol header to the upstream so that it sees the client's address.
+    #[arg(long, value_enum, value_name = "v1|v2", env = "SOCKMAN_SEND_PROXY")]
+    send_proxy: Option<ProxyVersion>,
+}
+
+/// One upstream and what happened to it.
+#[derive(Debug)]
+struct Upstream {
+    addr: SocketAddr,
+    /// Dials that failed since the last one that completed.
+    fails_in_a_row: u32,
+    /// Skipped until then (passive health).
+    down_until: Option<Instant>,
+    dials: u64,
+    dial_failures: u64,
+    /// Times it was marked down.
+    marked_down: u64,
+    /// Sessions through it now, and in all.
+    active: u64,
+    sessions: u64,
+    /// Bytes client → upstream, and upstream → client.
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+/// One side of a session: the handler state of each connection.
+#[derive(Debug)]
+pub(crate) enum Side {
+    /// The accepted connection. `upstream` is `None` only between a failed dial and the next.
+    Client {
+        upstream: Option<ConnId>,
+        index: u16,
+        tries: u8,
+    },
+    /// The dialed connection.
+    Upstream {
+        client: ConnId,
+        index: u16,
+        connected: bool,
+    },
+}
+
+impl Side {
+    fn peer(&self) -> Option<ConnId> {
+        match *self {
+            Side::Client { upstream, .. } => upstream,
+            Side::Upstream { client, .. } => Some(client),
+        }
+    }
+
+    fn index(&self) -> usize {
+        match *self {
+            Side::Client { index, .. } | Side::Upstream { index, .. } => index as usize,
+        }
+    }
+}
+
+/// The proxy handler.
+#[derive(Debug)]
+pub(crate) struct Proxy {
+    upstreams: Vec<Upstream>,
+    /// Round-robin position.
+    next: usize,
+    /// Dials per client.
+    tries: usize,
+    max_fails: u32,
+    down_for: Duration,
+    send_proxy: Option<ProxyVersion>,
+    /// Both sides idle this long closes the session (the core's idle timeout).
+    idle_timeout: Duration,
+    /// Sessions whose upstream connected, in all and now.
+    sessions: u64,
+    active_sessions: u64,
+    /// Clients closed because no dial succeeded.
+    no_upstream: u64,
+    /// Dials skipped past a down upstream.
+    skipped: u64,
+}
+
+impl Proxy {
+    pub(crate) fn new(
+        upstreams: &[SocketAddr],
+        tries: Option<usize>,
+        max_fails: u32,
+        down_for: Duration,
+        send_proxy: Option<ProxyVersion>,
+        idle_timeout: Duration,
+    ) -> Proxy {
+        Proxy {
+            upstreams: upstreams
+                .iter()
+                .map(|&addr| Upstream {
+                    addr,
+                    fails_in_a_row: 0,
+                    down_until: None,
+                    dials: 0,
+                    dial_failures: 0,
+                    marked_down: 0,
+                    active: 0,
+                    sessions: 0,
+                    bytes_up: 0,
+                    bytes_down: 0,
+                })
+                .collect(),
+            next: 0,
+            tries: tries.unwrap_or(upstreams.len()).clamp(1, u8::MAX as usize),
+            max_fails: max_fails.max(1),
+            down_for,
+            send_proxy,
+            idle_timeout,
+            sessions: 0,
+            active_sessions: 0,
+            no_upstream: 0,
+            skipped: 0,
+        }
+    }
+
+    /// The next upstream to dial: round robin over those not marked down (over all of them when
+    /// every one is down: a proxy that refuses everything helps nobody).
+    fn pick(&mut self, now: Instant) -> usize {
+        let n = self.upstreams.len();
+        for _ in 0..n {
+            let i = self.next % n;
+            self.next = self.next.wrapping_add(1);
+            match self.upstreams[i].down_until {
+                Some(until) if until > now => self.skipped += 1,
+                _ => return i,
+            }
+        }
+        let i = self.next % n;
+        self.next = self.next.wrapping_add(1);
+        i
+    }
+
+    /// Dials for `client` until one dial starts or `tries` runs out; returns the upstream's id
+    /// and index.
+    fn dial(
+        &mut self,
+        ctx: &mut Context<'_, Side>,
+        client: ConnId,
+        tries: &mut u8,
+    ) -> Option<(ConnId, u16)> {
+        while (*tries as usize) < self.tries {
+            *tries += 1;
+            let i = self.pick(ctx.now());
+            let up = &mut self.upstreams[i];
+            up.dials += 1;
+            let state = Side::Upstream {
+                client,
+                index: i as u16,
+                connected: false,
+            };
+            match ctx.connect(up.addr, state) {
+                Ok(id) => return Some((id, i as u16)),
+                Err(e) => {
+                    debug!("{e}");
+                    self.dial_failed(i, ctx.now());
+                }
+            }
+        }
+        None
+    }
+
+    fn dial_failed(&mut self, i: usize, now: Instant) {
+        let up = &mut self.upstreams[i];
+        up.dial_failures += 1;
+        up.fails_in_a_row += 1;
+        if up.fails_in_a_row >= self.max_fails && up.down_until.is_none_or(|t| t <= now) {
+            up.down_until = Some(now + self.down_for);
+            up.marked_down += 1;
+            warn!(
+                "upstream {} failed {} dials in a row: skipped for {:?}",
+                up.addr, up.fails_in_a_row, self.down_for
+            );
+        }
+    }
+
+    /// The PROXY protocol header for a session from `client` to `local` (our listener).
+    fn proxy_header(version: ProxyVersion, client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+        match version {
+            ProxyVersion::V1 => {
+                let addrs = match (client, local) {
+                    (SocketAddr::V4(c), SocketAddr::V4(l)) => {
+                        ppp::v1::Addresses::new_tcp4(*c.ip(), *l.ip(), c.port(), l.port())
+                    }
+                    (SocketAddr::V6(c), SocketAddr::V6(l)) => {
+                        ppp::v1::Addresses::new_tcp6(*c.ip(), *l.ip(), c.port(), l.port())
+                    }
+                    _ => ppp::v1::Addresses::Unknown,
+                };
+                addrs.to_string().into_bytes()
+            }
+            ProxyVersion::V2 => {
+                use ppp::v2::{Builder, Command, Protocol, Version};
+                let addrs: ppp::v2::Addresses = match (client, local) {
+                    (SocketAddr::V4(_), SocketAddr::V4(_))
+                    | (SocketAddr::V6(_), SocketAddr::V6(_)) => (client, local).into(),
+                    _ => ppp::v2::Addresses::Unspecified,
+                };
+                Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, addrs)
+                    .build()
+                    .unwrap_or_default()
+            }
+        }
+    }
+
+    /// The counters part of the stats line.
+    pub(crate) fn stats(&self) -> String {
+        let failures: u64 = self.upstreams.iter().map(|u| u.dial_failures).sum();
+        let down = self
+            .upstreams
+            .iter()
+            .filter(|u| u.down_until.is_some_and(|t| t > Instant::now()))
+            .count();
+        format!(
+            " sessions={} active_sessions={} dial_failures={failures} no_upstream={} upstreams_down={down}",
+            self.sessions, self.active_sessions, self.no_upstream
+        )
+    }
+}
+
+impl Handler for Proxy {
+    type Conn = Side;
+    /// Each side is paused explicitly while its *peer* has output pending.
+    const PAUSE_READING_WHILE_PENDING: bool = false;
+
+    fn on_open(&mut self, ctx: &mut Context<'_, Side>) -> Side {
+        let client = ctx.id();
+        // Not read until the upstream is connected: no byte goes to a dial that fails.
+        if let Some(mut c) = ctx.conn(client) {
+            c.pause_reading();
+        }
+        let mut tries = 0;
+        match self.dial(ctx, client, &mut tries) {
+            Some((upstream, index)) => Side::Client {
+                upstream: Some(upstream),
+                index,
+                tries,
+            },
+            None => {
+                self.no_upstream += 1;
+                ctx.close();
+                Side::Client {
+                    upstream: None,
+                    index: 0,
+                    tries,
+                }
+            }
+        }
+    }
+
+    fn on_connected(&mut self, side: &mut Side, ctx: &mut Context<'_, Side>) {
+        let Side::Upstream {
+            client,
+            index,
+            connected,
+        } = side
+        else {
+            return;
+        };
+        *connected = true;
+        let up = &mut self.upstreams[*index as usize];
+        up.fails_in_a_row = 0;
+        up.down_until = None;
+        up.active += 1;
+        up.sessions += 1;
+        self.sessions += 1;
+        self.active_sessions += 1;
+        let Some(mut c) = ctx.conn(*client) else {
+            return ctx.close(); // the client left while we dialed
+        };
+        let header = self.send_proxy.and_then(|v| {
+            let local = c.local_addr().ok()?;
+            Some(Proxy::proxy_header(v, c.peer(), local))
+        });
+        c.resume_reading();
+        if let Some(header) = header {
+            ctx.write(&header);
+        }
+    }
+
+    fn on_data(&mut self, side: &mut Side, ctx: &mut Context<'_, Side>, data: &[u8]) {
+        let Some(peer) = side.peer() else {
+            return ctx.close();
+        };
+        let up = &mut self.upstreams[side.index()];
+        match side {
+            Side::Client { .. } => up.bytes_up += data.len() as u64,
+            Side::Upstream { .. } => up.bytes_down += data.len() as u64,
+        }
+        match ctx.send(peer, data) {
+            Ok(()) => {
+                // Backpressure: the peer has output pending; read this side again once it
+                // drained (`on_drained` of the peer).
+                if ctx.conn(peer).is_some_and(|p| !p.is_writable()) {
+                    let me = ctx.id();
+                    if let Some(mut c) = ctx.conn(me) {
+                        c.pause_reading();
+                    }
+                }
+            }
+            Err(SendError::Gone | SendError::Refused) => ctx.close(),
+        }
+    }
+
+    fn on_drained(&mut self, side: &mut Side, ctx: &mut Context<'_, Side>) {
+        if let Some(mut p) = side.peer().and_then(|peer| ctx.conn(peer)) {
+            p.resume_reading();
+        }
+    }
+
+    fn on_eof(&mut self, side: &mut Side, ctx: &mut Context<'_, Side>) -> Eof {
+        let Some(mut peer) = side.peer().and_then(|peer| ctx.conn(peer)) else {
+            return Eof::Close;
+        };
+        if peer.is_eof() {
+            // Both directions are done: close both (each after its pending output).
+            peer.close();
+            Eof::Close
+        } else {
+            // Pass the FIN on; this side stays open to carry the other direction.
+            peer.shutdown_write();
+            Eof::KeepOpen
+        }
+    }
+
+    fn on_idle(&mut self, side: &mut Side, ctx: &mut Context<'_, Side>) -> Idle {
+        // A session is idle only when both of its sides are.
+        match side.peer().and_then(|peer| ctx.conn(peer)) {
+            Some(p) if p.idle() < self.idle_timeout => Idle::Keep,
+            _ => Idle::Close,
+        }
+    }
+
+    fn on_close(&mut self, side: Side, ctx: &mut Context<'_, Side>, reason: CloseReason) {
+        match side {
+            Side::Upstream {
+                client,
+                index,
+                connected: false,
+            } => {
+                // A dial that failed: try the next upstream, or give up on the client.
+                self.dial_failed(index as usize, ctx.now());
+                let tries = match ctx.conn(client).as_ref().and_then(|c| c.state()) {
+                    Some(Side::Client { tries, .. }) => *tries,
+                    _ => return, // the client is gone too
+                };
+                let mut tries = tries;
+                let next = self.dial(ctx, client, &mut tries);
+                let Some(mut c) = ctx.conn(client) else {
+                    return;
+                };
+                if let Some(Side::Client {
+                    upstream,
+                    index,
+                    tries: t,
+                }) = c.state_mut()
+                {
+                    *t = tries;
+                    *upstream = next.map(|n| n.0);
+                    *index = next.map_or(0, |n| n.1);
+                }
+                if next.is_none() {
+                    debug!("client {client}: no upstream after {tries} dials ({reason})");
+                    self.no_upstream += 1;
+                    c.close();
+                }
+            }
+            Side::Upstream { client, index, .. } => {
+                let up = &mut self.upstreams[index as usize];
+                up.active -= 1;
+                self.active_sessions -= 1;
+                if let Some(mut c) = ctx.conn(client) {
+                    c.close();
+                }
+            }
+            Side::Client { upstream, .. } => {
+                if let Some(mut u) = upstream.and_then(|u| ctx.conn(u)) {
+                    u.close();
+                }
+            }
+        }
+    }
+
+    fn describe(&self, side: &Side, out: &mut String) {
+        let (name, peer) = match side {
+            Side::Client { upstream, .. } => ("client", *upstream),
+            Side::Upstream { client, .. } => ("upstream", Some(*client)),
+        };
+        let _ = write!(out, " side={name}");
+        if let Some(peer) = peer {
+            let _ = write!(
+                out,
+                " pair={peer} upstream={}",
+                self.upstreams[side.index()].addr
+            );
+        }
+    }
+
+    fn write_metrics(&self, out: &mut String) {
+        let mut family = |name: &str, kind: &str, help: &str, value: &dyn Fn(&Upstream) -> u64| {
+            let _ = writeln!(
+                out,
+                "# HELP sockman_upstream_{name} {help}\n# TYPE sockman_upstream_{name} {kind}"
+            );
+            for u in &self.upstreams {
+                let _ = writeln!(
+                    out,
+                    "sockman_upstream_{name}{{upstream=\"{}\"}} {}",
+                    u.addr,
+                    value(u)
+                );
+            }
+        };
+        family(
+            "dials_total",
+            "counter",
+            "Dials started to this upstream.",
+            &|u| u.dials,
+        );
+        family(
+            "dial_failures_total",
+            "counter",
+            "Dials to this upstream that failed (refused, unreachable, timed out, at the cap).",
+            &|u| u.dial_failures,
+        );
+        family(
+            "marked_down_total",
+            "counter",
+            "Times this upstream was skipped after failing dials in a row.",
+            &|u| u.marked_down,
+        );
+        family(
+            "sessions_active",
+            "gauge",
+            "Sessions through this upstream now.",
+            &|u| u.active,
+        );
+        family(
+            "sessions_total",
+            "counter",
+            "Sessions through this upstream.",
+            &|u| u.sessions,
+        );
+        family(
+            "sent_bytes_total",
+            "counter",
+            "Bytes relayed from clients to this upstream.",
+            &|u| u.bytes_up,
+        );
+        family(
+            "received_bytes_total",
+            "counter",
+            "Bytes relayed from this upstream to clients.",
+            &|u| u.bytes_down,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sockman_proxy_no_upstream_total Clients closed because no dial succeeded.\n# TYPE sockman_proxy_no_upstream_total counter\nsockman_proxy_no_upstream_total {}",
+            self.no_upstream
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sockman_proxy_skipped_total Dials that skipped an upstream marked down.\n# TYPE sockman_proxy_skipped_total counter\nsockman_proxy_skipped_total {}",
+            self.skipped
+        );
+    }
+}
+
+impl ProxyArgs {
+    fn config(&self) -> Config {
+        let (low, high) = (Some(0), Some(0));
+        Config {
+            connect_timeout: self.connect_timeout,
+            // Any output pending on a side pauses its peer (see the module docs).
+            write_high_watermark: high,
+            write_low_watermark: low,
+            ..self.server.config()
+        }
+    }
+}
+
+/// Runs `sockman proxy` with `args` until a signal stops it.
+pub(crate) fn run(args: &ProxyArgs) -> Result<(), String> {
+    if args.connect_tries == Some(0) {
+        return Err("--connect-tries must be at least 1".into());
+    }
+    let config = args.config();
+    let proxy = Proxy::new(
+        &args.upstream,
+        args.connect_tries,
+        args.upstream_max_fails,
+        args.upstream_down_for,
+        args.send_proxy,
+        config.idle_timeout,
+    );
+    server::run(config, proxy, &args.server, Proxy::stats).map(|_| ())
+}
