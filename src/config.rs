@@ -27,6 +27,21 @@ pub enum OnFull {
     EvictIdle,
 }
 
+/// Whether data listeners expect a PROXY protocol header (from an L4 balancer such as HAProxy
+/// with `send-proxy`) at the start of every connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProxyProtocol {
+    /// No header: the socket's peer is the client. The default.
+    #[default]
+    Off,
+    /// The text header (version 1) is required.
+    V1,
+    /// The binary header (version 2) is required.
+    V2,
+    /// Either version is required.
+    Any,
+}
+
 /// Everything the server loop needs to know. Durations of zero mean "off" where documented.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -123,6 +138,36 @@ pub struct Config {
     /// How often [`Handler::on_periodic`](crate::Handler::on_periodic) runs (housekeeping on the
     /// loop); zero = never. Default zero.
     pub periodic: Duration,
+    /// PROXY protocol on every data listener. When on, a header is *required* (anything else
+    /// would let clients spoof their address): its client address replaces the socket's peer
+    /// in per-IP limits, logs, `/connections` and [`Context::peer`](crate::Context::peer); a
+    /// v2 `LOCAL` header (a balancer's health check) keeps the socket's peer. A missing,
+    /// malformed, oversized or late header closes the connection before the handler sees it
+    /// (counted as `rejected{proxy_header_*}`). Needs the `proxy-protocol` feature. Default off.
+    pub proxy_protocol: ProxyProtocol,
+    /// The PROXY protocol header must be complete this long after the accept. Default 3 s.
+    pub proxy_header_timeout: Duration,
+    /// Accepted connections are closed gracefully this long after they were accepted
+    /// ([`CloseReason::MaxLifetime`](crate::CloseReason::MaxLifetime)), so that long-lived
+    /// clients rebalance after a scale-out (Envoy's `max_connection_duration`). Zero = off.
+    /// Default off.
+    pub max_lifetime: Duration,
+    /// Spread of [`max_lifetime`](Self::max_lifetime): each connection's lifetime is within
+    /// ± this of it, so that a fleet does not reconnect at once. `None` = a tenth of the
+    /// lifetime.
+    pub max_lifetime_jitter: Option<Duration>,
+    /// An accepted connection that sends nothing this long after it was accepted is closed
+    /// ([`CloseReason::FirstByteTimeout`](crate::CloseReason::FirstByteTimeout)) rather than
+    /// after the whole idle timeout. Zero = off. Default off.
+    pub first_byte_timeout: Duration,
+    /// Lame-duck delay of a drain: readiness (`/readyz`) fails at once, but the listeners keep
+    /// accepting for this long, so that a balancer stops sending before they close; then the
+    /// drain runs. Default zero.
+    pub drain_delay: Duration,
+    /// Bind the listeners with `SO_REUSEPORT`, so that several loops (threads or processes)
+    /// can each have their own socket on one address and the kernel spreads connections over
+    /// them. Default off.
+    pub reuse_port: bool,
     /// Capacity of each queue that other threads feed through [`Handle::send`](crate::Handle::send),
     /// [`Handle::close`](crate::Handle::close) and [`Remote::run`](crate::Remote::run); a full
     /// queue is the sender's error. Default 1024.
@@ -162,6 +207,13 @@ impl Default for Config {
             write_low_watermark: None,
             periodic: Duration::ZERO,
             remote_queue: 1024,
+            proxy_protocol: ProxyProtocol::Off,
+            proxy_header_timeout: Duration::from_secs(3),
+            max_lifetime: Duration::ZERO,
+            max_lifetime_jitter: None,
+            first_byte_timeout: Duration::ZERO,
+            drain_delay: Duration::ZERO,
+            reuse_port: false,
         }
     }
 }
@@ -195,6 +247,9 @@ impl Config {
             ("linger timeout", self.linger_timeout),
             ("connect timeout", self.connect_timeout),
             ("periodic interval", self.periodic),
+            ("max lifetime", self.max_lifetime),
+            ("first byte timeout", self.first_byte_timeout),
+            ("drain delay", self.drain_delay),
         ] {
             if !value.is_zero() && value < self.tick {
                 return bad(format!(
@@ -282,6 +337,25 @@ impl Config {
         }
         if self.remote_queue == 0 {
             return bad("remote queue capacity must be at least 1".into());
+        }
+        if self.proxy_protocol != ProxyProtocol::Off {
+            if !cfg!(feature = "proxy-protocol") {
+                return bad("the PROXY protocol needs the `proxy-protocol` cargo feature".into());
+            }
+            if self.proxy_header_timeout < self.tick {
+                return bad(format!(
+                    "proxy header timeout {:?} is shorter than the tick {:?}",
+                    self.proxy_header_timeout, self.tick
+                ));
+            }
+        }
+        if let Some(j) = self.max_lifetime_jitter {
+            if !self.max_lifetime.is_zero() && j >= self.max_lifetime {
+                return bad(format!(
+                    "max lifetime jitter {j:?} must be less than the max lifetime {:?}",
+                    self.max_lifetime
+                ));
+            }
         }
         if self.accept_retry.is_zero() {
             return bad("accept retry must be above 0".into());

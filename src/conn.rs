@@ -27,6 +27,9 @@ use crate::time::{Tick, NEVER};
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
+    /// Accepted on a PROXY protocol listener; the header has not been read yet. Not the
+    /// handler's (no `on_open` yet); a partial header is kept where pending output would be.
+    Header,
     /// Dialed; the handshake has not completed. Writes are kept as pending output.
     Connecting,
     /// Connected: read and written for the handler.
@@ -94,6 +97,29 @@ pub(crate) struct Timeouts {
     pub(crate) write: Option<Tick>,
     pub(crate) connect: Option<Tick>,
     pub(crate) linger: Tick,
+    /// The PROXY protocol header must be complete this long after the accept.
+    pub(crate) header: Tick,
+    /// Accepted connections close gracefully this long after the accept, give or take
+    /// `jitter` (spread per connection, so that a fleet does not reconnect at once).
+    pub(crate) lifetime: Option<Tick>,
+    pub(crate) jitter: Tick,
+    /// An accepted connection that has sent nothing this long after the accept is closed.
+    pub(crate) first_byte: Option<Tick>,
+}
+
+impl Timeouts {
+    /// The lifetime of the connection with generation `gen`: `lifetime ± jitter`, spread by a
+    /// hash of the generation (deterministic, so that re-computing a deadline never moves it).
+    fn lifetime_of(&self, gen: u32) -> Option<Tick> {
+        let base = self.lifetime?;
+        if self.jitter == 0 {
+            return Some(base);
+        }
+        // A multiplicative hash spreads consecutive generations over the whole range.
+        let h = (gen as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+        let spread = 2 * self.jitter + 1;
+        Some((base + h % spread).saturating_sub(self.jitter).max(1))
+    }
 }
 
 /// What a deadline that came due means.
@@ -109,6 +135,12 @@ pub(crate) enum Due {
     Timer,
     /// The linger deadline.
     Linger,
+    /// The PROXY protocol header did not arrive in time.
+    Header,
+    /// The connection reached its maximum lifetime.
+    Lifetime,
+    /// An accepted connection sent nothing within the first-byte timeout.
+    FirstByte,
 }
 
 /// What a lingering read found.
@@ -213,6 +245,34 @@ impl<S> Conn<S> {
         SocketAddr::new(self.peer_ip, self.peer_port)
     }
 
+    /// Replaces the peer (the client address a PROXY protocol header carries).
+    pub(crate) fn set_peer(&mut self, peer: SocketAddr) {
+        self.peer_ip = peer.ip();
+        self.peer_port = peer.port();
+    }
+
+    /// While in [`Phase::Header`]: the partial header read so far.
+    pub(crate) fn header_bytes(&self) -> &[u8] {
+        self.pending.as_ref().map_or(&[], |p| &p.buf)
+    }
+
+    /// While in [`Phase::Header`]: keeps `data` as the partial header (no output exists yet, so
+    /// the pending box is free to hold it; it is not counted as pending output).
+    pub(crate) fn set_header_bytes(&mut self, data: Vec<u8>) {
+        debug_assert_eq!(self.phase, Phase::Header);
+        self.pending = Some(Box::new(Pending {
+            buf: data,
+            off: 0,
+            last_progress: 0,
+        }));
+    }
+
+    /// Leaves [`Phase::Header`]: drops the partial header without touching the output gauge.
+    pub(crate) fn take_header_bytes(&mut self) -> Vec<u8> {
+        debug_assert_eq!(self.phase, Phase::Header);
+        self.pending.take().map_or_else(Vec::new, |p| p.buf)
+    }
+
     pub(crate) fn pending_len(&self) -> usize {
         self.pending.as_ref().map_or(0, |p| p.buf.len() - p.off)
     }
@@ -221,9 +281,11 @@ impl<S> Conn<S> {
         self.pending.is_some()
     }
 
-    /// Open for the handler: neither closing nor closed.
+    /// Open for the handler: neither closing nor closed (nor waiting for its PROXY header).
     pub(crate) fn is_live(&self) -> bool {
-        self.phase != Phase::Lingering && self.abort.is_none() && self.graceful.is_none()
+        !matches!(self.phase, Phase::Lingering | Phase::Header)
+            && self.abort.is_none()
+            && self.graceful.is_none()
     }
 
     /// Asks for a close after the pending output is flushed; the first reason wins.
@@ -372,6 +434,7 @@ impl<S> Conn<S> {
             }
         };
         match self.phase {
+            Phase::Header => return Some((after(self.opened, t.header), Due::Header)),
             Phase::Lingering => offer(after(self.last_active, t.linger), Due::Linger),
             Phase::Connecting => {
                 if let Some(c) = t.connect {
@@ -381,6 +444,17 @@ impl<S> Conn<S> {
             Phase::Open => {
                 if let Some(idle) = t.idle {
                     offer(after(self.last_active, idle), Due::Idle);
+                }
+                if !self.has(flag::DIALED) {
+                    if let Some(life) = t.lifetime_of(self.gen) {
+                        // Once its graceful close is under way, the lifetime is spent.
+                        if self.graceful.is_none() {
+                            offer(after(self.opened, life), Due::Lifetime);
+                        }
+                    }
+                    if let (Some(fb), 0) = (t.first_byte, self.bytes_in) {
+                        offer(after(self.opened, fb), Due::FirstByte);
+                    }
                 }
             }
         }

@@ -76,6 +76,7 @@ mod error;
 mod handler;
 mod limits;
 mod metrics;
+mod proxy_header;
 mod reason;
 mod remote;
 mod server;
@@ -85,7 +86,7 @@ mod token;
 #[doc(hidden)]
 pub mod wheel;
 
-pub use config::{Config, OnFull, MAX_CONNECTIONS_LIMIT};
+pub use config::{Config, OnFull, ProxyProtocol, MAX_CONNECTIONS_LIMIT};
 pub use error::Error;
 pub use handler::{ConnMut, Context, Discard, Echo, Eof, Handler, Idle, Origin, SendError};
 pub use limits::{FALLBACK_MAX_CONNECTIONS, FD_RESERVE};

@@ -22,13 +22,29 @@ pub enum RejectReason {
     Shed,
     /// The socket could not be registered with the poll.
     Register,
+    /// A PROXY protocol listener got bytes that are not a header of an accepted version
+    /// (or the client went away before sending one).
+    ProxyHeaderMissing,
+    /// A PROXY protocol header was malformed or oversized.
+    ProxyHeaderInvalid,
+    /// A PROXY protocol header was not complete within
+    /// [`Config::proxy_header_timeout`](crate::Config::proxy_header_timeout).
+    ProxyHeaderTimeout,
 }
 
 impl RejectReason {
     /// Number of counters, one per variant.
-    pub const COUNT: usize = 4;
+    pub const COUNT: usize = 7;
     /// Counter names, in [`RejectReason::index`] order.
-    pub const NAMES: [&'static str; Self::COUNT] = ["full", "per_ip", "shed", "register"];
+    pub const NAMES: [&'static str; Self::COUNT] = [
+        "full",
+        "per_ip",
+        "shed",
+        "register",
+        "proxy_header_missing",
+        "proxy_header_invalid",
+        "proxy_header_timeout",
+    ];
 
     /// The counter slot of this reason.
     pub fn index(self) -> usize {
@@ -37,6 +53,9 @@ impl RejectReason {
             RejectReason::PerIp => 1,
             RejectReason::Shed => 2,
             RejectReason::Register => 3,
+            RejectReason::ProxyHeaderMissing => 4,
+            RejectReason::ProxyHeaderInvalid => 5,
+            RejectReason::ProxyHeaderTimeout => 6,
         }
     }
 }
@@ -76,6 +95,9 @@ pub struct Metrics {
     pub closed: [u64; CloseReason::COUNT],
     /// Gauge: dials still completing their handshake.
     pub connecting: u64,
+    /// Gauge: accepted connections waiting for their PROXY protocol header (not yet counted
+    /// in `accepted` or `active`).
+    pub awaiting_header: u64,
     /// The part of [`closed`](Self::closed) that were dialed connections.
     pub closed_dialed: [u64; CloseReason::COUNT],
     /// Refusals at accept per [`RejectReason::index`].

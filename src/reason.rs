@@ -35,11 +35,17 @@ pub enum CloseReason {
     ConnectTimeout,
     /// A dial found no route (`EHOSTUNREACH`, `ENETUNREACH`, `EHOSTDOWN`, `ENETDOWN`).
     Unreachable,
+    /// The connection reached [`Config::max_lifetime`](crate::Config::max_lifetime) (closed
+    /// gracefully, so that long-lived clients rebalance).
+    MaxLifetime,
+    /// The client sent nothing within
+    /// [`Config::first_byte_timeout`](crate::Config::first_byte_timeout).
+    FirstByteTimeout,
 }
 
 impl CloseReason {
     /// Number of distinct counters, one per variant ([`CloseReason::index`]).
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 14;
 
     /// Every counter's name, in [`CloseReason::index`] order.
     pub const NAMES: [&'static str; Self::COUNT] = [
@@ -55,6 +61,8 @@ impl CloseReason {
         "connect_refused",
         "connect_timeout",
         "unreachable",
+        "max_lifetime",
+        "first_byte_timeout",
     ];
 
     /// The counter slot of this reason (all `Io` kinds share one slot).
@@ -72,6 +80,8 @@ impl CloseReason {
             CloseReason::ConnectRefused => 9,
             CloseReason::ConnectTimeout => 10,
             CloseReason::Unreachable => 11,
+            CloseReason::MaxLifetime => 12,
+            CloseReason::FirstByteTimeout => 13,
         }
     }
 
@@ -109,7 +119,10 @@ impl CloseReason {
     /// abortive (reset, overflow, write stall, forced stop) or happen when the peer is done
     /// (its FIN was read) or silent (idle).
     pub(crate) fn lingers(self) -> bool {
-        matches!(self, CloseReason::Handler | CloseReason::Shutdown)
+        matches!(
+            self,
+            CloseReason::Handler | CloseReason::Shutdown | CloseReason::MaxLifetime
+        )
     }
 }
 
@@ -158,6 +171,8 @@ mod tests {
             CloseReason::ConnectRefused,
             CloseReason::ConnectTimeout,
             CloseReason::Unreachable,
+            CloseReason::MaxLifetime,
+            CloseReason::FirstByteTimeout,
         ];
         for (i, r) in all.iter().enumerate() {
             assert_eq!(r.index(), i);

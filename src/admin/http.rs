@@ -1,6 +1,8 @@
 //! The admin endpoint: a tiny HTTP/1.1 server on its own listener, served by the same loop as the
 //! data connections (no extra thread). `GET /metrics` (Prometheus text), `GET /connections` (one
-//! line per connection, like Redis `CLIENT LIST`), `GET /health` (200 running, 503 draining).
+//! line per connection, like Redis `CLIENT LIST`), `GET /livez` (200 while the loop answers),
+//! `GET /readyz` and `GET /health` (200 ready; 503 draining, in the lame-duck delay, or at the
+//! connection cap).
 //!
 //! Admin connections have their own small limits (count, request size, lifetime), are never
 //! counted as data connections, and get `Connection: close` responses: one request each. Like a
@@ -373,9 +375,18 @@ fn get<S>(target: &str, view: &View<'_, S>) -> Vec<u8> {
             Ok(body) => simple(200, "OK", &body),
             Err(msg) => simple(400, "Bad Request", &msg),
         },
-        "/health" if view.draining => simple(503, "Service Unavailable", "draining\n"),
-        "/health" => simple(200, "OK", "ok\n"),
-        _ => simple(404, "Not Found", "try /metrics, /connections or /health\n"),
+        // The loop answers this itself: an answer at all means it is not wedged.
+        "/livez" => simple(200, "OK", "ok\n"),
+        // `/health` is what it was before `/readyz` existed: the readiness check.
+        "/readyz" | "/health" => match view.ready {
+            Ok(()) => simple(200, "OK", "ok\n"),
+            Err(why) => simple(503, "Service Unavailable", &format!("{why}\n")),
+        },
+        _ => simple(
+            404,
+            "Not Found",
+            "try /metrics, /connections, /livez or /readyz\n",
+        ),
     }
 }
 
@@ -667,6 +678,7 @@ fn connections<S>(query: &str, view: &View<'_, S>) -> Result<String, String> {
     let mut out = String::with_capacity(rows.len() * 130);
     for (key, c) in rows {
         let state = match c.phase {
+            Phase::Header => "proxy_header",
             Phase::Connecting => "connecting",
             Phase::Lingering => "lingering",
             Phase::Open if !c.is_live() => "closing",

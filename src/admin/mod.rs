@@ -31,6 +31,8 @@ pub(crate) struct View<'a, S> {
     pub(crate) now: Tick,
     pub(crate) clock: Clock,
     pub(crate) draining: bool,
+    /// `/readyz`: whether to send this server new connections, or why not.
+    pub(crate) ready: Result<(), &'static str>,
     /// The handler's own parts of the pages.
     pub(crate) hooks: &'a dyn Hooks<S>,
 }

@@ -18,7 +18,7 @@ use mio::Interest;
 use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 
 use super::Server;
-use crate::config::Config;
+use crate::config::{Config, ProxyProtocol};
 use crate::conn::{Conn, Phase};
 use crate::handler::{Context, Handler};
 use crate::limits::{self, AcceptError, AcceptGate, Lru, PerIp};
@@ -54,6 +54,8 @@ pub(super) struct Acceptor {
     pub(super) retry_ticks: Tick,
     /// `accept` error numbers already logged (each kind once).
     logged: Vec<i32>,
+    /// PROXY protocol on the data listeners: connections start in the header phase.
+    pub(super) proxy_protocol: ProxyProtocol,
 }
 
 impl Acceptor {
@@ -70,6 +72,7 @@ impl Acceptor {
             evict_min_ticks: ticks(config.evict_min_idle),
             retry_ticks: ticks(config.accept_retry).max(1),
             logged: Vec::new(),
+            proxy_protocol: config.proxy_protocol,
         }
     }
 
@@ -223,16 +226,15 @@ impl<H: Handler> Server<H> {
         if let Some((shed, pauses)) = self.accept.gate.on_admit() {
             warn!("accept resumed: {shed} connections shed and {pauses} pauses since it stopped");
         }
+        // Behind a PROXY protocol listener the socket's peer is the balancer: the per-IP check
+        // waits for the header, which names the client.
+        let header = self.accept.proxy_protocol != ProxyProtocol::Off;
         // The per-IP cap is checked first: a refused client must not evict anybody.
-        if let Some(per_ip) = &mut self.accept.per_ip {
-            if !per_ip.try_add(peer.ip(), self.config.max_per_ip) {
-                self.table.metrics.rejected[RejectReason::PerIp.index()] += 1;
-                trace!("rejected peer={peer} reason=per_ip");
-                return;
-            }
+        if !header && !self.per_ip_admits(peer) {
+            return;
         }
         if self.table.slab.len() >= self.table.max_connections && !self.evict_for(now) {
-            if let Some(per_ip) = &mut self.accept.per_ip {
+            if let (Some(per_ip), false) = (&mut self.accept.per_ip, header) {
                 per_ip.remove(peer.ip());
             }
             self.table.metrics.rejected[RejectReason::Full.index()] += 1;
@@ -249,7 +251,7 @@ impl<H: Handler> Server<H> {
             Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
         ) {
             self.table.metrics.rejected[RejectReason::Register.index()] += 1;
-            if let Some(per_ip) = &mut self.accept.per_ip {
+            if let (Some(per_ip), false) = (&mut self.accept.per_ip, header) {
                 per_ip.remove(peer.ip());
             }
             warn!("cannot register connection from {peer}: {e}");
@@ -259,19 +261,131 @@ impl<H: Handler> Server<H> {
         if self.config.nodelay {
             let _ = stream.set_nodelay(true);
         }
-        let key =
-            self.table
-                .slab
-                .insert(Conn::new(stream, peer, id.generation(), Phase::Open, now));
+        let phase = if header { Phase::Header } else { Phase::Open };
+        let key = self
+            .table
+            .slab
+            .insert(Conn::new(stream, peer, id.generation(), phase, now));
         debug_assert_eq!(key, id.key(), "slab did not use its vacant key");
+        if header {
+            // Not the handler's until its header is read (under a deadline).
+            self.table.metrics.awaiting_header += 1;
+            trace!("accepted conn={id} peer={peer}: waiting for its PROXY header");
+            self.arm(key);
+            return;
+        }
+        self.open(id);
+    }
+
+    /// Whether the per-IP cap lets `peer` in (counting it if so).
+    fn per_ip_admits(&mut self, peer: SocketAddr) -> bool {
+        let max = self.config.max_per_ip;
+        if self
+            .accept
+            .per_ip
+            .as_mut()
+            .is_some_and(|per_ip| !per_ip.try_add(peer.ip(), max))
+        {
+            self.table.metrics.rejected[RejectReason::PerIp.index()] += 1;
+            trace!("rejected peer={peer} reason=per_ip");
+            return false;
+        }
+        true
+    }
+
+    /// Makes accepted connection `id` the handler's: counted, in the eviction order, `on_open`.
+    fn open(&mut self, id: ConnId) {
+        let key = id.key();
         self.table.metrics.count_open();
         if let Some(lru) = &mut self.accept.lru {
             lru.push(key);
         }
-        debug!("accepted conn={id} peer={peer}");
+        debug!("accepted conn={id} peer={}", self.table.slab[key].peer());
         let state = self.handler.on_open(&mut Context::new(&mut self.table, id));
         self.table.slab[key].state = Some(state);
         self.after_callback(id);
+    }
+
+    /// Reads the PROXY protocol header of connection `key`: once complete, its client address
+    /// replaces the peer, the per-IP cap applies, and the connection opens (what followed the
+    /// header is its first data). A missing, invalid or late header (see `fire`) closes the
+    /// connection before the handler sees it, counted as a rejection.
+    pub(super) fn read_header(&mut self, key: usize) {
+        use crate::proxy_header::{self, Parsed, MAX_HEADER};
+        loop {
+            let conn = &mut self.table.slab[key];
+            let had = conn.header_bytes().len();
+            let room = MAX_HEADER + 1 - had;
+            let n = match std::io::Read::read(&mut conn.stream, &mut self.buf[..room]) {
+                Ok(0) => {
+                    let reason = if had == 0 {
+                        RejectReason::ProxyHeaderMissing
+                    } else {
+                        RejectReason::ProxyHeaderInvalid
+                    };
+                    return self.reject_header(key, reason);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return self.reject_header(key, RejectReason::ProxyHeaderMissing),
+            };
+            // The header so far, with what was just read (in the read buffer when there was
+            // nothing before: the common case of a header that arrives in one segment).
+            let mut joined = conn.take_header_bytes();
+            joined.extend_from_slice(&self.buf[..n]);
+            match proxy_header::parse(&joined, self.accept.proxy_protocol) {
+                Parsed::Incomplete => self.table.slab[key].set_header_bytes(joined),
+                Parsed::Missing => {
+                    return self.reject_header(key, RejectReason::ProxyHeaderMissing)
+                }
+                Parsed::Invalid => {
+                    return self.reject_header(key, RejectReason::ProxyHeaderInvalid)
+                }
+                Parsed::Done { len, source } => {
+                    let rest = joined.len() - len;
+                    self.buf[..rest].copy_from_slice(&joined[len..]);
+                    return self.after_header(key, source, rest);
+                }
+            }
+        }
+    }
+
+    /// A complete header: the client it names becomes the peer, then the per-IP cap, then the
+    /// connection opens with the `rest` bytes at the start of the read buffer as its first data.
+    fn after_header(&mut self, key: usize, source: Option<SocketAddr>, rest: usize) {
+        let conn = &mut self.table.slab[key];
+        let id = ConnId::new(key, conn.gen);
+        if let Some(client) = source {
+            conn.set_peer(client);
+        }
+        let peer = conn.peer();
+        if !self.per_ip_admits(peer) {
+            return drop(self.release(key));
+        }
+        let conn = &mut self.table.slab[key];
+        conn.phase = Phase::Open;
+        self.table.metrics.awaiting_header -= 1;
+        debug!("conn={id}: PROXY header names peer={peer}");
+        self.open(id);
+        if self.table.get(id).is_some_and(|c| c.is_live()) {
+            // The bytes after the header, then whatever else is waiting (no new edge comes).
+            if (rest == 0 || self.deliver(key, rest)) && self.can_read(key) {
+                self.read(key);
+            }
+        }
+    }
+
+    /// Closes a connection whose PROXY header failed, counted as a rejection: it never became
+    /// the handler's.
+    pub(super) fn reject_header(&mut self, key: usize, reason: RejectReason) {
+        let conn = self.release(key);
+        self.table.metrics.rejected[reason.index()] += 1;
+        trace!(
+            "rejected peer={} reason={}",
+            conn.peer(),
+            RejectReason::NAMES[reason.index()]
+        );
     }
 
     /// At the cap with evict-idle: closes the longest-idle connection if it has been idle long

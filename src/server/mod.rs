@@ -167,11 +167,19 @@ impl<H: Handler> Server<H> {
         let clock = Clock::new(Instant::now(), config.tick);
         let ticks = |d: Duration| clock.ticks(d);
         let off_or = |d: Duration| (!d.is_zero()).then(|| ticks(d));
+        let lifetime = off_or(config.max_lifetime);
         let timeouts = Timeouts {
             idle: off_or(config.idle_timeout),
             write: off_or(config.write_timeout),
             connect: off_or(config.connect_timeout),
             linger: ticks(config.linger_timeout),
+            header: ticks(config.proxy_header_timeout),
+            lifetime,
+            jitter: match config.max_lifetime_jitter {
+                Some(j) => ticks(j),
+                None => lifetime.unwrap_or(0) / 10,
+            },
+            first_byte: off_or(config.first_byte_timeout),
         };
         let admin = AdminSide::bind(
             config.admin,
@@ -306,9 +314,26 @@ impl<H: Handler> Server<H> {
         self.table.stopped
     }
 
-    /// Whether a drain is under way.
+    /// Whether a drain is under way (its lame-duck delay included).
     pub fn is_draining(&self) -> bool {
-        self.timers.drain_deadline.is_some()
+        self.timers.drain_deadline.is_some() || self.timers.lame_duck.is_some()
+    }
+
+    /// Whether this server should get new connections (what `/readyz` answers): not while
+    /// draining (its lame-duck delay included), nor at the connection cap.
+    ///
+    /// # Errors
+    /// Why not, in a few words.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.timers.lame_duck.is_some() {
+            Err("draining soon (lame duck)")
+        } else if self.timers.drain_deadline.is_some() {
+            Err("draining")
+        } else if self.table.slab.len() >= self.table.max_connections {
+            Err("at the connection cap")
+        } else {
+            Ok(())
+        }
     }
 
     /// The time of the last turn (the server's start before the first).
@@ -471,6 +496,7 @@ impl<H: Handler> Server<H> {
         self.admin.tick(self.table.poll.registry(), now);
         self.check_fds(now);
         self.run_periodic(now);
+        self.check_lame_duck(now);
         if let Some(deadline) = self.timers.drain_deadline {
             self.check_drain(deadline, now);
         }
@@ -493,7 +519,8 @@ impl<H: Handler> Server<H> {
                     conns: &self.table.slab,
                     now,
                     clock: self.table.clock,
-                    draining: self.timers.drain_deadline.is_some(),
+                    draining: self.is_draining(),
+                    ready: self.readiness(),
                     hooks: &self.handler,
                 };
                 self.admin.drive(k, self.table.poll.registry(), &view);
@@ -574,6 +601,7 @@ impl<H: Handler> Server<H> {
     fn drive(&mut self, key: usize, ready: Readiness) {
         let now = self.table.now;
         match self.table.slab[key].phase {
+            Phase::Header => return self.read_header(key),
             Phase::Lingering => return self.linger(key),
             Phase::Connecting => {
                 if !self.finish_connect(key) {
@@ -664,7 +692,6 @@ impl<H: Handler> Server<H> {
     /// FIN can share one edge; or urgent data stopped the read at its mark), a reason to stop
     /// (pending output, a pause, a close), or the read budget.
     fn read(&mut self, key: usize) {
-        let now = self.table.now;
         // A read never takes more than the output cap, so echoing it back cannot overflow.
         let chunk = self.buf.len().min(self.config.max_pending);
         let mut reads = 0;
@@ -677,27 +704,7 @@ impl<H: Handler> Server<H> {
                     return self.on_eof(key);
                 }
                 Ok(n) => {
-                    conn.bytes_in += n as u64;
-                    conn.last_active = now;
-                    self.table.metrics.bytes_in += n as u64;
-                    self.touch_lru(key);
-                    let Some(mut state) = self.table.slab[key].state.take() else {
-                        return;
-                    };
-                    self.handler.on_data(
-                        &mut state,
-                        &mut Context::new(&mut self.table, id),
-                        &self.buf[..n],
-                    );
-                    let conn = &mut self.table.slab[key];
-                    conn.state = Some(state);
-                    // The common case (a reply written whole, nothing else touched) needs no
-                    // settling: no deadline moved, nothing to close.
-                    let plain = conn.is_live()
-                        && !conn.has_pending()
-                        && !conn.has(flag::DIRTY)
-                        && self.table.dirty.is_empty();
-                    if !plain && (!self.after_callback(id) || !self.can_read(key)) {
+                    if !self.deliver(key, n) {
                         return;
                     }
                     reads += 1;
@@ -722,6 +729,35 @@ impl<H: Handler> Server<H> {
                 Err(e) => return self.close(key, CloseReason::from_io(&e)),
             }
         }
+    }
+
+    /// Hands the first `n` bytes of the read buffer to the handler as connection `key`'s data,
+    /// then settles what the callback did. Returns whether reading may go on.
+    fn deliver(&mut self, key: usize, n: usize) -> bool {
+        let now = self.table.now;
+        let conn = &mut self.table.slab[key];
+        let id = ConnId::new(key, conn.gen);
+        conn.bytes_in += n as u64;
+        conn.last_active = now;
+        self.table.metrics.bytes_in += n as u64;
+        self.touch_lru(key);
+        let Some(mut state) = self.table.slab[key].state.take() else {
+            return false;
+        };
+        self.handler.on_data(
+            &mut state,
+            &mut Context::new(&mut self.table, id),
+            &self.buf[..n],
+        );
+        let conn = &mut self.table.slab[key];
+        conn.state = Some(state);
+        // The common case (a reply written whole, nothing else touched) needs no settling: no
+        // deadline moved, nothing to close.
+        let plain = conn.is_live()
+            && !conn.has_pending()
+            && !conn.has(flag::DIRTY)
+            && self.table.dirty.is_empty();
+        plain || (self.after_callback(id) && self.can_read(key))
     }
 
     /// A read returned 0: the handler decides between closing (the default, once pending
@@ -786,8 +822,13 @@ impl<H: Handler> Server<H> {
         };
         conn.clear(flag::DIRTY);
         let key = id.key();
-        if conn.phase == Phase::Lingering {
-            return false;
+        match conn.phase {
+            Phase::Lingering => return false,
+            Phase::Header => {
+                self.arm(key);
+                return false;
+            }
+            _ => {}
         }
         if let Some(reason) = conn.abort {
             self.close(key, reason);
@@ -815,7 +856,7 @@ impl<H: Handler> Server<H> {
                         return false;
                     }
                 }
-                Phase::Lingering => {}
+                Phase::Lingering | Phase::Header => {}
             }
         }
         if conn.has(flag::RESUME) {
@@ -959,7 +1000,12 @@ impl<H: Handler> Server<H> {
         if conn.scheduled != NEVER {
             self.timers.stale += 1; // its wheel entry dies lazily
         }
-        conn.discard_pending(&mut self.table.metrics);
+        if conn.phase == Phase::Header {
+            conn.take_header_bytes(); // input, not pending output
+            self.table.metrics.awaiting_header -= 1;
+        } else {
+            conn.discard_pending(&mut self.table.metrics);
+        }
         // A descriptor came free: a paused accept resumes this turn.
         self.accept.gate.on_close();
         conn
@@ -1006,6 +1052,8 @@ impl<H: Handler> Server<H> {
         for id in ids {
             match self.table.get(id).map(|c| c.phase) {
                 Some(Phase::Lingering) => self.end_linger(id.key(), LingerEnd::Timeout),
+                // Never the handler's: just closed (nothing to count but the gauge).
+                Some(Phase::Header) => drop(self.release(id.key())),
                 Some(_) => self.close(id.key(), CloseReason::Shutdown),
                 None => {}
             }

@@ -42,6 +42,11 @@ pub(super) struct Timers {
     pub(super) stale: usize,
     /// While draining: the tick at which whatever is left gets closed.
     pub(super) drain_deadline: Option<Tick>,
+    /// The lame-duck delay of a drain ([`Config::drain_delay`](crate::Config::drain_delay)):
+    /// when the drain proper starts, and its timeout. Readiness fails meanwhile.
+    pub(super) lame_duck: Option<(Tick, Duration)>,
+    /// The lame-duck delay has been served (a drain starts at once from now on).
+    lame_done: bool,
     /// Next run of `Handler::on_periodic`, and its period.
     next_periodic: Option<Tick>,
     periodic: Tick,
@@ -61,6 +66,8 @@ impl Timers {
             fired: Vec::new(),
             stale: 0,
             drain_deadline: None,
+            lame_duck: None,
+            lame_done: false,
             next_periodic: (periodic > 0).then_some(periodic),
             periodic,
             next_fd_check: None,
@@ -74,6 +81,7 @@ impl Timers {
         [
             self.wheel.next_deadline(),
             self.drain_deadline,
+            self.lame_duck.map(|(at, _)| at),
             self.next_fd_check,
             self.next_periodic,
         ]
@@ -138,6 +146,12 @@ impl<H: Handler> Server<H> {
         let id = ConnId::new(key, self.table.slab[key].gen);
         match due {
             Due::Connect => self.close(key, CloseReason::ConnectTimeout),
+            Due::Header => self.reject_header(key, crate::RejectReason::ProxyHeaderTimeout),
+            Due::FirstByte => self.close(key, CloseReason::FirstByteTimeout),
+            Due::Lifetime => {
+                self.table.slab[key].close_gracefully(CloseReason::MaxLifetime);
+                self.settle(id);
+            }
             Due::WriteStall => self.close(key, CloseReason::WriteStall),
             Due::Linger => {
                 // Past the byte cap the linger stopped reading and waited for this deadline.
@@ -232,6 +246,20 @@ impl<H: Handler> Server<H> {
             self.timers.drain_deadline = Some(current.min(deadline));
             return;
         }
+        if self.timers.lame_duck.is_some() {
+            return; // the drain proper starts when the delay is served
+        }
+        let delay = self.table.clock.ticks(self.config.drain_delay);
+        if delay > 0 && !self.timers.lame_done {
+            // Lame duck: readiness fails now, the listeners keep accepting until the balancer
+            // has noticed (Kubernetes removes endpoints asynchronously).
+            self.timers.lame_duck = Some((now + delay, timeout));
+            info!(
+                "draining in {:?}: /readyz fails now, the listeners stay open until then",
+                self.config.drain_delay
+            );
+            return;
+        }
         // Serve what the kernel already queued (those clients connected before the drain), then
         // close the data listeners so that new connects are refused instead of left hanging.
         self.close_listeners_after_backlog(now);
@@ -252,6 +280,17 @@ impl<H: Handler> Server<H> {
             timeout
         );
         self.check_drain(deadline, now);
+    }
+
+    /// Starts the drain proper once a lame-duck delay is served.
+    pub(super) fn check_lame_duck(&mut self, now: Tick) {
+        if let Some((at, timeout)) = self.timers.lame_duck {
+            if at <= now {
+                self.timers.lame_duck = None;
+                self.timers.lame_done = true;
+                self.begin_drain(timeout, now);
+            }
+        }
     }
 
     /// Ends the drain when no connection is left (lingering ones included), or at its deadline.
