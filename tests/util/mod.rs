@@ -177,6 +177,24 @@ pub fn step_to<H: Handler>(server: &mut Server<H>, now: Instant) {
     );
 }
 
+/// Writes `msg` on `stream` and turns the echo server `server` at the virtual time `at` until
+/// it has written it back, then reads it: the connection is accepted and its activity is
+/// stamped `at`.
+#[track_caller]
+pub fn ping_at<H: Handler>(
+    server: &mut Server<H>,
+    at: Instant,
+    stream: &mut TcpStream,
+    msg: &[u8],
+) {
+    let out = server.metrics().bytes_out;
+    stream.write_all(msg).expect("write a ping");
+    turn_until_at(server, at, "the echo of a ping", |s| {
+        s.metrics().bytes_out >= out + msg.len() as u64
+    });
+    assert_same(&read_exactly(stream, msg.len()), msg);
+}
+
 /// Stops an owned server at the virtual time `now` through its [`Handle`], like [`stop`] but
 /// without letting the server's time move. Returns its metrics after the shared invariants.
 #[track_caller]
