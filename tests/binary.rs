@@ -125,11 +125,30 @@ struct FdCheck {
     procfd: i64,
 }
 
+/// `GET /metrics` sent together with the client's FIN (must answer 200), and the unlabelled
+/// samples `names`. With the FIN the child closes its side of the admin connection as it
+/// answers, instead of lingering until the client's EOF: when the response's EOF arrives here,
+/// that descriptor is gone (or going, in the same call), so it does not show in `/proc/PID/fd`
+/// right after.
+#[track_caller]
+fn samples_with_fin<const N: usize>(admin: SocketAddr, names: [&str; N]) -> [i64; N] {
+    let mut stream = util::connect(admin);
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write the HTTP request");
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let r = ops::read_response(&mut stream);
+    assert_eq!(r.status, 200, "{r:?}");
+    names.map(|name| {
+        ops::sample(&r.body, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{}", r.body))
+    })
+}
+
 /// Scrapes `/metrics` once per stats line (every 100 ms; checks run every 200 ms) until `done`
 /// holds; fails after [`util::WAIT`] with the last scrape. `procfd` is read right after the
-/// scrape and must equal a count read right before it (no descriptor came or went meanwhile,
-/// except the scrape's own admin connection, which the child has closed by the time the
-/// response's EOF arrives).
+/// scrape and must equal a count read right before it (no descriptor came or went meanwhile;
+/// the scrape's own admin connection is closed by the child by the time the response's EOF
+/// arrives, see [`samples_with_fin`]).
 #[track_caller]
 fn wait_fd_check(
     bin: &mut Bin,
@@ -141,7 +160,7 @@ fn wait_fd_check(
     let deadline = Instant::now() + util::WAIT;
     loop {
         let before = fd_count(pid);
-        let [open, unaccounted, active] = ops::samples(
+        let [open, unaccounted, active] = samples_with_fin(
             admin,
             [
                 "sockman_fds_open",
