@@ -1,7 +1,8 @@
-//! The admin endpoint of an in-process server (its loop on a thread): `/metrics` parsed by a real
-//! Prometheus text parser with counters that move as connections open and close, `/connections`
-//! listing exactly the open connections, `/health`, and bad requests (400, 404, 431) that get an
-//! answer and a close without disturbing data connections.
+//! The admin endpoint of an in-process server: `/metrics` parsed by a real Prometheus text parser
+//! with counters that move as connections open and close, `/connections` listing exactly the open
+//! connections, `/health`, and bad requests (400, 404, 431) that get an answer and a close without
+//! disturbing data connections (the loop on a thread); `/connections` ages and idle times and the
+//! admin timeout at virtual times (the test owns the server and steps it with `turn_at`).
 //!
 //! No `fd_check_interval` here: the test process holds every other test's sockets too.
 #![cfg(feature = "admin")]
@@ -261,30 +262,99 @@ fn metrics_parse_and_counters_move_as_connections_open_and_close() {
     assert_eq!(m.closed_total(), 3, "{m}");
 }
 
+/// Binds an echo server with the admin endpoint on 127.0.0.1:0, to be turned by the test at
+/// virtual times; returns it, its data address and the admin address.
+#[track_caller]
+fn bind_with_admin(config: Config) -> (Server<Echo>, SocketAddr, SocketAddr) {
+    let config = Config {
+        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..config
+    };
+    let (server, addr) = util::bind(config, Echo);
+    let admin = server.admin_addr().expect("the admin endpoint is on");
+    (server, addr, admin)
+}
+
+/// [`connections`] while the test turns `server` at the virtual time `now`.
+#[track_caller]
+fn connections_at(
+    server: &mut Server<Echo>,
+    now: Instant,
+    admin: SocketAddr,
+    query: &str,
+) -> Vec<(SocketAddr, String)> {
+    let query = query.to_string();
+    util::turn_while_at(server, now, "a /connections answer", move || {
+        connections(admin, &query)
+    })
+}
+
+/// `GET target` while the test turns `server` at the virtual time `now`.
+#[track_caller]
+fn get_at(
+    server: &mut Server<Echo>,
+    now: Instant,
+    admin: SocketAddr,
+    target: &str,
+) -> ops::Response {
+    let target = target.to_string();
+    util::turn_while_at(server, now, "an admin answer", move || {
+        ops::get(admin, &target)
+    })
+}
+
+/// Echoes 16 bytes on `stream`, turning `server` at the virtual time `at`: the server has
+/// accepted the connection and stamped its activity with `at`.
+#[track_caller]
+fn ping_at(server: &mut Server<Echo>, at: Instant, stream: &mut TcpStream, seed: u64) {
+    let msg = util::pattern(16, seed);
+    let out = server.metrics().bytes_out;
+    stream.write_all(&msg).unwrap();
+    util::turn_until_at(server, at, "the echo of a ping", |s| {
+        s.metrics().bytes_out == out + 16
+    });
+    util::assert_same(&util::read_exactly(stream, 16), &msg);
+}
+
+/// [`close_gracefully`] while the test turns `server` at the virtual time `now`.
+#[track_caller]
+fn close_gracefully_at(server: &mut Server<Echo>, now: Instant, stream: TcpStream) {
+    util::turn_while_at(server, now, "a graceful close", move || {
+        close_gracefully(stream)
+    });
+}
+
+/// `/connections` at virtual times: with the default 10 ms tick, `age_ms` and `idle_ms` are whole
+/// ticks, so they are asserted exactly.
 #[test]
 fn connections_lists_exactly_the_open_ones_and_sorts_by_idle() {
-    let (server, admin) = start_with_admin(local_config());
-    assert!(connections(admin, "").is_empty(), "no connection yet");
+    let (mut server, addr, admin) = bind_with_admin(local_config());
+    let t0 = server.now();
+    assert!(
+        connections_at(&mut server, t0, admin, "").is_empty(),
+        "no connection yet"
+    );
 
-    // `oldest` is active first; the others a few ticks (10 ms each) later, so `oldest` is
-    // strictly the longest idle. The sleep lets time pass; it orders nothing.
-    let mut oldest = connect(server.addr);
-    ping(&mut oldest, 0);
-    std::thread::sleep(Duration::from_millis(60));
-    let mut others: Vec<TcpStream> = (0..3).map(|_| connect(server.addr)).collect();
+    // `oldest` is accepted and active at t0; the others at t0 + 60ms; the listing is asked for
+    // at t0 + 100ms: `oldest` is idle 100 ms, the others 40 ms.
+    let mut oldest = connect(addr);
+    ping_at(&mut server, t0, &mut oldest, 0);
+    let t1 = t0 + Duration::from_millis(60);
+    let mut others: Vec<TcpStream> = (0..3).map(|_| connect(addr)).collect();
     for (i, c) in others.iter_mut().enumerate() {
-        ping(c, i as u64 + 1);
+        ping_at(&mut server, t1, c, i as u64 + 1);
     }
+    let tq = t0 + Duration::from_millis(100);
 
     let want: BTreeSet<SocketAddr> = std::iter::once(&oldest)
         .chain(&others)
         .map(|c| c.local_addr().unwrap())
         .collect();
-    let listed = connections(admin, "");
+    let listed = connections_at(&mut server, tq, admin, "");
     let got: BTreeSet<SocketAddr> = listed.iter().map(|(p, _)| *p).collect();
     assert_eq!(listed.len(), 4, "{listed:#?}");
     assert_eq!(got, want, "{listed:#?}");
-    for (_, line) in &listed {
+    for (peer, line) in &listed {
         for key in [
             "id",
             "age_ms",
@@ -299,41 +369,104 @@ fn connections_lists_exactly_the_open_ones_and_sorts_by_idle() {
         assert_eq!(field(line, "bytes_out"), 16, "{line}");
         assert_eq!(field(line, "pending"), 0, "{line}");
         assert!(line.ends_with("state=open"), "{line}");
+        let ms = if *peer == oldest.local_addr().unwrap() {
+            100
+        } else {
+            40
+        };
+        assert_eq!(field(line, "age_ms"), ms, "{line}");
+        assert_eq!(field(line, "idle_ms"), ms, "{line}");
     }
 
     // The longest idle, alone.
-    let top = connections(admin, "?limit=1&sort=idle");
+    let top = connections_at(&mut server, tq, admin, "?limit=1&sort=idle");
     assert_eq!(top.len(), 1, "{top:#?}");
     assert_eq!(top[0].0, oldest.local_addr().unwrap(), "{top:#?}");
-    assert!(field(&top[0].1, "idle_ms") >= 50, "{top:#?}");
+    assert_eq!(field(&top[0].1, "idle_ms"), 100, "{top:#?}");
     // Sorted by idle, longest first.
-    let sorted = connections(admin, "?sort=idle");
+    let sorted = connections_at(&mut server, tq, admin, "?sort=idle");
     assert_eq!(sorted.len(), 4);
     assert_eq!(sorted[0].0, oldest.local_addr().unwrap(), "{sorted:#?}");
     let idles: Vec<u64> = sorted.iter().map(|(_, l)| field(l, "idle_ms")).collect();
-    assert!(idles.windows(2).all(|w| w[0] >= w[1]), "{sorted:#?}");
-    assert_eq!(connections(admin, "?limit=2").len(), 2);
+    assert_eq!(idles, [100, 40, 40, 40], "{sorted:#?}");
+    assert_eq!(connections_at(&mut server, tq, admin, "?limit=2").len(), 2);
 
     // A closed connection leaves the list; the rest stay.
     let gone = others.pop().unwrap();
     let gone_addr = gone.local_addr().unwrap();
-    close_gracefully(gone);
-    let listed = connections(admin, "");
+    close_gracefully_at(&mut server, tq, gone);
+    let listed = connections_at(&mut server, tq, admin, "");
     let got: BTreeSet<SocketAddr> = listed.iter().map(|(p, _)| *p).collect();
     let mut want = want;
     want.remove(&gone_addr);
     assert_eq!(got, want, "{listed:#?}");
 
     // Bad query parameters are a 400, not a panic.
-    assert_eq!(ops::get(admin, "/connections?limit=x").status, 400);
-    assert_eq!(ops::get(admin, "/connections?sort=age").status, 400);
+    assert_eq!(
+        get_at(&mut server, tq, admin, "/connections?limit=x").status,
+        400
+    );
+    assert_eq!(
+        get_at(&mut server, tq, admin, "/connections?sort=age").status,
+        400
+    );
 
-    close_gracefully(oldest);
+    close_gracefully_at(&mut server, tq, oldest);
     for c in others {
-        close_gracefully(c);
+        close_gracefully_at(&mut server, tq, c);
     }
-    assert!(connections(admin, "").is_empty());
-    server.stop();
+    assert!(connections_at(&mut server, tq, admin, "").is_empty());
+    let m = util::stop_at(&mut server, tq);
+    assert_eq!(m.accepted, 4, "{m}");
+    assert_eq!(m.closed_total(), 4, "admin requests counted as data: {m}");
+}
+
+/// The admin endpoint's own lifetime limit (`ADMIN_TIMEOUT` in `src/admin/http.rs`, not
+/// configurable).
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A silent admin connection is closed after the admin timeout, at virtual times. The loop's
+/// only deadline here is that connection's, so `poll_delay` is `Some` exactly while it is open.
+/// Accepted at t0 (the start of tick 0): open one tick before the timeout, closed one tick
+/// after it. The tick at the timeout itself is left out: by the rounding rule (`stamp + ticks +
+/// 1`) it would still be open there, but the admin deadline has no `+ 1` tick (see
+/// `found_by_timing.rs`), so this test asserts only what holds either way.
+#[test]
+fn a_silent_admin_connection_is_closed_after_the_admin_timeout() {
+    const TICK: Duration = Duration::from_millis(10);
+    let (mut server, _addr, admin) = bind_with_admin(Config {
+        tick: TICK,
+        ..local_config()
+    });
+    let t0 = server.now();
+    assert_eq!(
+        server.poll_delay(t0),
+        None,
+        "a deadline before any connection"
+    );
+    let mut client = connect(admin);
+    util::turn_until_at(&mut server, t0, "the admin accept", |s| {
+        s.poll_delay(t0).is_some()
+    });
+    let before = t0 + ADMIN_TIMEOUT - TICK;
+    util::step_to(&mut server, before);
+    assert!(
+        server.poll_delay(before).is_some(),
+        "closed a tick before the admin timeout"
+    );
+    util::assert_open(&mut client);
+    let after = t0 + ADMIN_TIMEOUT + TICK;
+    util::step_to(&mut server, after);
+    assert_eq!(
+        server.poll_delay(after),
+        None,
+        "still open a tick after the admin timeout"
+    );
+    util::expect_closed(&mut client);
+    // The endpoint still answers, and no admin connection counts as a data connection.
+    assert_eq!(get_at(&mut server, after, admin, "/health").status, 200);
+    let m = util::stop_at(&mut server, after);
+    assert_eq!(m.accepted, 0, "{m}");
 }
 
 #[test]

@@ -1,9 +1,10 @@
 //! Backpressure: a client that sends without reading is pushed back through TCP (pending output
-//! stays at or under the cap, other clients still echo), a stalled writer is closed after the
-//! write timeout, and a handler that writes more than the cap closes with `Overflow`.
+//! stays at or under the cap, other clients still echo), a stalled writer is closed at the tick
+//! after the write timeout, and a handler that writes more than the cap closes with `Overflow`.
 //!
 //! The tests own their server and turn it on the test thread, checking the metrics after every
-//! turn; the misbehaving client is a nonblocking socket written between turns.
+//! turn; the misbehaving client is a nonblocking socket written between turns. The write-stall
+//! test steps a virtual time with `turn_at` instead of waiting for the timeout.
 
 mod util;
 
@@ -14,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use sockman::{CloseReason, Config, Context, Echo, Handler, Server};
 use util::{
-    bind, close_gracefully, connect, connect_small_rcvbuf, local_config, pattern, stop, turn_until,
+    bind, close_gracefully, connect, connect_small_rcvbuf, local_config, pattern, step_to, stop,
+    stop_at, turn_until, turn_until_at,
 };
 
 const CAP: usize = 64 * 1024;
@@ -151,59 +153,76 @@ fn a_client_that_never_reads_is_pushed_back_and_others_still_echo() {
     drop(flooder);
 }
 
+/// Steps the server to the virtual time `at` (no wait for events) and checks the pending-output
+/// gauge against the cap.
+#[track_caller]
+fn step_checked<H: Handler>(server: &mut Server<H>, at: Instant, max_seen: &mut u64) {
+    step_to(server, at);
+    let pending = server.metrics().pending_bytes;
+    assert!(
+        pending <= CAP as u64,
+        "pending output {pending} over the cap {CAP}: {}",
+        server.metrics()
+    );
+    *max_seen = (*max_seen).max(pending);
+}
+
+/// The write-stall deadline, at virtual times: with `tick = 10ms` and `write_timeout = 500ms`
+/// (50 ticks), output whose last progress was in tick `T` stalls at tick `T + 50 + 1`. All the
+/// progress happens at `t0` (tick 0), so the connection is open at `t0 + 500ms` and in the last
+/// nanosecond of tick 50, and closed with `WriteStall` at `t0 + 510ms`.
 #[test]
-fn a_stalled_writer_is_closed_after_the_write_timeout() {
+fn a_stalled_writer_is_closed_at_the_tick_after_the_write_timeout() {
     const WRITE_TIMEOUT: Duration = Duration::from_millis(500);
+    const TICK: Duration = Duration::from_millis(10);
     let config = Config {
         max_pending: CAP,
         write_timeout: WRITE_TIMEOUT,
+        tick: TICK,
         ..local_config()
     };
     let (mut server, addr) = bind(config, Echo);
+    let t0 = server.now();
     let mut flooder = Flooder::connect(addr);
     let mut max_pending = 0;
-    // Flood until the server has output it cannot send; `stalled_from` is taken before the turn
-    // that first showed pending output, so the stall began after it.
-    let started = Instant::now();
-    let stalled_from = loop {
-        assert!(
-            started.elapsed() < util::WAIT,
-            "no pending output: {}",
-            server.metrics()
-        );
-        flooder.push();
-        let before = Instant::now();
-        turn_checked(&mut server, &mut max_pending);
-        if server.metrics().pending_bytes > 0 {
-            break before;
-        }
-    };
-    // Keep the flooder's data coming (it cannot go anywhere) and turn until the close.
-    let deadline = Instant::now() + util::WAIT;
-    while server.metrics().closed_total() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "never closed: {}",
-            server.metrics()
-        );
-        if !flooder.push() {
-            break;
-        }
-        turn_checked(&mut server, &mut max_pending);
-    }
-    turn_until(&mut server, "the stalled connection to close", |s| {
-        s.metrics().closed_total() == 1
+    // Flood at t0 until the server has output it cannot send.
+    turn_until_at(&mut server, t0, "pending output", |s| {
+        assert!(flooder.push(), "the server closed the flooder");
+        s.metrics().pending_bytes > 0
     });
-    let stalled_for = stalled_from.elapsed();
-    assert!(
-        stalled_for >= WRITE_TIMEOUT,
-        "closed {stalled_for:?} after the stall began, before the {WRITE_TIMEOUT:?} write timeout"
-    );
-    assert!(
-        stalled_for <= WRITE_TIMEOUT + Duration::from_secs(1),
-        "closed only {stalled_for:?} after the stall began"
-    );
-    let m = stop(&mut server);
+    // Still at t0, until the socket has settled: no write progress (bytes out) for 20 turns and
+    // 50 ms of real time in a row (the client's receive window is closed, so nothing frees the
+    // server's send buffer any more). Whatever progress there was is stamped t0 too.
+    let mut quiet = 0;
+    let mut quiet_since = Instant::now();
+    let mut out = server.metrics().bytes_out;
+    turn_until_at(&mut server, t0, "no more write progress", |s| {
+        flooder.push();
+        let now_out = s.metrics().bytes_out;
+        if now_out != out {
+            (quiet, quiet_since, out) = (0, Instant::now(), now_out);
+        }
+        quiet += 1;
+        quiet > 20 && quiet_since.elapsed() >= Duration::from_millis(50)
+    });
+    let pending = server.metrics().pending_bytes;
+    assert!(pending > 0 && pending <= CAP as u64, "{}", server.metrics());
+    for at in [
+        t0 + TICK,
+        t0 + WRITE_TIMEOUT,
+        t0 + WRITE_TIMEOUT + TICK - Duration::from_nanos(1),
+    ] {
+        step_checked(&mut server, at, &mut max_pending);
+        let m = server.metrics();
+        assert_eq!(m.closed_total(), 0, "closed early, at {:?}: {m}", at - t0);
+        assert_eq!(m.bytes_out, out, "write progress after t0: {m}");
+    }
+    step_checked(&mut server, t0 + WRITE_TIMEOUT + TICK, &mut max_pending);
+    let m = server.metrics();
+    assert_eq!(m.closed_by(CloseReason::WriteStall), 1, "{m}");
+    assert_eq!(m.closed_total(), 1, "{m}");
+    assert_eq!(m.pending_bytes, 0, "{m}");
+    let m = stop_at(&mut server, t0 + WRITE_TIMEOUT + TICK);
     assert_eq!(m.closed_by(CloseReason::WriteStall), 1, "{m}");
     assert_eq!(m.closed_total(), 1, "{m}");
     assert_eq!(m.accepted, 1, "{m}");

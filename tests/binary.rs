@@ -68,7 +68,11 @@ fn serve_echoes_releases_every_fd_closes_idle_and_stops_on_sigterm() {
         );
     }
 
-    // One idle connection: closed after about 1 s, counted, its fd released.
+    // One idle connection: closed after about 1 s, counted, its fd released. Real time, end to
+    // end: never before the timeout, and within 3 s. The upper bound was 1.5 s; it is loose on
+    // purpose now that the exact closing tick is asserted in-process at virtual times
+    // (tests/idle_timeout.rs): here it only has to catch a timeout that never fires, without
+    // flaking on a loaded 2-core machine.
     let before = Instant::now();
     let mut idle = connect(addr);
     expect_closed(&mut idle);
@@ -78,7 +82,7 @@ fn serve_echoes_releases_every_fd_closes_idle_and_stops_on_sigterm() {
         "idle connection closed after {idle_for:?}, before the 1s timeout"
     );
     assert!(
-        idle_for <= Duration::from_millis(1500),
+        idle_for <= Duration::from_secs(3),
         "idle connection closed only after {idle_for:?}"
     );
     let line = bin.wait_line("stats line with idle_timeout=1", |l| {
@@ -121,21 +125,42 @@ struct FdCheck {
     procfd: i64,
 }
 
-/// Scrapes `/metrics` every 20 ms until `done` holds; fails after [`util::WAIT`] with the last
-/// scrape. `procfd` is read right after the scrape and must equal a count read right before it
-/// (no descriptor came or went meanwhile, except the scrape's own admin connection, which the
-/// child has closed by the time the response's EOF arrives).
+/// `GET /metrics` sent together with the client's FIN (must answer 200), and the unlabelled
+/// samples `names`. With the FIN the child closes its side of the admin connection as it
+/// answers, instead of lingering until the client's EOF: when the response's EOF arrives here,
+/// that descriptor is gone (or going, in the same call), so it does not show in `/proc/PID/fd`
+/// right after.
+#[track_caller]
+fn samples_with_fin<const N: usize>(admin: SocketAddr, names: [&str; N]) -> [i64; N] {
+    let mut stream = util::connect(admin);
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write the HTTP request");
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let r = ops::read_response(&mut stream);
+    assert_eq!(r.status, 200, "{r:?}");
+    names.map(|name| {
+        ops::sample(&r.body, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{}", r.body))
+    })
+}
+
+/// Scrapes `/metrics` once per stats line (every 100 ms; checks run every 200 ms) until `done`
+/// holds; fails after [`util::WAIT`] with the last scrape. `procfd` is read right after the
+/// scrape and must equal a count read right before it (no descriptor came or went meanwhile;
+/// the scrape's own admin connection is closed by the child by the time the response's EOF
+/// arrives, see [`samples_with_fin`]).
 #[track_caller]
 fn wait_fd_check(
+    bin: &mut Bin,
     admin: SocketAddr,
-    pid: u32,
     what: &str,
     done: impl Fn(&FdCheck) -> bool,
 ) -> FdCheck {
+    let pid = bin.pid();
     let deadline = Instant::now() + util::WAIT;
     loop {
         let before = fd_count(pid);
-        let [open, unaccounted, active] = ops::samples(
+        let [open, unaccounted, active] = samples_with_fin(
             admin,
             [
                 "sockman_fds_open",
@@ -158,8 +183,9 @@ fn wait_fd_check(
             "no {what} in {:?}; last: {check:?} ({before} fds before that scrape)",
             util::WAIT
         );
-        // The poll interval (checks run every 200 ms): not a wait for anything in particular.
-        std::thread::sleep(Duration::from_millis(20));
+        // The next scrape after the child's next stats line: an event of the child's loop,
+        // not a sleep.
+        bin.wait_line("stats line", is_stats);
     }
 }
 
@@ -202,7 +228,7 @@ fn the_leak_self_check_matches_the_childs_fds_and_finds_none_unaccounted() {
     // The check counts from inside the child, possibly while a scrape's admin connection is
     // open, so it may see one fd more than `procfd` (read once the child has closed it): `open`
     // is `procfd` or `procfd + 1`, never less.
-    let with_conns = wait_fd_check(admin, pid, "check that sees the connections", |c| {
+    let with_conns = wait_fd_check(&mut bin, admin, "check that sees the connections", |c| {
         c.active == CONNS && c.open >= baseline + CONNS
     });
     assert_eq!(with_conns.procfd, baseline + CONNS, "{with_conns:?}");
@@ -221,7 +247,7 @@ fn the_leak_self_check_matches_the_childs_fds_and_finds_none_unaccounted() {
         close_gracefully(stream);
     }
     // A check with at most `baseline + 1` fds ran after the one above, so after the closes.
-    let closed = wait_fd_check(admin, pid, "check after the closes", |c| {
+    let closed = wait_fd_check(&mut bin, admin, "check after the closes", |c| {
         c.active == 0 && c.open > 0 && c.open <= baseline + 1
     });
     assert_eq!(

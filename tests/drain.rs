@@ -2,6 +2,10 @@
 //! they would hit every server of every test): streaming clients get back every byte they sent
 //! and then EOF, idle clients are closed after `--drain-idle`, new connects are refused, `/health`
 //! says 503, and the process exits 0 well within `--drain-timeout`. A second SIGTERM stops at once.
+//!
+//! These are real-time end-to-end tests with generous bounds; the drain's exact tick behaviour
+//! (drain idle, the drain deadline) is asserted in-process at virtual times in
+//! tests/drain_ticks.rs.
 #![cfg(feature = "cli")]
 
 #[path = "util/ops.rs"]
@@ -157,25 +161,15 @@ fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
     bin.wait_line("first stats line", ops::is_stats);
     assert_eq!(ops::get(admin, "/health").status, 200);
 
-    // 10 idle clients idle for longer than --drain-idle by the time of the signal.
-    let early: Vec<Idler> = (0..IDLE / 2).map(|_| idle_client(addr)).collect();
-
-    // 50 streaming clients; wait until each has written its first chunk.
+    // 20 idle clients (each echoes one byte, then stays silent)...
+    let idlers: Vec<Idler> = (0..IDLE).map(|_| idle_client(addr)).collect();
+    // ...and 50 streaming clients; wait until each has written its first chunk.
     let stop = Arc::new(AtomicBool::new(false));
     let started = Arc::new(Barrier::new(STREAMING + 1));
     let streamers: Vec<Streamer> = (0..STREAMING)
         .map(|i| stream_client(addr, i as u64, Arc::clone(&stop), Arc::clone(&started)))
         .collect();
     started.wait();
-    // Let the first idle group pass --drain-idle before the signal (time has to pass; no event
-    // announces it): the drain must close those at once rather than start their clock anew.
-    let early_last = early.iter().map(|i| i.wrote_at).max().unwrap();
-    std::thread::sleep(
-        (early_last + DRAIN_IDLE + 3 * TICK).saturating_duration_since(Instant::now()),
-    );
-
-    // 10 idle clients active just before the signal: they must stay open ~drain_idle after it.
-    let late: Vec<Idler> = (0..IDLE / 2).map(|_| idle_client(addr)).collect();
     let line = bin.wait_line("stats line with every client", |l| {
         ops::is_stats(l) && stat(l, "active") == Some((STREAMING + IDLE) as u64)
     });
@@ -195,18 +189,38 @@ fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
         Err(e) => panic!("a connect during the drain failed with {e}, not refused"),
         Ok(_) => panic!("a connect during the drain was accepted"),
     }
-    // ...and the admin endpoint stays up and reports it.
+    // ...and the admin endpoint stays up and reports it (the streams keep the drain going until
+    // they are told to stop below, so this cannot come too late).
     let health = ops::get(admin, "/health");
     assert_eq!(health.status, 503, "{health:?}");
-    assert!(
-        signalled.elapsed() < Duration::from_millis(250),
-        "too slow to check the drain state before the idle clients go: {:?}",
-        signalled.elapsed()
-    );
 
-    // The streaming clients stop ~100 ms after the signal and half-close. Sleeping here is the
-    // scenario's timing (clients streaming through the start of the drain), not synchronisation.
-    std::thread::sleep(Duration::from_millis(100).saturating_sub(signalled.elapsed()));
+    // The idle clients are closed by the drain while the streams go on. The exact drain-idle
+    // ticks are asserted in-process (tests/drain_ticks.rs); here: never before --drain-idle after
+    // the client's last activity, and within 5 s of the signal. That upper bound is loose on
+    // purpose (it was 1 s, which a loaded 2-core machine can miss): it is still half the 10 s
+    // --drain-timeout, so with reason `shutdown` and no "force-closing" in the log it shows that
+    // drain-idle closed them, not the deadline.
+    let mut idle_closed: Vec<Duration> = Vec::new();
+    for idler in idlers {
+        let closed_at = idler.closed.join().expect("an idle client was not closed");
+        assert!(
+            closed_at > signalled,
+            "an idle client closed before the signal"
+        );
+        assert!(
+            closed_at >= idler.wrote_at + DRAIN_IDLE - TICK,
+            "an idle client closed {:?} after its last activity, before --drain-idle {DRAIN_IDLE:?}",
+            closed_at - idler.wrote_at
+        );
+        assert!(
+            closed_at <= signalled + Duration::from_secs(5),
+            "an idle client closed only {:?} after the signal",
+            closed_at - signalled
+        );
+        idle_closed.push(closed_at - signalled);
+    }
+    // Every idle client is gone: the streaming clients, active throughout, stop now and
+    // half-close.
     stop.store(true, Ordering::Release);
 
     let mut streamed = 0;
@@ -219,36 +233,6 @@ fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
         assert_same(&got, &pattern(sent, s.seed));
         streamed += sent;
         last_eof = last_eof.max(eof_at);
-    }
-    let mut idle_closed: Vec<(&str, Duration)> = Vec::new();
-    let one_second = signalled + Duration::from_secs(1);
-    for (group, idlers) in [("long idle", early), ("recently active", late)] {
-        for idler in idlers {
-            let closed_at = idler.closed.join().expect("an idle client was not closed");
-            assert!(
-                closed_at > signalled,
-                "{group} client closed before the signal"
-            );
-            assert!(
-                closed_at >= idler.wrote_at + DRAIN_IDLE - TICK,
-                "{group} client closed {:?} after its last activity, before --drain-idle {DRAIN_IDLE:?}",
-                closed_at - idler.wrote_at
-            );
-            assert!(
-                closed_at <= one_second,
-                "{group} client closed only {:?} after the signal",
-                closed_at - signalled
-            );
-            idle_closed.push((group, closed_at - signalled));
-            if group == "long idle" {
-                assert!(
-                    closed_at < signalled + DRAIN_IDLE,
-                    "a client idle for longer than --drain-idle was closed only {:?} after the \
-                     signal: the drain restarted its idle clock",
-                    closed_at - signalled
-                );
-            }
-        }
     }
 
     let status = bin.wait_exit();
@@ -282,17 +266,12 @@ fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
         "{last}"
     );
     assert_eq!(stat(last, "pending"), Some(0), "{last}");
-    let range = |g: &str| {
-        let v = idle_closed.iter().filter(|(n, _)| *n == g).map(|(_, d)| *d);
-        (v.clone().min().unwrap(), v.max().unwrap())
-    };
     eprintln!(
         "drain: {STREAMING} streams echoed {streamed} bytes whole, last EOF {:?} after SIGTERM; \
-         idle clients closed {:?} (long idle) and {:?} (recently active) after it; exit {took:?} \
-         after it",
+         idle clients closed {:?} to {:?} after it; exit {took:?} after it",
         last_eof - signalled,
-        range("long idle"),
-        range("recently active"),
+        idle_closed.iter().min().unwrap(),
+        idle_closed.iter().max().unwrap(),
     );
 }
 

@@ -1,96 +1,101 @@
-//! Idle timeouts through real sockets: a silent connection is closed within
-//! [timeout, timeout + tick + slack] of its last activity; one that keeps talking survives.
+//! Idle timeouts through real sockets, at virtual times: the test owns the server and turns it
+//! with `turn_at`, so it asserts the exact tick at which a silent connection closes instead of
+//! sleeping and measuring.
+//!
+//! With `tick = 10ms` and `idle_timeout = 300ms` (30 ticks), a connection last active in tick
+//! `T` has its deadline at tick `T + 30 + 1`: it is open at a turn in tick `T + 30` and closed
+//! at the first turn in tick `T + 31`. Activity stamped at the start of a tick (at `t`) is
+//! therefore still open at `t + 300ms` and closed at `t + 310ms`; activity in the middle of a
+//! tick (at `t + 5ms`) closes at `t + 310ms` too, i.e. 305 ms after it: never early, at most one
+//! tick late.
 
 mod util;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use sockman::{CloseReason, Config, Echo};
-use util::{connect, local_config, start};
+use sockman::{CloseReason, Config, Echo, Server};
+use util::{
+    assert_open, bind, connect, expect_closed, local_config, read_exactly, step_to, stop_at,
+    turn_until_at,
+};
 
 const IDLE: Duration = Duration::from_millis(300);
 const TICK: Duration = Duration::from_millis(10);
-/// Scheduling noise allowed on a shared 2-core CI machine, on the upper bound only.
-const SLACK: Duration = Duration::from_millis(250);
 
-/// Sends one byte and reads its echo: activity the server sees. Returns the instants just
-/// before the write and just after the echo came back; the server's last activity lies between.
-#[track_caller]
-fn ping(stream: &mut TcpStream, byte: u8) -> (Instant, Instant) {
-    let before = Instant::now();
-    stream.write_all(&[byte]).unwrap();
-    let mut back = [0];
-    match stream.read(&mut back) {
-        Ok(1) => assert_eq!(back[0], byte),
-        Ok(n) => panic!("ping {byte}: got {n} bytes (closed while active?)"),
-        Err(e) => panic!("ping {byte}: {e}"),
-    }
-    (before, Instant::now())
-}
-
-/// Blocks until the server closes the idle `stream` and checks when, against the window in which
-/// its last activity happened.
-#[track_caller]
-fn expect_idle_close(stream: &mut TcpStream, (before, after): (Instant, Instant)) {
-    let mut buf = [0; 16];
-    match stream.read(&mut buf) {
-        Ok(0) => {}
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-        Ok(n) => panic!("expected the idle close, got {n} bytes"),
-        Err(e) => panic!("expected the idle close, got {e} (did the timeout never fire?)"),
-    }
-    let closed = Instant::now();
-    // Exact lower bound: never before the full timeout since the last activity.
-    let since_before = closed - before;
-    assert!(
-        since_before >= IDLE,
-        "closed {since_before:?} after the last activity, before the {IDLE:?} timeout"
-    );
-    // Loose upper bound: one tick late at most, plus scheduling slack.
-    let since_after = closed - after;
-    assert!(
-        since_after <= IDLE + TICK + SLACK,
-        "closed {since_after:?} after the last activity, later than {IDLE:?} + {TICK:?} + {SLACK:?}"
-    );
-}
-
-#[test]
-fn idle_connection_closes_on_time_while_an_active_one_survives() {
-    let config = Config {
+fn config() -> Config {
+    Config {
         idle_timeout: IDLE,
         tick: TICK,
         ..local_config()
-    };
-    let server = start(config, Echo);
-    let addr = server.addr;
-    // Silent after one ping, on its own thread so both run at once.
-    let silent = std::thread::spawn(move || {
-        let mut stream = connect(addr);
-        let last = ping(&mut stream, b's');
-        expect_idle_close(&mut stream, last);
-    });
-    // Active: one byte every IDLE/3 for about 1 s (a pacing sleep, not synchronisation), more
-    // than three timeouts in all; every ping must be answered.
-    let mut active = connect(addr);
-    let started = Instant::now();
-    let mut last = ping(&mut active, 0);
-    for i in 1..=10u8 {
-        std::thread::sleep(IDLE / 3);
-        last = ping(&mut active, i);
     }
-    assert!(
-        started.elapsed() >= IDLE * 3,
-        "the active connection ran only {:?}",
-        started.elapsed()
-    );
-    // Now it falls silent and is closed like any idle connection.
-    expect_idle_close(&mut active, last);
-    silent
-        .join()
-        .expect("the silent connection's checks failed");
-    let m = server.stop();
+}
+
+/// Sends one byte and turns the server at the virtual time `at` until it has echoed it, then
+/// reads the echo: activity the server stamps with `at`.
+#[track_caller]
+fn ping(server: &mut Server<Echo>, at: Instant, stream: &mut TcpStream, byte: u8) {
+    let out = server.metrics().bytes_out;
+    stream.write_all(&[byte]).unwrap();
+    turn_until_at(server, at, "the echo of a ping", |s| {
+        s.metrics().bytes_out == out + 1
+    });
+    assert_eq!(read_exactly(stream, 1), [byte], "ping {byte}");
+}
+
+/// Steps the server to `at` and asserts that exactly `closed` connections have been closed for
+/// idleness so far, and nothing else.
+#[track_caller]
+fn step_expecting(server: &mut Server<Echo>, at: Instant, closed: u64) {
+    step_to(server, at);
+    let m = server.metrics();
+    assert_eq!(m.closed_by(CloseReason::IdleTimeout), closed, "{m}");
+    assert_eq!(m.closed_total(), closed, "{m}");
+}
+
+#[test]
+fn idle_connection_closes_on_its_tick_while_an_active_one_survives() {
+    let (mut server, addr) = bind(config(), Echo);
+    let t0 = server.now();
+    let mut silent = connect(addr);
+    let mut active = connect(addr);
+    turn_until_at(&mut server, t0, "both accepts", |s| {
+        s.metrics().accepted == 2
+    });
+    // Both last active at t0 (tick 0): the silent one's deadline is tick 31.
+    ping(&mut server, t0, &mut silent, b's');
+    ping(&mut server, t0, &mut active, 0);
+
+    // The active one pings every IDLE/3 of virtual time for 10 pings (more than three timeouts
+    // in all); every ping is answered. The silent one closes at t0 + 310ms, between two pings.
+    let mut last = t0;
+    for i in 1..=10u8 {
+        let at = t0 + IDLE / 3 * u32::from(i);
+        if at >= t0 + IDLE + TICK && last < t0 + IDLE + TICK {
+            // Crossing the silent connection's deadline: both sides of it, exactly.
+            step_expecting(&mut server, t0 + IDLE, 0);
+            assert_open(&mut silent);
+            step_expecting(&mut server, t0 + IDLE + TICK - Duration::from_nanos(1), 0);
+            step_expecting(&mut server, t0 + IDLE + TICK, 1);
+            expect_closed(&mut silent);
+        }
+        ping(&mut server, at, &mut active, i);
+        last = at;
+    }
+    assert_eq!(last, t0 + Duration::from_millis(1000));
+    assert_eq!(server.metrics().active, 1, "{}", server.metrics());
+
+    // Now the active one falls silent and is closed like any idle connection: still open at a
+    // full timeout after its last ping (t0 + 1000ms is the start of tick 100), closed one tick
+    // later.
+    step_expecting(&mut server, last + IDLE, 1);
+    assert_open(&mut active);
+    step_expecting(&mut server, last + IDLE + TICK - Duration::from_nanos(1), 1);
+    step_expecting(&mut server, last + IDLE + TICK, 2);
+    expect_closed(&mut active);
+
+    let m = stop_at(&mut server, last + IDLE + TICK);
     assert_eq!(m.accepted, 2, "{m}");
     assert_eq!(m.closed_by(CloseReason::IdleTimeout), 2, "{m}");
     assert_eq!(m.closed_total(), 2, "{m}");
@@ -100,20 +105,46 @@ fn idle_connection_closes_on_time_while_an_active_one_survives() {
 
 #[test]
 fn connection_that_never_sends_closes_after_the_timeout_from_accept() {
-    let config = Config {
-        idle_timeout: IDLE,
-        tick: TICK,
-        ..local_config()
-    };
-    let server = start(config, Echo);
-    // No ping: the accept is the last activity. It happens after `before` (the connect starts
-    // it) and, at the latest, when the server's next turn runs after the handshake.
-    let before = Instant::now();
-    let mut stream = connect(server.addr);
-    let after = Instant::now();
-    expect_idle_close(&mut stream, (before, after));
-    let m = server.stop();
+    let (mut server, addr) = bind(config(), Echo);
+    let t0 = server.now();
+    // Accepted in the middle of tick 0: the accept is its last activity, stamped tick 0.
+    let accepted_at = t0 + TICK / 2;
+    let mut stream = connect(addr);
+    turn_until_at(&mut server, accepted_at, "the accept", |s| {
+        s.metrics().accepted == 1
+    });
+    // Never early: open a full timeout after the accept (tick 30)...
+    step_expecting(&mut server, accepted_at + IDLE, 0);
+    assert_open(&mut stream);
+    // ...and still in the last nanosecond of tick 30...
+    step_expecting(&mut server, t0 + IDLE + TICK - Duration::from_nanos(1), 0);
+    // ...closed at the start of tick 31: half a tick after the full timeout, within one tick.
+    step_expecting(&mut server, accepted_at + IDLE + TICK / 2, 1);
+    expect_closed(&mut stream);
+    let m = stop_at(&mut server, accepted_at + IDLE + TICK / 2);
     assert_eq!(m.accepted, 1, "{m}");
     assert_eq!(m.closed_by(CloseReason::IdleTimeout), 1, "{m}");
     assert_eq!(m.closed_total(), 1, "{m}");
+}
+
+#[test]
+fn activity_resets_the_deadline_to_its_own_tick() {
+    let (mut server, addr) = bind(config(), Echo);
+    let t0 = server.now();
+    let mut stream = connect(addr);
+    turn_until_at(&mut server, t0, "the accept", |s| s.metrics().accepted == 1);
+    // Active again at t0 + 295ms (tick 29), one tick before the accept's deadline would have
+    // closed it at tick 31: the new deadline is tick 29 + 31 = 60.
+    let again = t0 + Duration::from_millis(295);
+    ping(&mut server, again, &mut stream, b'a');
+    step_expecting(&mut server, t0 + IDLE + TICK, 0);
+    step_expecting(
+        &mut server,
+        t0 + Duration::from_millis(600) - Duration::from_nanos(1),
+        0,
+    );
+    assert_open(&mut stream);
+    step_expecting(&mut server, t0 + Duration::from_millis(600), 1);
+    expect_closed(&mut stream);
+    stop_at(&mut server, t0 + Duration::from_millis(600));
 }

@@ -9,9 +9,11 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use sockman::{CloseReason, Config, Context, Echo, Handler, OnFull, RejectReason, Server};
-use util::{connect_from, expect_closed, local_config, turn_until};
+use util::{connect_from, expect_closed, local_config, turn_until, turn_until_at};
 
-/// A client refused by the per-IP cap must not evict another client's idle connection.
+/// A client refused by the per-IP cap must not evict another client's idle connection, even when
+/// that connection is evictable: the test steps virtual time past `evict_min_idle`, and a client
+/// from a third address then does evict it (so the refusal had something to wrongly evict).
 #[test]
 fn per_ip_refusal_does_not_evict() {
     let config = Config {
@@ -24,22 +26,33 @@ fn per_ip_refusal_does_not_evict() {
     };
     let mut server = Server::bind(config, Echo).unwrap();
     let addr = server.local_addrs()[0];
-    let _victim = connect_from([127, 0, 0, 1], addr);
-    turn_until(&mut server, "the first accept", |s| {
+    let t0 = server.now();
+    let mut victim = connect_from([127, 0, 0, 1], addr);
+    turn_until_at(&mut server, t0, "the first accept", |s| {
         s.metrics().accepted == 1
     });
     let _attacker = connect_from([127, 0, 0, 2], addr);
-    turn_until(&mut server, "the second accept", |s| {
+    turn_until_at(&mut server, t0, "the second accept", |s| {
         s.metrics().accepted == 2
     });
-    // Time has to pass for the victim to become evictable.
-    std::thread::sleep(Duration::from_millis(50));
+    // 50 ms of virtual time later both are idle 50 ticks, well past the 20 ms minimum.
+    let later = t0 + Duration::from_millis(50);
     let _again = connect_from([127, 0, 0, 2], addr);
-    turn_until(&mut server, "the per-IP refusal", |s| {
+    turn_until_at(&mut server, later, "the per-IP refusal", |s| {
         s.metrics().rejected_by(RejectReason::PerIp) == 1
     });
     let m = server.metrics();
     assert_eq!(m.closed_by(CloseReason::Evicted), 0, "{m}");
+    assert_eq!(m.active, 2, "{m}");
+    // The victim was evictable all along: a client the per-IP cap admits evicts it (the
+    // longest idle, accepted first).
+    let _third = connect_from([127, 0, 0, 3], addr);
+    turn_until_at(&mut server, later, "the eviction", |s| {
+        s.metrics().closed_by(CloseReason::Evicted) == 1
+    });
+    expect_closed(&mut victim);
+    let m = server.metrics();
+    assert_eq!(m.accepted, 3, "{m}");
     assert_eq!(m.active, 2, "{m}");
 }
 

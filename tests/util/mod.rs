@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: in-process servers (on a thread, or owned and turned
-//! by the test), clients with a read timeout as a safety net, and the `sockman` binary as a child.
+//! by the test, on the real clock or at virtual times with `turn_at`), clients with a read timeout
+//! as a safety net, and the `sockman` binary as a child.
 //!
 //! Every wait here is bounded in time and count; a timeout fails the test with what was seen.
 //! Each test file uses a subset of these helpers.
@@ -107,6 +108,120 @@ pub fn turn_until<H: Handler>(
             .expect("turn failed");
     }
     panic!("{what}: not reached in 100000 turns: {}", server.metrics());
+}
+
+/// How long one turn at a fixed virtual time waits for real socket events (an accept, bytes to
+/// arrive): short, since the loop's own time does not move while it waits.
+pub const EVENT_WAIT: Duration = Duration::from_millis(5);
+
+/// Turns `server` at the fixed virtual time `now` (each turn waits at most [`EVENT_WAIT`] for
+/// real socket events) until `done` holds: how a test waits for an accept or for bytes to
+/// arrive without letting the server's time move. `done` runs before every turn, so it may also
+/// act as a client between turns. Fails after [`WAIT`] of real time or 100 000 turns, naming
+/// `what` and the metrics.
+#[track_caller]
+pub fn turn_until_at<H: Handler>(
+    server: &mut Server<H>,
+    now: Instant,
+    what: &str,
+    mut done: impl FnMut(&Server<H>) -> bool,
+) {
+    let deadline = Instant::now() + WAIT;
+    for _ in 0..100_000 {
+        if done(server) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what} (at a fixed virtual time): {}",
+            server.metrics()
+        );
+        server
+            .turn_at(now, Some(EVENT_WAIT))
+            .expect("turn_at failed");
+    }
+    panic!("{what}: not reached in 100000 turns: {}", server.metrics());
+}
+
+/// Runs `job` (a blocking client: an HTTP request, a read until EOF) on its own thread while the
+/// test turns `server` at the fixed virtual time `now`, until the job has finished; returns its
+/// result. Bounded like [`turn_until_at`]; a panic in the job fails the test with its message.
+#[track_caller]
+pub fn turn_while_at<H: Handler, T: Send + 'static>(
+    server: &mut Server<H>,
+    now: Instant,
+    what: &str,
+    job: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let thread = std::thread::Builder::new()
+        .name("client".into())
+        .spawn(job)
+        .expect("spawn the client thread");
+    turn_until_at(server, now, what, |_| thread.is_finished());
+    match thread.join() {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e),
+    }
+}
+
+/// One turn at the virtual time `now` that does not wait for events: what is due by `now` fires.
+#[track_caller]
+pub fn step_to<H: Handler>(server: &mut Server<H>, now: Instant) {
+    server
+        .turn_at(now, Some(Duration::ZERO))
+        .expect("turn_at failed");
+    assert_eq!(
+        server.now(),
+        now,
+        "the server's time did not move to the step's"
+    );
+}
+
+/// Writes `msg` on `stream` and turns the echo server `server` at the virtual time `at` until
+/// it has written it back, then reads it: the connection is accepted and its activity is
+/// stamped `at`.
+#[track_caller]
+pub fn ping_at<H: Handler>(
+    server: &mut Server<H>,
+    at: Instant,
+    stream: &mut TcpStream,
+    msg: &[u8],
+) {
+    let out = server.metrics().bytes_out;
+    stream.write_all(msg).expect("write a ping");
+    turn_until_at(server, at, "the echo of a ping", |s| {
+        s.metrics().bytes_out >= out + msg.len() as u64
+    });
+    assert_same(&read_exactly(stream, msg.len()), msg);
+}
+
+/// Stops an owned server at the virtual time `now` through its [`Handle`], like [`stop`] but
+/// without letting the server's time move. Returns its metrics after the shared invariants.
+#[track_caller]
+pub fn stop_at<H: Handler>(server: &mut Server<H>, now: Instant) -> Metrics {
+    server.handle().shutdown();
+    turn_until_at(server, now, "the server to stop", |s| s.is_stopped());
+    let metrics = server.metrics().clone();
+    assert_eq!(metrics.active, 0, "connections left open: {metrics}");
+    assert_eq!(metrics.pending_bytes, 0, "output left pending: {metrics}");
+    metrics
+}
+
+/// Asserts that the server has not closed `stream`: a nonblocking read finds nothing to read
+/// (no EOF, no reset, no data). Only meaningful together with a server-side check (the metrics):
+/// a FIN sent a moment ago may still be in flight.
+#[track_caller]
+pub fn assert_open(stream: &mut TcpStream) {
+    stream.set_nonblocking(true).unwrap();
+    let mut buf = [0; 64];
+    let result = stream.read(&mut buf);
+    stream.set_nonblocking(false).unwrap();
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Ok(0) => panic!("expected the connection open, got EOF"),
+        Ok(n) => panic!("expected nothing to read, got {n} bytes"),
+        Err(e) => panic!("expected the connection open, got {e}"),
+    }
 }
 
 /// Stops an owned server through its [`Handle`] (as another thread would), turns it until it
