@@ -426,7 +426,7 @@ impl<S> Conn<S> {
     /// timeout plus one: the `+ 1` makes up for stamps being rounded down to their tick, so
     /// nothing fires before its full timeout.
     pub(crate) fn deadline(&self, t: &Timeouts) -> Option<(Tick, Due)> {
-        let after = |stamp: Tick, ticks: Tick| stamp.saturating_add(ticks).saturating_add(1);
+        let after = crate::time::deadline;
         let mut best: Option<(Tick, Due)> = None;
         let mut offer = |when: Tick, due: Due| {
             if best.is_none_or(|(b, _)| when < b) {

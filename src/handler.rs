@@ -497,11 +497,8 @@ impl<S> ConnMut<'_, S> {
 
     /// Arms this connection's timer: [`Handler::on_timer`] runs `after` from now.
     pub fn set_timer(&mut self, after: Duration) {
-        let when = self
-            .table
-            .now
-            .saturating_add(self.table.clock.ticks(after))
-            .min(NEVER - 1);
+        let when =
+            crate::time::deadline(self.table.now, self.table.clock.ticks(after)).min(NEVER - 1);
         let id = self.id;
         self.touch().timer = when;
         // The wheel entry may be later than the new timer: settle re-arms.

@@ -250,7 +250,7 @@ impl AcceptGate {
     /// no shedding, a fd would not help). Returns whether this is the transition to log.
     pub(crate) fn pause(&mut self, now: Tick, retry: Tick) -> bool {
         self.state = GateState::Paused {
-            until: now.saturating_add(retry.max(1)),
+            until: crate::time::deadline(now, retry),
         };
         self.pauses += 1;
         !std::mem::replace(&mut self.exhausted, true)
@@ -492,9 +492,10 @@ mod tests {
         assert!(may_shed && first);
         g.shed(3);
         assert!(g.is_paused());
-        assert_eq!(g.poll_at(), Some(15));
-        assert!(!g.take_resume(14));
-        assert!(g.take_resume(15));
+        // Never early: the stamp is rounded down, so a full tick more.
+        assert_eq!(g.poll_at(), Some(16));
+        assert!(!g.take_resume(15));
+        assert!(g.take_resume(16));
         assert!(!g.is_paused());
         // Failing again before anything was admitted is not a new transition.
         let (_, first) = g.exhausted(20, 5);
@@ -507,6 +508,6 @@ mod tests {
         assert_eq!(g.on_admit(), None);
         // A memory pause sheds nothing.
         assert!(g.pause(30, 5));
-        assert_eq!(g.poll_at(), Some(35));
+        assert_eq!(g.poll_at(), Some(36));
     }
 }

@@ -19,6 +19,13 @@ pub(crate) type Tick = u64;
 /// "No deadline" for tick-valued fields.
 pub(crate) const NEVER: Tick = Tick::MAX;
 
+/// The deadline `ticks` after `stamp`: `stamp + ticks + 1`. Stamps are rounded down to their
+/// tick, so the `+ 1` keeps a deadline from coming before its full timeout (and it comes within
+/// one tick after it).
+pub(crate) fn deadline(stamp: Tick, ticks: Tick) -> Tick {
+    stamp.saturating_add(ticks).saturating_add(1)
+}
+
 /// Ticks are capped here when a duration is converted, far below overflow, so that
 /// `stamp + ticks + 1` never wraps.
 const MAX_TICKS: Tick = Tick::MAX / 4;

@@ -291,8 +291,8 @@ impl Admin {
 
     fn deadline_of(&self, c: &AdminConn) -> Tick {
         match c.lingering {
-            Some(since) => since + self.linger_ticks,
-            None => c.opened + self.timeout_ticks,
+            Some(since) => crate::time::deadline(since, self.linger_ticks),
+            None => crate::time::deadline(c.opened, self.timeout_ticks),
         }
     }
 

@@ -394,8 +394,13 @@ impl<H: Handler> Server<H> {
         let Some(key) = self.accept.lru.as_ref().and_then(Lru::oldest) else {
             return false;
         };
-        let idle = now.saturating_sub(self.table.slab[key].last_active);
-        if idle < self.accept.evict_min_ticks {
+        // Idle at least `evict_min_idle` (zero: any connection): the stamp is rounded down, so a
+        // full tick more.
+        let (last, min) = (
+            self.table.slab[key].last_active,
+            self.accept.evict_min_ticks,
+        );
+        if min > 0 && now < crate::time::deadline(last, min) {
             return false;
         }
         self.close(key, CloseReason::Evicted);

@@ -241,7 +241,7 @@ impl<H: Handler> Server<H> {
         if self.table.stopped {
             return;
         }
-        let deadline = now.saturating_add(self.table.clock.ticks(timeout));
+        let deadline = crate::time::deadline(now, self.table.clock.ticks(timeout));
         if let Some(current) = self.timers.drain_deadline {
             self.timers.drain_deadline = Some(current.min(deadline));
             return;
@@ -253,7 +253,7 @@ impl<H: Handler> Server<H> {
         if delay > 0 && !self.timers.lame_done {
             // Lame duck: readiness fails now, the listeners keep accepting until the balancer
             // has noticed (Kubernetes removes endpoints asynchronously).
-            self.timers.lame_duck = Some((now + delay, timeout));
+            self.timers.lame_duck = Some((crate::time::deadline(now, delay), timeout));
             info!(
                 "draining in {:?}: /readyz fails now, the listeners stay open until then",
                 self.config.drain_delay
@@ -268,11 +268,24 @@ impl<H: Handler> Server<H> {
         let drain_idle = self.table.clock.ticks(self.config.drain_idle);
         let t = &mut self.timers.timeouts;
         t.idle = Some(t.idle.map_or(drain_idle, |i| i.min(drain_idle)));
-        let keys: Vec<usize> = self.table.slab.iter().map(|(key, _)| key).collect();
-        for key in keys {
-            self.arm(key);
-        }
         self.timers.drain_deadline = Some(deadline);
+        let ids: Vec<ConnId> = self
+            .table
+            .slab
+            .iter()
+            .map(|(key, c)| ConnId::new(key, c.gen))
+            .collect();
+        for id in ids {
+            // Already idle past drain_idle: closed now, not at the wheel's next tick (an entry
+            // inserted for a tick the wheel has passed waits for the next one).
+            let Some(conn) = self.table.get(id) else {
+                continue;
+            };
+            match conn.deadline(&self.timers.timeouts) {
+                Some((when, due)) if when <= now => self.fire(id.key(), due, now),
+                _ => self.arm(id.key()),
+            }
+        }
         info!(
             "draining: listeners closed, {} connections open, idle ones close after {:?}, the rest at {:?}",
             self.table.slab.len(),

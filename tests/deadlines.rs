@@ -1,6 +1,5 @@
-//! Library bugs found while moving the timing tests onto `turn_at`: each test asserts the
-//! behaviour the rounding rule promises and fails on the library as it is, so it is ignored with
-//! the reason. Remove the `#[ignore]` with the fix.
+//! Deadlines that were early, found while moving the timing tests onto `turn_at`: each test
+//! asserts the behaviour the rounding rule promises, and each failed before its fix.
 //!
 //! The rule (src/time.rs): an instant rounds down to its tick, a duration rounds up, and a
 //! deadline is `stamp + ticks + 1`, so nothing fires before its full timeout and everything
@@ -26,7 +25,6 @@ const HALF: Duration = Duration::from_millis(5);
 
 /// `Admin::deadline_of` (src/admin/http.rs) is `opened + timeout_ticks`.
 #[test]
-#[ignore = "library bug: the admin timeout has no +1 tick; an admin connection accepted at t0+5ms is closed at t0+5s, 4.995 s after its accept (ADMIN_TIMEOUT is 5 s)"]
 fn an_admin_connection_is_not_closed_before_the_admin_timeout() {
     const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
     let config = Config {
@@ -57,7 +55,6 @@ fn an_admin_connection_is_not_closed_before_the_admin_timeout() {
 
 /// `Timers::begin_drain` (src/server/timers.rs) sets the deadline to `now + ticks(timeout)`.
 #[test]
-#[ignore = "library bug: the drain deadline has no +1 tick; Server::drain(500ms) started at t0+5ms force-closes at t0+500ms, 495 ms after the drain started"]
 fn the_drain_deadline_is_not_before_the_drain_timeout() {
     const TIMEOUT: Duration = Duration::from_millis(500);
     let config = Config {
@@ -86,7 +83,6 @@ fn the_drain_deadline_is_not_before_the_drain_timeout() {
 /// `Server::evict_for` (src/server/accept.rs) evicts when `now - last_active >=
 /// ticks(evict_min_idle)`: a tick count from a rounded-down stamp, with no `+ 1`.
 #[test]
-#[ignore = "library bug: evict_min_idle has no +1 tick; a connection active at t0+5ms is evicted for a newcomer at t0+100ms, idle 95 ms with evict_min_idle 100ms"]
 fn a_connection_idle_less_than_evict_min_idle_is_not_evicted() {
     let config = Config {
         max_connections: Some(1),
@@ -132,7 +128,6 @@ impl Handler for TimerThenClose {
 
 /// `ConnMut::set_timer` (src/handler.rs) sets `now + ticks(after)`.
 #[test]
-#[ignore = "library bug: Context::set_timer has no +1 tick; a 100 ms timer set at t0+5ms fires at t0+100ms, 95 ms after it was set"]
 fn a_handler_timer_does_not_fire_before_its_duration() {
     let config = Config {
         tick: TICK,
@@ -164,7 +159,6 @@ fn a_handler_timer_does_not_fire_before_its_duration() {
 /// `Admin::deadline_of` (src/admin/http.rs) is `since + linger_ticks` for a lingering admin
 /// connection.
 #[test]
-#[ignore = "library bug: the admin linger deadline has no +1 tick; an admin answer sent at t0+5ms with linger_timeout 100ms ends its linger at t0+100ms, 95 ms later"]
 fn an_admin_linger_lasts_the_whole_linger_timeout() {
     let config = Config {
         admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
@@ -210,7 +204,6 @@ fn an_admin_linger_lasts_the_whole_linger_timeout() {
 /// A wheel entry inserted for a tick the wheel has already passed sits in the slot of
 /// `elapsed = now + 1` (src/wheel.rs), so it fires at the next tick, not in the current turn.
 #[test]
-#[ignore = "library bug (or a documented wheel property at odds with 'deadlines due by now fire'): a connection idle past drain_idle when Handle::drain starts, in a turn whose tick an earlier turn already processed, is closed only at the next tick"]
 fn a_connection_past_drain_idle_is_closed_in_the_turn_that_starts_the_drain() {
     let config = Config {
         drain_idle: Duration::from_millis(300),
