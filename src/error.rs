@@ -23,6 +23,13 @@ pub enum Error {
     },
     /// The poll or another loop-wide resource failed.
     Io(io::Error),
+    /// One of several [`Workers`](crate::Workers) failed (the others were stopped).
+    Worker {
+        /// Which worker.
+        index: usize,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl fmt::Display for Error {
@@ -31,6 +38,7 @@ impl fmt::Display for Error {
             Error::Config(msg) => write!(f, "invalid configuration: {msg}"),
             Error::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
             Error::Io(e) => write!(f, "event loop failed: {e}"),
+            Error::Worker { index, message } => write!(f, "worker {index} failed: {message}"),
         }
     }
 }
@@ -38,7 +46,7 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Config(_) => None,
+            Error::Config(_) | Error::Worker { .. } => None,
             Error::Bind { source, .. } => Some(source),
             Error::Io(e) => Some(e),
         }

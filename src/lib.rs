@@ -60,6 +60,8 @@
 //! | `limits.rs` | fd limit, the accept gate's states, per-IP counts, the LRU |
 //! | `metrics.rs`, `reason.rs`, `error.rs`, `config.rs` | [`Metrics`], [`CloseReason`], [`Error`], [`Config`] |
 //! | `admin/` | the admin endpoint (`admin` feature) behind a shell the loop always calls |
+//! | `workers.rs` | [`Workers`]: N loops on N threads with `SO_REUSEPORT`, and what they share |
+//! | `proxy_header.rs` | reading a PROXY protocol header (the `ppp` crate parses) |
 //!
 //! # Features
 //! `admin` (default) serves `/metrics`, `/connections` and `/health` from the loop (httparse).
@@ -85,6 +87,7 @@ mod time;
 mod token;
 #[doc(hidden)]
 pub mod wheel;
+mod workers;
 
 pub use config::{Config, OnFull, ProxyProtocol, MAX_CONNECTIONS_LIMIT};
 pub use error::Error;
@@ -98,3 +101,4 @@ pub use remote::{Handle, Remote, RemoteError};
 pub use server::Server;
 pub use table::{DialError, DialFailure};
 pub use token::ConnId;
+pub use workers::{RunningWorkers, Workers, WorkersHandle};

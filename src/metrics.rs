@@ -209,6 +209,86 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Visits every counter and gauge, in a fixed order (arrays element by element;
+    /// `fds_unaccounted` as its two's-complement bits). The one list of fields that publishing
+    /// and summing go by, so that a new field needs adding only here.
+    pub(crate) fn visit(&mut self, mut f: impl FnMut(&mut u64)) {
+        for v in [
+            &mut self.active,
+            &mut self.peak,
+            &mut self.accepted,
+            &mut self.dialed,
+            &mut self.connected,
+            &mut self.active_dialed,
+            &mut self.connecting,
+            &mut self.awaiting_header,
+            &mut self.accept_pauses,
+            &mut self.lingering,
+            &mut self.bytes_in,
+            &mut self.bytes_out,
+            &mut self.pending_bytes,
+            &mut self.turns,
+            &mut self.events,
+            &mut self.stale,
+            &mut self.remote_dropped,
+            &mut self.drain_forced,
+            &mut self.lifetime_sum_us,
+            &mut self.fds_open,
+            &mut self.max_connections,
+            &mut self.fd_limit,
+        ] {
+            f(v);
+        }
+        let arrays: [&mut [u64]; 6] = [
+            &mut self.closed,
+            &mut self.closed_dialed,
+            &mut self.rejected,
+            &mut self.accept_errors,
+            &mut self.linger_ends,
+            &mut self.lifetime_buckets,
+        ];
+        for a in arrays {
+            a.iter_mut().for_each(&mut f);
+        }
+        let mut bits = self.fds_unaccounted as u64;
+        f(&mut bits);
+        self.fds_unaccounted = bits as i64;
+    }
+
+    /// How many values [`visit`](Self::visit) visits.
+    pub(crate) fn width() -> usize {
+        let mut n = 0;
+        Metrics::default().visit(|_| n += 1);
+        n
+    }
+
+    /// The metrics of several loops (workers) as one: counters and most gauges add up; the fd
+    /// limit and the fds seen by the leak self-check are the process's, so they are taken, not
+    /// summed (from the first); `peak` is the sum of the loops' peaks.
+    pub fn sum<'a>(all: impl IntoIterator<Item = &'a Metrics>) -> Metrics {
+        let mut total = Metrics::default();
+        let mut first = true;
+        for m in all {
+            let mut values = Vec::with_capacity(Metrics::width());
+            m.clone().visit(|v| values.push(*v));
+            let mut i = 0;
+            total.visit(|v| {
+                *v = v.wrapping_add(values[i]);
+                i += 1;
+            });
+            if first {
+                (total.fd_limit, total.fds_open, total.fds_unaccounted) =
+                    (m.fd_limit, m.fds_open, m.fds_unaccounted);
+                first = false;
+            } else {
+                total.fd_limit -= m.fd_limit;
+                total.fds_open -= m.fds_open;
+                total.fds_unaccounted = total.fds_unaccounted.wrapping_sub(m.fds_unaccounted);
+            }
+        }
+        total
+    }
+
     /// Dials that ended before their handshake completed (refused, unreachable, timed out, or
     /// another error while connecting).
     pub fn dial_failures(&self) -> u64 {
@@ -289,6 +369,32 @@ impl fmt::Display for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn visit_covers_every_field_and_sum_adds_them() {
+        // Every field set to a distinct value must come back through visit: a field missing
+        // from the list would keep its zero.
+        let mut m = Metrics::default();
+        let mut n = 0u64;
+        m.visit(|v| {
+            n += 1;
+            *v = n;
+        });
+        assert_eq!(n as usize, Metrics::width());
+        let debug = format!("{m:?}");
+        assert!(
+            !debug.contains(": 0,") && !debug.contains(" 0]") && !debug.contains("[0"),
+            "{debug}"
+        );
+        let total = Metrics::sum([&m, &m]);
+        assert_eq!(total.accepted, 2 * m.accepted);
+        assert_eq!(total.closed[3], 2 * m.closed[3]);
+        assert_eq!(
+            total.fd_limit, m.fd_limit,
+            "the process's limit is not summed"
+        );
+        assert_eq!(total.fds_unaccounted, m.fds_unaccounted);
+    }
 
     #[test]
     fn summary_line_names_nonzero_reasons() {

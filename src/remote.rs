@@ -152,6 +152,11 @@ impl Handle {
         Ok(())
     }
 
+    /// Wakes the loop (a group request is waiting for it).
+    pub(crate) fn wake_loop(&self) {
+        self.shared.wake();
+    }
+
     /// Stop and drain always wake the loop, even if a message wake is pending.
     fn wake_now(&self) {
         self.shared.woken.store(true, Ordering::Release);

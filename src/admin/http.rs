@@ -26,7 +26,9 @@ use slab::Slab;
 
 use super::View;
 use crate::conn::{flag, Conn, Phase};
-use crate::metrics::{RejectReason, ACCEPT_ERROR_NAMES, LIFETIME_BUCKETS_MS, LINGER_END_NAMES};
+use crate::metrics::{
+    Metrics, RejectReason, ACCEPT_ERROR_NAMES, LIFETIME_BUCKETS_MS, LINGER_END_NAMES,
+};
 use crate::reason::CloseReason;
 use crate::time::{Clock, Tick};
 use crate::token;
@@ -62,7 +64,31 @@ struct AdminConn {
     lingering: Option<Tick>,
     /// Bytes discarded while lingering.
     discarded: u64,
+    /// A `/connections` answer waiting for the other workers' lines.
+    gather: Option<Gather>,
 }
+
+/// A `/connections` request of a group of workers: this worker's lines are in, the others'
+/// are asked for and come back through the group.
+#[derive(Debug)]
+struct Gather {
+    query: Query,
+    head: bool,
+    /// Each worker's lines, as they come (`Err`: a bad query, `None`: not yet).
+    parts: Vec<Option<Result<String, String>>>,
+    /// Answer with what has come by then.
+    deadline: Tick,
+}
+
+/// A parsed `/connections` query.
+#[derive(Debug, Clone, Copy)]
+struct Query {
+    limit: usize,
+    by_idle: bool,
+}
+
+/// How long worker 0 waits for the other workers' `/connections` lines.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl AdminConn {
     /// Nothing received yet: the first to go when every slot is taken.
@@ -142,6 +168,7 @@ impl Admin {
                         peer_closed: false,
                         lingering: None,
                         discarded: 0,
+                        gather: None,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -186,6 +213,9 @@ impl Admin {
         if conn.lingering.is_some() {
             return self.linger(key, registry);
         }
+        if conn.gather.is_some() {
+            return; // waiting for the other workers
+        }
         if conn.response.is_empty() {
             let mut buf = [0u8; 4096];
             loop {
@@ -217,8 +247,13 @@ impl Admin {
                 let mut req = httparse::Request::new(&mut headers);
                 match req.parse(&conn.request) {
                     Ok(httparse::Status::Complete(_)) => {
-                        conn.response =
-                            route(req.method.unwrap_or(""), req.path.unwrap_or(""), view);
+                        let (method, target) = (req.method.unwrap_or(""), req.path.unwrap_or(""));
+                        if let Some(gather) = start_gather(method, target, view, self.timeout_ticks)
+                        {
+                            conn.gather = Some(gather);
+                            return;
+                        }
+                        conn.response = route(method, target, view);
                     }
                     Ok(httparse::Status::Partial) if conn.peer_closed => {
                         return self.close(key, registry)
@@ -232,6 +267,12 @@ impl Admin {
                 }
             }
         }
+        self.write_response(key, registry, view.now);
+    }
+
+    /// Writes the answer; once it is all with the kernel, closes or lingers.
+    fn write_response(&mut self, key: usize, registry: &Registry, now: Tick) {
+        let conn = &mut self.conns[key];
         while conn.written < conn.response.len() {
             match conn.stream.write(&conn.response[conn.written..]) {
                 Ok(0) => return self.close(key, registry),
@@ -250,8 +291,40 @@ impl Admin {
         if conn.stream.shutdown(std::net::Shutdown::Write).is_err() {
             return self.close(key, registry);
         }
-        conn.lingering = Some(view.now);
+        conn.lingering = Some(now);
         self.linger(key, registry);
+    }
+
+    /// Collects the other workers' `/connections` lines for the requests waiting on them and
+    /// answers those that are complete (or past their deadline).
+    fn gather(&mut self, registry: &Registry, view: &View<'_, impl Sized>) {
+        let Some((group, me)) = view.group else {
+            return;
+        };
+        let mut done = Vec::new();
+        for (key, conn) in self.conns.iter_mut() {
+            let Some(g) = &mut conn.gather else {
+                continue;
+            };
+            for (i, part) in g.parts.iter_mut().enumerate() {
+                if part.is_none() && i != me {
+                    *part = group.take_response(i);
+                }
+            }
+            if g.parts.iter().all(Option::is_some) || view.now >= g.deadline {
+                done.push(key);
+            }
+        }
+        for key in done {
+            let g = self.conns[key].gather.take().expect("collected above");
+            let body = assemble(&g);
+            let mut answer = simple(200, "OK", &body);
+            if g.head {
+                strip_body(&mut answer);
+            }
+            self.conns[key].response = answer;
+            self.write_response(key, registry, view.now);
+        }
     }
 
     /// Reads and discards until the client's EOF, an error or the byte cap; then closes.
@@ -270,9 +343,13 @@ impl Admin {
         }
     }
 
-    /// Continues an accept a budget or an error left, and closes connections past their
-    /// deadline (the admin timeout, or the linger).
-    pub(crate) fn tick(&mut self, registry: &Registry, now: Tick) {
+    /// Continues an accept a budget or an error left, answers gathered `/connections`
+    /// requests, and closes connections past their deadline (the admin timeout, or the linger).
+    pub(crate) fn tick<S>(&mut self, registry: &Registry, view: &View<'_, S>) {
+        let now = view.now;
+        if self.conns.iter().any(|(_, c)| c.gather.is_some()) {
+            self.gather(registry, view);
+        }
         if self.accept_at.is_some_and(|t| t <= now) {
             self.accept(registry, now);
         }
@@ -302,7 +379,16 @@ impl Admin {
 
     /// When the loop must run for the admin side.
     pub(crate) fn poll_at(&self) -> Option<Tick> {
-        match (self.deadline(), self.accept_at) {
+        let gather = self
+            .conns
+            .iter()
+            .filter_map(|(_, c)| c.gather.as_ref().map(|g| g.deadline))
+            .min();
+        let deadline = match (self.deadline(), gather) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match (deadline, self.accept_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -353,12 +439,81 @@ fn route<S>(method: &str, target: &str, view: &View<'_, S>) -> Vec<u8> {
         ),
     };
     if method == "HEAD" {
-        // The same head as for GET (Content-Length included), without the body (RFC 9110 9.3.2).
-        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-            answer.truncate(end + 4);
-        }
+        strip_body(&mut answer);
     }
     answer
+}
+
+/// A HEAD answer: the same head as for GET (Content-Length included), without the body
+/// (RFC 9110 9.3.2).
+fn strip_body(answer: &mut Vec<u8>) {
+    if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+        answer.truncate(end + 4);
+    }
+}
+
+/// Starts gathering a `/connections` answer over a group of workers: this worker's lines now,
+/// the others asked for. `None` when there is nothing to gather (one worker, another path, a
+/// bad query: answered at once).
+fn start_gather<S>(
+    method: &str,
+    target: &str,
+    view: &View<'_, S>,
+    timeout: Tick,
+) -> Option<Gather> {
+    let (group, me) = view.group.filter(|(g, _)| g.len() > 1)?;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if path != "/connections" || !matches!(method, "GET" | "HEAD") {
+        return None;
+    }
+    let q = parse_query(query).ok()?;
+    let mut parts: Vec<Option<Result<String, String>>> = vec![None; group.len()];
+    parts[me] = Some(connections(query, view, Some(me)));
+    for i in (0..group.len()).filter(|&i| i != me) {
+        group.request_connections(i, query);
+    }
+    let wait = timeout.min(view.clock.ticks(GATHER_TIMEOUT)).max(1);
+    Some(Gather {
+        query: q,
+        head: method == "HEAD",
+        parts,
+        deadline: view.now + wait,
+    })
+}
+
+/// One `/connections` body from every worker's lines: merged (longest idle first with
+/// `sort=idle`), cut to the limit, with a line for any worker that did not answer.
+fn assemble(g: &Gather) -> String {
+    let mut lines: Vec<&str> = Vec::new();
+    let mut missing = String::new();
+    for (i, part) in g.parts.iter().enumerate() {
+        match part {
+            Some(Ok(body)) => lines.extend(body.lines()),
+            Some(Err(e)) => {
+                let _ = write!(missing, "# worker {i}: {e}");
+            }
+            None => {
+                let _ = writeln!(missing, "# worker {i} did not answer");
+            }
+        }
+    }
+    if g.query.by_idle {
+        let idle = |l: &str| -> u64 {
+            l.split(' ')
+                .find_map(|f| f.strip_prefix("idle_ms="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        lines.sort_by_key(|l| std::cmp::Reverse(idle(l)));
+    }
+    lines.truncate(g.query.limit);
+    let mut out = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum::<usize>());
+    for l in lines {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out.push_str(&missing);
+    out
 }
 
 fn get<S>(target: &str, view: &View<'_, S>) -> Vec<u8> {
@@ -371,12 +526,20 @@ fn get<S>(target: &str, view: &View<'_, S>) -> Vec<u8> {
             "",
             &prometheus(view),
         ),
-        "/connections" => match connections(query, view) {
+        "/connections" => match connections(query, view, None) {
             Ok(body) => simple(200, "OK", &body),
             Err(msg) => simple(400, "Bad Request", &msg),
         },
-        // The loop answers this itself: an answer at all means it is not wedged.
-        "/livez" => simple(200, "OK", "ok\n"),
+        // The loop answers this itself: an answer at all means it is not wedged. With several
+        // workers, a worker stuck in one turn (not waiting in its poll) fails it too.
+        "/livez" => match view.group.and_then(|(g, _)| g.wedged(view.at)) {
+            None => simple(200, "OK", "ok\n"),
+            Some((i, busy)) => simple(
+                503,
+                "Service Unavailable",
+                &format!("worker {i} has been busy in one turn for {busy:?}\n"),
+            ),
+        },
         // `/health` is what it was before `/readyz` existed: the readiness check.
         "/readyz" | "/health" => match view.ready {
             Ok(()) => simple(200, "OK", "ok\n"),
@@ -391,188 +554,216 @@ fn get<S>(target: &str, view: &View<'_, S>) -> Vec<u8> {
 }
 
 /// Prometheus text exposition format 0.0.4: `sockman_*`, counters end in `_total`, base units.
+/// With several workers, every family has its total (no `worker` label) and one series per
+/// worker (`worker="N"`).
 fn prometheus<S>(view: &View<'_, S>) -> String {
-    let m = view.metrics;
-    let mut out = String::with_capacity(8192);
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-        family(
-            &mut out,
-            name,
-            kind,
-            help,
-            samples.iter().map(|&(l, v)| (l, v as i128)),
-        );
+    let workers: Vec<Metrics> = match view.group {
+        Some((group, me)) if group.len() > 1 => (0..group.len())
+            .map(|i| {
+                if i == me {
+                    view.metrics.clone()
+                } else {
+                    group.snapshot(i)
+                }
+            })
+            .collect(),
+        _ => Vec::new(),
     };
-    metric(
+    let total = if workers.is_empty() {
+        view.metrics.clone()
+    } else {
+        Metrics::sum(&workers)
+    };
+    let mut out = String::with_capacity(8192 * (1 + workers.len()));
+    let p = Page {
+        total: &total,
+        workers: &workers,
+    };
+    p.metric(
+        &mut out,
         "connections_active",
         "gauge",
         "Data connections open for the handler (accepted and dialed).",
-        &[("", m.active)],
+        |m| m.active,
     );
-    metric(
+    p.metric(
+        &mut out,
         "connections_peak",
         "gauge",
-        "Most data connections open at once.",
-        &[("", m.peak)],
+        "Most data connections open at once (summed over workers).",
+        |m| m.peak,
     );
-    metric(
+    p.metric(
+        &mut out,
         "connections_max",
         "gauge",
         "The connection cap in force.",
-        &[("", m.max_connections)],
+        |m| m.max_connections,
     );
-    metric(
+    p.metric(
+        &mut out,
         "connections_lingering",
         "gauge",
         "Connections closed gracefully, their write side shut, reading until the peer's EOF.",
-        &[("", m.lingering)],
+        |m| m.lingering,
     );
-    metric(
+    p.metric(
+        &mut out,
         "connections_dialed_active",
         "gauge",
         "Dialed (outbound) connections open, connecting ones included.",
-        &[("", m.active_dialed)],
+        |m| m.active_dialed,
     );
-    metric(
+    p.metric(
+        &mut out,
         "connections_connecting",
         "gauge",
         "Dials still completing their handshake.",
-        &[("", m.connecting)],
+        |m| m.connecting,
     );
-    metric(
+    p.metric(
+        &mut out,
+        "connections_awaiting_header",
+        "gauge",
+        "Accepted connections waiting for their PROXY protocol header.",
+        |m| m.awaiting_header,
+    );
+    family(
+        &mut out,
         "fd_limit",
         "gauge",
         "Soft open-file limit of the process.",
-        &[("", m.fd_limit)],
+        [("", total.fd_limit as i128)].into_iter(),
     );
-    metric(
+    family(
+        &mut out,
         "fds_open",
         "gauge",
         "Open descriptors at the last leak self-check.",
-        &[("", m.fds_open)],
+        [("", total.fds_open as i128)].into_iter(),
     );
-    metric(
+    p.metric(
+        &mut out,
         "accepted_total",
         "counter",
         "Data connections accepted.",
-        &[("", m.accepted)],
+        |m| m.accepted,
     );
-    metric(
-        "dialed_total",
-        "counter",
-        "Dials started.",
-        &[("", m.dialed)],
-    );
-    metric(
+    p.metric(&mut out, "dialed_total", "counter", "Dials started.", |m| {
+        m.dialed
+    });
+    p.metric(
+        &mut out,
         "connected_total",
         "counter",
         "Dials whose handshake completed.",
-        &[("", m.connected)],
+        |m| m.connected,
     );
-    labelled(
+    p.labelled(
         &mut out,
         "rejected_total",
-        "Connections refused at accept, by reason.",
+        "Connections refused at accept (or at their PROXY header), by reason.",
         "reason",
         &RejectReason::NAMES,
-        &m.rejected,
+        |m| &m.rejected,
     );
-    labelled(
+    p.labelled(
         &mut out,
         "closed_total",
         "Data connections closed (accepted and dialed), by reason.",
         "reason",
         &CloseReason::NAMES,
-        &m.closed,
+        |m| &m.closed,
     );
-    labelled(
+    p.labelled(
         &mut out,
         "dialed_closed_total",
         "Dialed connections closed, by reason (a part of sockman_closed_total).",
         "reason",
         &CloseReason::NAMES,
-        &m.closed_dialed,
+        |m| &m.closed_dialed,
     );
-    labelled(
+    p.labelled(
         &mut out,
         "lingered_total",
         "Graceful closes that lingered, by how the linger ended.",
         "end",
         &LINGER_END_NAMES,
-        &m.linger_ends,
+        |m| &m.linger_ends,
     );
-    labelled(
+    p.labelled(
         &mut out,
         "accept_errors_total",
         "accept() failures, by kind.",
         "kind",
         &ACCEPT_ERROR_NAMES,
-        &m.accept_errors,
+        |m| &m.accept_errors,
     );
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-        family(
-            &mut out,
-            name,
-            kind,
-            help,
-            samples.iter().map(|&(l, v)| (l, v as i128)),
-        );
-    };
-    metric(
+    p.metric(
+        &mut out,
         "received_bytes_total",
         "counter",
         "Bytes read from peers.",
-        &[("", m.bytes_in)],
+        |m| m.bytes_in,
     );
-    metric(
+    p.metric(
+        &mut out,
         "sent_bytes_total",
         "counter",
         "Bytes written to peers.",
-        &[("", m.bytes_out)],
+        |m| m.bytes_out,
     );
-    metric(
+    p.metric(
+        &mut out,
         "pending_output_bytes",
         "gauge",
         "Output waiting for slow peers.",
-        &[("", m.pending_bytes)],
+        |m| m.pending_bytes,
     );
-    metric(
-        "accept_pauses_total",
-        "counter",
-        "Times accepting paused (fd exhaustion, memory, a turn of nothing but errors); while exhausted every failed retry counts.",
-        &[("", m.accept_pauses)],
-    );
-    metric(
+    p.metric(&mut out, "accept_pauses_total", "counter", "Times accepting paused (fd exhaustion, memory, a turn of nothing but errors); while exhausted every failed retry counts.", |m| m.accept_pauses);
+    p.metric(
+        &mut out,
         "loop_turns_total",
         "counter",
         "Event loop turns.",
-        &[("", m.turns)],
+        |m| m.turns,
     );
-    metric(
+    p.metric(
+        &mut out,
         "loop_events_total",
         "counter",
         "Readiness events dispatched.",
-        &[("", m.events)],
+        |m| m.events,
     );
-    metric(
+    p.metric(
+        &mut out,
         "stale_total",
         "counter",
         "Events and timers dropped for a stale generation.",
-        &[("", m.stale)],
+        |m| m.stale,
     );
-    metric(
+    p.metric(
+        &mut out,
+        "remote_dropped_total",
+        "counter",
+        "Messages from other threads whose connection was gone.",
+        |m| m.remote_dropped,
+    );
+    family(
+        &mut out,
         "draining",
         "gauge",
         "1 while draining.",
-        &[("", u64::from(view.draining))],
+        [("", i128::from(view.draining))].into_iter(),
     );
     family(
         &mut out,
         "fds_unaccounted",
         "gauge",
         "Open descriptors the leak self-check cannot account for (0 = none leaked).",
-        [("", m.fds_unaccounted as i128)].into_iter(),
+        [("", total.fds_unaccounted as i128)].into_iter(),
     );
+    let m = &total;
     let name = "sockman_connection_lifetime_seconds";
     let _ = writeln!(
         out,
@@ -595,22 +786,55 @@ fn prometheus<S>(view: &View<'_, S>) -> String {
     out
 }
 
-/// A counter family with one label, one sample per name.
-fn labelled(out: &mut String, name: &str, help: &str, label: &str, names: &[&str], values: &[u64]) {
-    let labels: Vec<String> = names
-        .iter()
-        .map(|n| format!("{{{label}=\"{n}\"}}"))
-        .collect();
-    family(
-        out,
-        name,
-        "counter",
-        help,
-        labels
-            .iter()
-            .zip(values)
-            .map(|(l, &v)| (l.as_str(), v as i128)),
-    );
+/// The metrics one `/metrics` page shows: the total, and each worker's when there are several.
+struct Page<'a> {
+    total: &'a Metrics,
+    workers: &'a [Metrics],
+}
+
+impl Page<'_> {
+    /// A family of one value per loop: the total, then `{worker="N"}` per worker.
+    fn metric(
+        &self,
+        out: &mut String,
+        name: &str,
+        kind: &str,
+        help: &str,
+        value: impl Fn(&Metrics) -> u64,
+    ) {
+        let _ = writeln!(
+            out,
+            "# HELP sockman_{name} {help}\n# TYPE sockman_{name} {kind}"
+        );
+        let _ = writeln!(out, "sockman_{name} {}", value(self.total));
+        for (i, m) in self.workers.iter().enumerate() {
+            let _ = writeln!(out, "sockman_{name}{{worker=\"{i}\"}} {}", value(m));
+        }
+    }
+
+    /// A counter family with one label, one sample per name: the totals, then per worker.
+    fn labelled(
+        &self,
+        out: &mut String,
+        name: &str,
+        help: &str,
+        label: &str,
+        names: &[&str],
+        values: impl Fn(&Metrics) -> &[u64],
+    ) {
+        let _ = writeln!(
+            out,
+            "# HELP sockman_{name} {help}\n# TYPE sockman_{name} counter"
+        );
+        for (n, v) in names.iter().zip(values(self.total)) {
+            let _ = writeln!(out, "sockman_{name}{{{label}=\"{n}\"}} {v}");
+        }
+        for (i, m) in self.workers.iter().enumerate() {
+            for (n, v) in names.iter().zip(values(m)) {
+                let _ = writeln!(out, "sockman_{name}{{worker=\"{i}\",{label}=\"{n}\"}} {v}");
+            }
+        }
+    }
 }
 
 fn family<'a>(
@@ -635,22 +859,34 @@ fn family<'a>(
 /// connections. With `sort=idle`, the `limit` longest idle: one pass over the connections
 /// keeping the best `limit` in a bounded heap, O(n log limit) time and O(limit) memory (nothing
 /// keeps connections in idle order unless `--on-full evict-idle` is on).
-fn connections<S>(query: &str, view: &View<'_, S>) -> Result<String, String> {
-    let mut limit = DEFAULT_LIMIT;
-    let mut by_idle = false;
+fn parse_query(query: &str) -> Result<Query, String> {
+    let mut q = Query {
+        limit: DEFAULT_LIMIT,
+        by_idle: false,
+    };
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=').unwrap_or((pair, "")) {
             ("limit", v) => {
-                limit = v
+                q.limit = v
                     .parse::<usize>()
                     .map_err(|_| format!("bad limit {v:?}\n"))?
                     .min(MAX_LIMIT)
             }
-            ("sort", "idle") => by_idle = true,
+            ("sort", "idle") => q.by_idle = true,
             ("sort", v) => return Err(format!("unknown sort {v:?} (only idle)\n")),
             (k, _) => return Err(format!("unknown parameter {k:?}\n")),
         }
     }
+    Ok(q)
+}
+
+/// `/connections` lines of one loop (`worker`: its index in a group, printed on each line).
+pub(crate) fn connections<S>(
+    query: &str,
+    view: &View<'_, S>,
+    worker: Option<usize>,
+) -> Result<String, String> {
+    let Query { limit, by_idle } = parse_query(query)?;
     let rows: Vec<(usize, &Conn<S>)> = if by_idle {
         use std::collections::BinaryHeap;
         // A max-heap on last_active keeps the `limit` smallest (longest idle) seen so far.
@@ -698,9 +934,16 @@ fn connections<S>(query: &str, view: &View<'_, S>) -> Result<String, String> {
             c.bytes_out,
             c.pending_len(),
         );
-        if let Some(state) = &c.state {
-            out.pop(); // the handler's fields go on the same line
-            view.hooks.describe(state, &mut out);
+        if worker.is_some() || c.state.is_some() {
+            out.pop(); // more fields on the same line
+            if let (Some(w), Some((g, _))) = (worker, view.group) {
+                if g.len() > 1 {
+                    let _ = write!(out, " worker={w}");
+                }
+            }
+            if let Some(state) = &c.state {
+                view.hooks.describe(state, &mut out);
+            }
             out.push('\n');
         }
     }

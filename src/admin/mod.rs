@@ -29,12 +29,16 @@ pub(crate) struct View<'a, S> {
     pub(crate) metrics: &'a Metrics,
     pub(crate) conns: &'a Slab<Conn<S>>,
     pub(crate) now: Tick,
+    /// `now` as an instant (for the workers' heartbeats).
+    pub(crate) at: std::time::Instant,
     pub(crate) clock: Clock,
     pub(crate) draining: bool,
     /// `/readyz`: whether to send this server new connections, or why not.
     pub(crate) ready: Result<(), &'static str>,
     /// The handler's own parts of the pages.
     pub(crate) hooks: &'a dyn Hooks<S>,
+    /// The group of workers this loop belongs to, and its index there.
+    pub(crate) group: Option<(&'a crate::workers::Group, usize)>,
 }
 
 impl<S> std::fmt::Debug for View<'_, S> {
@@ -57,6 +61,27 @@ impl<H: Handler> Hooks<H::Conn> for H {
     }
     fn write_metrics(&self, out: &mut String) {
         Handler::write_metrics(self, out);
+    }
+}
+
+/// One loop's `/connections` lines for `query`, for worker 0 of a group to gather (`worker`:
+/// this loop's index, printed on each line).
+///
+/// # Errors
+/// A bad query, described.
+pub(crate) fn connection_lines<S>(
+    query: &str,
+    view: &View<'_, S>,
+    worker: Option<usize>,
+) -> Result<String, String> {
+    #[cfg(feature = "admin")]
+    {
+        http::connections(query, view, worker)
+    }
+    #[cfg(not(feature = "admin"))]
+    {
+        let _ = (query, view, worker);
+        Err("no admin endpoint in this build".into())
     }
 }
 
@@ -130,14 +155,15 @@ impl AdminSide {
         let _ = (k, registry, view);
     }
 
-    /// Work a budget left (queued admin clients), and deadlines due by `now`.
-    pub(crate) fn tick(&mut self, registry: &Registry, now: Tick) {
+    /// Work a budget left (queued admin clients), answers gathered from other workers, and
+    /// deadlines due by `view.now`.
+    pub(crate) fn tick<S>(&mut self, registry: &Registry, view: &View<'_, S>) {
         #[cfg(feature = "admin")]
         if let Some(a) = &mut self.inner {
-            a.tick(registry, now);
+            a.tick(registry, view);
         }
         #[cfg(not(feature = "admin"))]
-        let _ = (registry, now);
+        let _ = (registry, view);
     }
 
     /// When the loop must run for the admin side: `Some(0)` if a budget left work.

@@ -204,21 +204,40 @@ impl<H: Handler> Server<H> {
         accepted
     }
 
-    /// Accepts every listener's backlog, then closes the listeners (the start of a drain).
-    pub(super) fn close_listeners_after_backlog(&mut self, now: Tick) {
+    /// Accepts every listener's backlog, then closes the listeners (the start of a drain). In a
+    /// group of workers, worker 0 closes last: until every other worker has closed its
+    /// listeners it keeps its own open and accepting (see [`crate::workers`]); returns whether
+    /// the listeners are closed now.
+    /// `force` closes them anyway (the drain deadline came).
+    pub(super) fn close_listeners_after_backlog(&mut self, now: Tick, force: bool) -> bool {
+        if self.accept.listeners.is_empty() {
+            return true;
+        }
+        if let Some(m) = &self.member {
+            if m.index == 0 && m.group.open_listeners() > 1 && !force {
+                return false;
+            }
+        }
         for i in 0..self.accept.listeners.len() {
             self.accept_queued(i, Some(now));
         }
         self.close_listeners();
         self.accept.gate.reset();
+        true
     }
 
-    /// Deregisters and closes every data listener.
+    /// Deregisters and closes every data listener (and tells the group, if any).
     pub(super) fn close_listeners(&mut self) {
+        if self.accept.listeners.is_empty() {
+            return;
+        }
         for l in &mut self.accept.listeners {
             let _ = self.table.poll.registry().deregister(&mut l.socket);
         }
         self.accept.listeners.clear();
+        if let Some(m) = &self.member {
+            m.group.listeners_closed();
+        }
     }
 
     /// Admits an accepted socket as a connection, or refuses it (cap, per-IP).
@@ -443,6 +462,10 @@ pub(super) fn bind_listener(addr: SocketAddr, config: &Config) -> io::Result<Tcp
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // Restart without waiting out TIME_WAIT of the previous run's connections.
     socket.set_reuse_address(true)?;
+    if config.reuse_port {
+        // Several loops, each its own socket on this address; the kernel spreads connections.
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

@@ -122,6 +122,8 @@ pub struct Server<H: Handler> {
     jobs: Option<JobQueue<H>>,
     /// The remote budget ran out with messages left.
     remote_ready: bool,
+    /// Membership in a group of workers ([`crate::Workers`]), if any.
+    member: Option<crate::workers::Member>,
 }
 
 impl<H: Handler> Server<H> {
@@ -249,6 +251,7 @@ impl<H: Handler> Server<H> {
             mail,
             jobs: None,
             remote_ready: false,
+            member: None,
             config,
         })
     }
@@ -339,6 +342,63 @@ impl<H: Handler> Server<H> {
     /// The time of the last turn (the server's start before the first).
     pub fn now(&self) -> Instant {
         self.table.now_at
+    }
+
+    /// Makes this server worker `index` of `group`.
+    pub(crate) fn join_group(&mut self, group: Arc<crate::workers::Group>, index: usize) {
+        let own = self.own_fds() as u64;
+        group.slots[index]
+            .fds
+            .store(own, std::sync::atomic::Ordering::Relaxed);
+        group.publish(index, &self.table.metrics);
+        self.member = Some(crate::workers::Member {
+            group,
+            index,
+            published: Tick::MAX,
+        });
+    }
+
+    /// In a group: publishes this worker's metrics and descriptors, once per tick at most.
+    fn publish(&mut self) {
+        let now = self.table.now;
+        let fds = self.own_fds() as u64 + self.table.slab.len() as u64;
+        if let Some(m) = &mut self.member {
+            if m.published != now {
+                m.published = now;
+                m.group.publish(m.index, &self.table.metrics);
+                m.group.slots[m.index]
+                    .fds
+                    .store(fds, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// In a group: answers worker 0's `/connections` query, if one is waiting.
+    fn answer_group(&mut self) {
+        let Some(m) = &self.member else {
+            return;
+        };
+        let Some(query) = m.group.take_request(m.index) else {
+            return;
+        };
+        let view = self.view();
+        let lines = crate::admin::connection_lines(&query, &view, Some(m.index));
+        m.group.respond(m.index, lines);
+    }
+
+    /// What the admin pages show, now.
+    fn view(&self) -> View<'_, H::Conn> {
+        View {
+            metrics: &self.table.metrics,
+            conns: &self.table.slab,
+            now: self.table.now,
+            at: self.table.now_at,
+            clock: self.table.clock,
+            draining: self.is_draining(),
+            ready: self.readiness(),
+            hooks: &self.handler,
+            group: self.member.as_ref().map(|m| (&*m.group, m.index)),
+        }
     }
 
     /// Dials `addr` from outside a callback (between turns); see [`Context::connect`].
@@ -457,6 +517,9 @@ impl<H: Handler> Server<H> {
             .events
             .take()
             .unwrap_or_else(|| Events::with_capacity(EVENTS_CAPACITY));
+        if let Some(m) = &self.member {
+            m.group.beat(m.index, true, self.table.now_at);
+        }
         let polled = self.table.poll.poll(&mut events, timeout);
         // The clock is read after the poll: a `now` from before a blocking wait would be stale by
         // the whole wait and stamp activity early.
@@ -464,6 +527,9 @@ impl<H: Handler> Server<H> {
         let now = self.table.clock.tick_at(at).max(self.table.now);
         self.table.now = now;
         self.table.now_at = at;
+        if let Some(m) = &self.member {
+            m.group.beat(m.index, false, at);
+        }
         if let Err(e) = polled {
             if e.kind() != std::io::ErrorKind::Interrupted {
                 self.events = Some(events);
@@ -493,13 +559,25 @@ impl<H: Handler> Server<H> {
         if self.timers.stale > COMPACT_MIN && self.timers.stale > 2 * self.table.slab.len() {
             self.compact_wheel();
         }
-        self.admin.tick(self.table.poll.registry(), now);
+        let view = View {
+            metrics: &self.table.metrics,
+            conns: &self.table.slab,
+            now,
+            at: self.table.now_at,
+            clock: self.table.clock,
+            draining: self.timers.drain_deadline.is_some() || self.timers.lame_duck.is_some(),
+            ready: self.readiness(),
+            hooks: &self.handler,
+            group: self.member.as_ref().map(|m| (&*m.group, m.index)),
+        };
+        self.admin.tick(self.table.poll.registry(), &view);
         self.check_fds(now);
         self.run_periodic(now);
         self.check_lame_duck(now);
         if let Some(deadline) = self.timers.drain_deadline {
             self.check_drain(deadline, now);
         }
+        self.publish();
         Ok(())
     }
 
@@ -518,10 +596,12 @@ impl<H: Handler> Server<H> {
                     metrics: &self.table.metrics,
                     conns: &self.table.slab,
                     now,
+                    at: self.table.now_at,
                     clock: self.table.clock,
                     draining: self.is_draining(),
                     ready: self.readiness(),
                     hooks: &self.handler,
+                    group: self.member.as_ref().map(|m| (&*m.group, m.index)),
                 };
                 self.admin.drive(k, self.table.poll.registry(), &view);
             }
@@ -538,6 +618,7 @@ impl<H: Handler> Server<H> {
     /// The waker fired: a stop, a drain, or messages from other threads.
     fn wake_up(&mut self, now: Tick) {
         self.shared.clear_wake();
+        self.answer_group();
         if self.shared.stop.load(std::sync::atomic::Ordering::Acquire) {
             return self.shutdown();
         }
@@ -1061,6 +1142,10 @@ impl<H: Handler> Server<H> {
         self.close_listeners();
         self.admin.close_all(self.table.poll.registry());
         self.timers.drain_deadline = None;
+        if let Some(m) = &mut self.member {
+            m.published = Tick::MAX; // the final figures, whatever the tick
+        }
+        self.publish();
         info!("stopped: {}", self.table.metrics);
     }
 }

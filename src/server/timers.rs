@@ -47,6 +47,9 @@ pub(super) struct Timers {
     pub(super) lame_duck: Option<(Tick, Duration)>,
     /// The lame-duck delay has been served (a drain starts at once from now on).
     lame_done: bool,
+    /// Draining, with the listeners still open: worker 0 of a group waits for the others to
+    /// close theirs first.
+    pub(super) close_pending: bool,
     /// Next run of `Handler::on_periodic`, and its period.
     next_periodic: Option<Tick>,
     periodic: Tick,
@@ -55,6 +58,8 @@ pub(super) struct Timers {
     pub(super) next_fd_check: Option<Tick>,
     fd_check: Tick,
     fd_baseline: Option<i64>,
+    /// The leak check warned and has not seen every descriptor accounted for since.
+    fd_warned: bool,
 }
 
 impl Timers {
@@ -68,11 +73,13 @@ impl Timers {
             drain_deadline: None,
             lame_duck: None,
             lame_done: false,
+            close_pending: false,
             next_periodic: (periodic > 0).then_some(periodic),
             periodic,
             next_fd_check: None,
             fd_check,
             fd_baseline: None,
+            fd_warned: false,
         }
     }
 
@@ -261,8 +268,9 @@ impl<H: Handler> Server<H> {
             return;
         }
         // Serve what the kernel already queued (those clients connected before the drain), then
-        // close the data listeners so that new connects are refused instead of left hanging.
-        self.close_listeners_after_backlog(now);
+        // close the data listeners so that new connects are refused instead of left hanging
+        // (worker 0 of a group may close later: `close_pending`).
+        self.timers.close_pending = !self.close_listeners_after_backlog(now, false);
         // Idle connections go after `drain_idle`: shorten the idle deadline and arm every
         // connection for it (one pass over the slab, once per drain).
         let drain_idle = self.table.clock.ticks(self.config.drain_idle);
@@ -308,6 +316,14 @@ impl<H: Handler> Server<H> {
 
     /// Ends the drain when no connection is left (lingering ones included), or at its deadline.
     pub(super) fn check_drain(&mut self, deadline: Tick, now: Tick) {
+        if self.timers.close_pending {
+            // Worker 0 waits for the others' listeners to close first, but not past the
+            // deadline.
+            self.timers.close_pending = !self.close_listeners_after_backlog(now, now >= deadline);
+            if self.timers.close_pending {
+                return;
+            }
+        }
         if self.table.slab.is_empty() {
             info!("drain complete: every connection ended");
             self.shutdown();
@@ -321,8 +337,23 @@ impl<H: Handler> Server<H> {
 
     /// Descriptors the loop itself holds besides connections: epoll, waker, listeners, the
     /// spare, the admin side.
-    fn own_fds(&self) -> i64 {
+    pub(super) fn own_fds(&self) -> i64 {
         (2 + self.accept.listeners.len() + self.accept.gate.fds() + self.admin.fds()) as i64
+    }
+
+    /// Descriptors held by the other workers of this loop's group (connections and their own),
+    /// as they last published them: the process-wide leak check counts them too.
+    fn others_fds(&self) -> i64 {
+        self.member.as_ref().map_or(0, |m| {
+            (0..m.group.len())
+                .filter(|&i| i != m.index)
+                .map(|i| {
+                    m.group.slots[i]
+                        .fds
+                        .load(std::sync::atomic::Ordering::Relaxed) as i64
+                })
+                .sum()
+        })
     }
 
     pub(super) fn start_fd_check(&mut self) {
@@ -331,8 +362,9 @@ impl<H: Handler> Server<H> {
         }
         if let Some(open) = limits::count_open_fds() {
             self.table.metrics.fds_open = open;
-            self.timers.fd_baseline =
-                Some(open as i64 - self.own_fds() - self.table.slab.len() as i64);
+            self.timers.fd_baseline = Some(
+                open as i64 - self.own_fds() - self.others_fds() - self.table.slab.len() as i64,
+            );
             self.timers.next_fd_check = Some(self.table.now + self.timers.fd_check);
         }
     }
@@ -349,15 +381,25 @@ impl<H: Handler> Server<H> {
         else {
             return;
         };
-        let conns = self.table.slab.len() as i64;
+        let conns = self.table.slab.len() as i64 + self.others_fds();
         let unaccounted = open as i64 - baseline - self.own_fds() - conns;
         let m = &mut self.table.metrics;
-        if unaccounted != 0 && m.fds_unaccounted == 0 {
+        // In a group the other workers' counts are up to a tick old: a connection they opened
+        // or closed meanwhile shows as a difference once; warn only when it persists.
+        let was = m.fds_unaccounted;
+        let warn_now = if self.member.is_some() {
+            unaccounted != 0 && was != 0 && !self.timers.fd_warned
+        } else {
+            unaccounted != 0 && was == 0
+        };
+        if warn_now {
+            self.timers.fd_warned = true;
             warn!(
                 "leak check: {open} descriptors open, {unaccounted} more than connections ({conns}) + own ({}) + baseline ({baseline})",
                 self.own_fds()
             );
-        } else if unaccounted == 0 && m.fds_unaccounted != 0 {
+        } else if unaccounted == 0 && was != 0 && self.timers.fd_warned {
+            self.timers.fd_warned = false;
             info!("leak check: every descriptor accounted for again");
         }
         let m = &mut self.table.metrics;

@@ -1,0 +1,506 @@
+//! Several loops on several cores: [`Workers`] runs N complete servers (each its own `Poll`,
+//! slab and wheel) on N threads, each with its own listener sockets bound with `SO_REUSEPORT`,
+//! so that the kernel spreads connections over them. Scale comes from more loops, not from
+//! sharing one: nothing is shared on the hot path.
+//!
+//! # What the workers share
+//! A [`Group`] of one slot per worker, written only by its worker and read by others without
+//! locks: the worker's metrics, published at most once per tick as plain atomics (relaxed
+//! stores of a snapshot; a reader sums the slots), the descriptors it holds (for the leak
+//! self-check), and a heartbeat (for `/livez`). Only the admin endpoint's `/connections`, which
+//! must ask each worker for its lines, goes through a mutex-guarded request slot, off the hot
+//! path.
+//!
+//! # Which worker does what
+//! Worker 0 serves the admin endpoint (its `/metrics` has a total series and one per worker with
+//! a `worker="N"` label; its `/connections` gathers every worker's lines) and runs the leak
+//! self-check for the whole process. The connection cap is split evenly, so that the total stays
+//! under the fd limit.
+//!
+//! # Draining without losing a handshake
+//! Closing one `SO_REUSEPORT` listener resets the connections still queued on it. A drain
+//! therefore has every worker accept its queue before it closes its listener, and worker 0 keep
+//! its own open (and accepting: the kernel hashes new connections only to listeners still open)
+//! until every other worker has closed its own; then it accepts its queue and closes last.
+//! Handshakes still in progress on a closing listener are moved to an open one only if the
+//! kernel is told to (`net.ipv4.tcp_migrate_req = 1`, Linux 5.14+); without it, a connect that
+//! is mid-handshake at that instant can be reset, as with any listener that closes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{error, info};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::handler::Handler;
+use crate::limits;
+use crate::metrics::Metrics;
+use crate::remote::Handle;
+use crate::server::Server;
+
+// Only the admin endpoint asks these; without the `admin` feature they go unused.
+/// A worker that has not started a turn for this long, while not waiting in its poll, is
+/// wedged (what `/livez` reports).
+#[cfg_attr(not(feature = "admin"), allow(dead_code))]
+pub(crate) const WEDGED_AFTER: Duration = Duration::from_secs(5);
+
+/// Per-worker descriptors besides connections and listeners: the epoll fd, the waker, the spare.
+const WORKER_FDS: u64 = 3;
+
+/// One worker's published state.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    /// [`Metrics::visit`] order.
+    metrics: Vec<AtomicU64>,
+    /// Descriptors the worker holds (connections and its own).
+    pub(crate) fds: AtomicU64,
+    /// When the worker last started processing a turn, in ms since the group's start.
+    heartbeat_ms: AtomicU64,
+    /// The worker is waiting in its poll (not wedged, however old its heartbeat).
+    polling: AtomicBool,
+    /// The worker's handle, to wake it.
+    pub(crate) handle: OnceLock<Handle>,
+    /// A `/connections` query for this worker, and its answer (`Err` for a bad query).
+    request: Mutex<Option<String>>,
+    response: Mutex<Option<Result<String, String>>>,
+}
+
+/// What the workers of one [`Workers`] share; see the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct Group {
+    start: Instant,
+    pub(crate) slots: Vec<Slot>,
+    /// Workers whose listeners are still open (the drain order).
+    open_listeners: AtomicUsize,
+}
+
+impl Group {
+    fn new(n: usize) -> Group {
+        let width = Metrics::width();
+        Group {
+            start: Instant::now(),
+            slots: (0..n)
+                .map(|_| Slot {
+                    metrics: (0..width).map(|_| AtomicU64::new(0)).collect(),
+                    fds: AtomicU64::new(0),
+                    heartbeat_ms: AtomicU64::new(0),
+                    polling: AtomicBool::new(true),
+                    handle: OnceLock::new(),
+                    request: Mutex::new(None),
+                    response: Mutex::new(None),
+                })
+                .collect(),
+            open_listeners: AtomicUsize::new(n),
+        }
+    }
+
+    /// Publishes worker `i`'s metrics (relaxed: each value is whole; a reader may see some newer
+    /// than others, never a torn one).
+    pub(crate) fn publish(&self, i: usize, metrics: &Metrics) {
+        let slot = &self.slots[i];
+        let mut k = 0;
+        metrics.clone().visit(|v| {
+            slot.metrics[k].store(*v, Ordering::Relaxed);
+            k += 1;
+        });
+    }
+
+    /// Worker `i`'s last published metrics.
+    pub(crate) fn snapshot(&self, i: usize) -> Metrics {
+        let slot = &self.slots[i];
+        let mut m = Metrics::default();
+        let mut k = 0;
+        m.visit(|v| {
+            *v = slot.metrics[k].load(Ordering::Relaxed);
+            k += 1;
+        });
+        m
+    }
+
+    /// Every worker's last published metrics, summed.
+    pub(crate) fn total(&self) -> Metrics {
+        let all: Vec<Metrics> = (0..self.slots.len()).map(|i| self.snapshot(i)).collect();
+        Metrics::sum(&all)
+    }
+
+    /// Worker `i` is about to wait in its poll (`true`) or has started a turn (`false`).
+    pub(crate) fn beat(&self, i: usize, polling: bool, at: Instant) {
+        let slot = &self.slots[i];
+        if !polling {
+            let ms = at.saturating_duration_since(self.start).as_millis() as u64;
+            slot.heartbeat_ms.store(ms, Ordering::Relaxed);
+        }
+        slot.polling.store(polling, Ordering::Relaxed);
+    }
+
+    /// The first worker that is wedged at `now`: busy in one turn for more than
+    /// [`WEDGED_AFTER`].
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    pub(crate) fn wedged(&self, now: Instant) -> Option<(usize, Duration)> {
+        let now_ms = now.saturating_duration_since(self.start).as_millis() as u64;
+        self.slots.iter().enumerate().find_map(|(i, slot)| {
+            let busy = now_ms.saturating_sub(slot.heartbeat_ms.load(Ordering::Relaxed));
+            let busy = Duration::from_millis(busy);
+            (!slot.polling.load(Ordering::Relaxed) && busy > WEDGED_AFTER).then_some((i, busy))
+        })
+    }
+
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    /// Asks worker `i` for its `/connections` lines.
+    pub(crate) fn request_connections(&self, i: usize, query: &str) {
+        let slot = &self.slots[i];
+        *slot.response.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *slot.request.lock().unwrap_or_else(|e| e.into_inner()) = Some(query.to_string());
+        if let Some(h) = slot.handle.get() {
+            h.wake_loop();
+        }
+    }
+
+    /// Worker `i`'s pending `/connections` query, if any.
+    pub(crate) fn take_request(&self, i: usize) -> Option<String> {
+        self.slots[i]
+            .request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Worker `i` answers a `/connections` query; wakes worker 0, which gathers.
+    pub(crate) fn respond(&self, i: usize, lines: Result<String, String>) {
+        *self.slots[i]
+            .response
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(lines);
+        if let Some(h) = self.slots[0].handle.get() {
+            h.wake_loop();
+        }
+    }
+
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    /// Worker `i`'s answer, once it has come.
+    pub(crate) fn take_response(&self, i: usize) -> Option<Result<String, String>> {
+        self.slots[i]
+            .response
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// A worker closed its listeners; returns how many workers still have theirs open.
+    pub(crate) fn listeners_closed(&self) -> usize {
+        let left = self.open_listeners.fetch_sub(1, Ordering::AcqRel) - 1;
+        if let Some(h) = self.slots[0].handle.get() {
+            h.wake_loop(); // worker 0 may be waiting for this to close its own
+        }
+        left
+    }
+
+    /// Workers whose listeners are still open.
+    pub(crate) fn open_listeners(&self) -> usize {
+        self.open_listeners.load(Ordering::Acquire)
+    }
+
+    /// How many workers the group has.
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+/// A server's membership in a [`Group`].
+#[derive(Debug)]
+pub(crate) struct Member {
+    pub(crate) group: Arc<Group>,
+    pub(crate) index: usize,
+    /// The tick metrics were last published at (once per tick at most).
+    pub(crate) published: u64,
+}
+
+/// N servers bound and ready to run on N threads; see the [module docs](self).
+pub struct Workers<H: Handler> {
+    servers: Vec<Server<H>>,
+    group: Arc<Group>,
+    addrs: Vec<SocketAddr>,
+    admin: Option<SocketAddr>,
+}
+
+impl<H: Handler> std::fmt::Debug for Workers<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers")
+            .field("workers", &self.servers.len())
+            .field("addrs", &self.addrs)
+            .field("admin", &self.admin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H> Workers<H>
+where
+    H: Handler + Send + 'static,
+    H::Conn: Send,
+{
+    /// Binds `n` servers for `config`, each with its own `SO_REUSEPORT` listener on every listen
+    /// address (a port 0 is resolved by the first, and the others bind the same), with
+    /// `make(i)` as worker `i`'s handler. The connection cap (configured or derived from the fd
+    /// limit) is split evenly. Only worker 0 serves the admin endpoint and runs the leak
+    /// self-check.
+    ///
+    /// # Errors
+    /// As [`Server::bind`], for any worker; `n` of 0 is [`Error::Config`].
+    pub fn bind(config: Config, n: usize, mut make: impl FnMut(usize) -> H) -> Result<Self, Error> {
+        if n == 0 {
+            return Err(Error::Config("workers must be at least 1".into()));
+        }
+        config.validate()?;
+        let fd_limit = limits::fd_limit(config.raise_fd_limit);
+        let own = n as u64 * (config.listen.len() as u64 + WORKER_FDS)
+            + config.admin.map_or(0, |_| crate::admin::ADMIN_FDS);
+        let total = limits::effective_max_connections(config.max_connections, fd_limit, own);
+        let share = (total / n).max(1);
+        let group = Arc::new(Group::new(n));
+        let mut servers = Vec::with_capacity(n);
+        let mut listen = config.listen.clone();
+        for i in 0..n {
+            let worker_config = Config {
+                listen: listen.clone(),
+                max_connections: Some(share),
+                reuse_port: config.reuse_port || n > 1,
+                raise_fd_limit: false,
+                admin: if i == 0 { config.admin } else { None },
+                fd_check_interval: if i == 0 {
+                    config.fd_check_interval
+                } else {
+                    Duration::ZERO
+                },
+                ..config.clone()
+            };
+            let mut server = Server::bind(worker_config, make(i))?;
+            if i == 0 {
+                listen = server.local_addrs(); // the real ports, for the others to share
+            }
+            server.join_group(Arc::clone(&group), i);
+            let _ = group.slots[i].handle.set(server.handle());
+            servers.push(server);
+        }
+        info!(
+            "{n} workers on {}: {share} connections each ({} in all)",
+            listen
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            share * n
+        );
+        let admin = servers[0].admin_addr();
+        Ok(Workers {
+            servers,
+            group,
+            addrs: listen,
+            admin,
+        })
+    }
+
+    /// The bound listen addresses (with real ports for port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The admin endpoint's address, if it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// A handle that drains or stops every worker.
+    pub fn handle(&self) -> WorkersHandle {
+        WorkersHandle {
+            handles: self.servers.iter().map(Server::handle).collect(),
+        }
+    }
+
+    /// Starts every worker on its own thread.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if a thread cannot be spawned (the workers already started are stopped).
+    pub fn start(self) -> Result<RunningWorkers, Error> {
+        let (tx, rx) = mpsc::channel();
+        let handle = self.handle();
+        let mut threads = Vec::with_capacity(self.servers.len());
+        for (i, server) in self.servers.into_iter().enumerate() {
+            let tx = tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn(move || {
+                    // A panic is reported as this worker's failure (by the guard's drop).
+                    let guard = Exit { i, tx: Some(tx) };
+                    let result = server.run();
+                    guard.finish(result);
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    handle.shutdown();
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(Error::Io(e));
+                }
+            }
+        }
+        let n = threads.len();
+        Ok(RunningWorkers {
+            threads,
+            exits: rx,
+            handle,
+            group: self.group,
+            done: vec![None; n],
+            ended: 0,
+        })
+    }
+}
+
+/// Reports a worker thread's end (its result, or a panic) on drop.
+struct Exit {
+    i: usize,
+    tx: Option<mpsc::Sender<(usize, Result<Metrics, Error>)>>,
+}
+
+impl Exit {
+    fn finish(mut self, result: Result<Metrics, Error>) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send((self.i, result));
+        }
+    }
+}
+
+impl Drop for Exit {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send((self.i, Err(Error::Config("it panicked".into()))));
+        }
+    }
+}
+
+/// Drains or stops every worker of a [`Workers`] from any thread.
+#[derive(Debug, Clone)]
+pub struct WorkersHandle {
+    handles: Vec<Handle>,
+}
+
+impl WorkersHandle {
+    /// Drains every worker (see [`Handle::drain`]).
+    pub fn drain(&self, timeout: Duration) {
+        for h in &self.handles {
+            h.drain(timeout);
+        }
+    }
+
+    /// Stops every worker now (see [`Handle::shutdown`]).
+    pub fn shutdown(&self) {
+        for h in &self.handles {
+            h.shutdown();
+        }
+    }
+}
+
+/// The workers, running.
+#[derive(Debug)]
+pub struct RunningWorkers {
+    threads: Vec<JoinHandle<()>>,
+    exits: mpsc::Receiver<(usize, Result<Metrics, Error>)>,
+    handle: WorkersHandle,
+    group: Arc<Group>,
+    /// Final metrics of the workers that ended, by index.
+    done: Vec<Option<Metrics>>,
+    ended: usize,
+}
+
+impl RunningWorkers {
+    /// Every worker's last published metrics, summed (at most a tick old).
+    pub fn metrics(&self) -> Metrics {
+        self.group.total()
+    }
+
+    /// A handle that drains or stops every worker.
+    pub fn handle(&self) -> WorkersHandle {
+        self.handle.clone()
+    }
+
+    /// Waits up to `timeout` for every worker to end: `Ok(Some(final metrics))` once all have,
+    /// `Ok(None)` while some still run. A worker that fails (an error or a panic) stops the
+    /// others: its error is returned, never a half-blind server.
+    ///
+    /// # Errors
+    /// [`Error::Worker`] for the first worker that failed.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<Vec<Metrics>>, Error> {
+        let deadline = Instant::now() + timeout;
+        while self.ended < self.done.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.exits.recv_timeout(left) {
+                Ok((i, Ok(m))) => {
+                    self.done[i] = Some(m);
+                    self.ended += 1;
+                }
+                Ok((i, Err(e))) => {
+                    error!("worker {i} failed: {e}; stopping the others");
+                    self.handle.shutdown();
+                    for t in self.threads.drain(..) {
+                        let _ = t.join();
+                    }
+                    return Err(Error::Worker {
+                        index: i,
+                        message: e.to_string(),
+                    });
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => return Ok(None),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        Ok(Some(self.done.iter().flatten().cloned().collect()))
+    }
+
+    /// Waits for every worker to end; see [`RunningWorkers::wait_timeout`].
+    ///
+    /// # Errors
+    /// [`Error::Worker`] for the first worker that failed.
+    pub fn wait(mut self) -> Result<Vec<Metrics>, Error> {
+        loop {
+            if let Some(all) = self.wait_timeout(Duration::from_secs(3600))? {
+                return Ok(all);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_busy_in_one_turn_for_too_long_is_wedged_and_a_polling_one_is_not() {
+        let g = Group::new(2);
+        let t0 = g.start;
+        g.beat(0, true, t0); // waiting in its poll: never wedged, however long
+        g.beat(1, false, t0); // started a turn at t0
+        assert_eq!(g.wedged(t0 + WEDGED_AFTER), None);
+        let late = t0 + WEDGED_AFTER + Duration::from_millis(10);
+        assert_eq!(g.wedged(late).map(|(i, _)| i), Some(1));
+        g.beat(1, true, late);
+        assert_eq!(g.wedged(late + WEDGED_AFTER * 2), None);
+    }
+
+    #[test]
+    fn listeners_close_in_order() {
+        let g = Group::new(3);
+        assert_eq!(g.open_listeners(), 3);
+        assert_eq!(g.listeners_closed(), 2);
+        assert_eq!(g.listeners_closed(), 1);
+        assert_eq!(g.open_listeners(), 1);
+    }
+}

@@ -1,0 +1,126 @@
+//! Several loops with SO_REUSEPORT ([`sockman::Workers`]), in process: the kernel spreads
+//! connections over the workers, `/metrics` has a total and one series per worker, `/connections`
+//! gathers every worker's lines, a drain drains every worker, and a worker that fails stops the
+//! others with an error naming it.
+#![cfg(feature = "admin")]
+
+#[path = "util/ops.rs"]
+mod ops;
+mod util;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sockman::{Config, Context, Echo, Error, Handler, Workers};
+use util::{connect, echo, local_config};
+
+fn admin_config() -> Config {
+    Config {
+        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..local_config()
+    }
+}
+
+/// The value of the sample `name` with exactly the labels `labels` (e.g. `worker="1"`), or the
+/// unlabelled one for `""`.
+fn value(body: &str, name: &str, labels: &str) -> Option<u64> {
+    let key = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{labels}}} ")
+    };
+    body.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn connections_spread_over_workers_and_the_admin_sees_all_of_them() {
+    let workers = Workers::bind(admin_config(), 2, |_| Echo).unwrap();
+    let addr = workers.local_addrs()[0];
+    let admin = workers.admin_addr().unwrap();
+    let running = workers.start().unwrap();
+    let mut clients: Vec<_> = (0..200).map(|_| connect(addr)).collect();
+    for c in &mut clients {
+        echo(c, b"x");
+    }
+    // Published at most once per tick: wait until the totals show all 200.
+    let deadline = std::time::Instant::now() + util::WAIT;
+    let body = loop {
+        let body = ops::get(admin, "/metrics").body;
+        if value(&body, "sockman_connections_active", "") == Some(200) {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        std::thread::yield_now();
+    };
+    let w0 = value(&body, "sockman_connections_active", "worker=\"0\"").unwrap();
+    let w1 = value(&body, "sockman_connections_active", "worker=\"1\"").unwrap();
+    assert_eq!(w0 + w1, 200);
+    // 200 connections from 200 source ports: the kernel's hash uses both sockets.
+    assert!(w0 > 0 && w1 > 0, "{w0} and {w1}");
+    assert_eq!(
+        value(
+            &body,
+            "sockman_closed_total",
+            "worker=\"1\",reason=\"reset\""
+        ),
+        Some(0)
+    );
+    // /connections gathers both workers' lines, each tagged with its worker.
+    let lines = ops::get(admin, "/connections?limit=1000").body;
+    let tagged = |w: &str| lines.lines().filter(|l| l.contains(w)).count() as u64;
+    assert_eq!(lines.lines().count(), 200, "{lines}");
+    assert_eq!(tagged(" worker=0"), w0);
+    assert_eq!(tagged(" worker=1"), w1);
+    assert_eq!(
+        ops::get(admin, "/connections?limit=7").body.lines().count(),
+        7
+    );
+    assert_eq!(ops::get(admin, "/livez").status, 200);
+    assert_eq!(ops::get(admin, "/readyz").status, 200);
+    // A drain drains every worker.
+    running.handle().drain(Duration::from_secs(5));
+    drop(clients);
+    let finals = running.wait().unwrap();
+    assert_eq!(finals.len(), 2);
+    let accepted: u64 = finals.iter().map(|m| m.accepted).sum();
+    assert_eq!(accepted, 200);
+    assert!(finals.iter().all(|m| m.active == 0));
+}
+
+/// Panics on its first byte: a worker with a bug.
+struct Fragile;
+
+impl Handler for Fragile {
+    type Conn = ();
+    fn on_open(&mut self, _: &mut Context<'_>) {}
+    fn on_data(&mut self, _: &mut (), _: &mut Context<'_>, _: &[u8]) {
+        panic!("a bug in the handler");
+    }
+}
+
+#[test]
+fn a_worker_that_fails_stops_the_others_with_an_error_naming_it() {
+    let workers = Workers::bind(local_config(), 2, |_| Fragile).unwrap();
+    let addr = workers.local_addrs()[0];
+    let mut running = workers.start().unwrap();
+    // Some connection lands on some worker and makes it panic.
+    let mut clients = Vec::new();
+    let result = loop {
+        let mut c = connect(addr);
+        let _ = std::io::Write::write_all(&mut c, b"boom");
+        clients.push(c);
+        match running.wait_timeout(Duration::from_millis(200)) {
+            Ok(None) => assert!(clients.len() < 50, "no worker failed"),
+            other => break other,
+        }
+    };
+    match result {
+        Err(Error::Worker { index, message }) => {
+            assert!(index < 2);
+            assert!(message.contains("panicked"), "{message}");
+        }
+        other => panic!("expected a worker error, got {other:?}"),
+    }
+}
