@@ -251,7 +251,31 @@ where
     ///
     /// # Errors
     /// As [`Server::bind`], for any worker; `n` of 0 is [`Error::Config`].
-    pub fn bind(config: Config, n: usize, mut make: impl FnMut(usize) -> H) -> Result<Self, Error> {
+    pub fn bind(config: Config, n: usize, make: impl FnMut(usize) -> H) -> Result<Self, Error> {
+        Workers::bind_inner(config, None, n, make)
+    }
+
+    /// Like [`Workers::bind`], but every worker serves `listeners` that are already bound (for
+    /// instance inherited from systemd): each gets its own descriptor for the same socket (no
+    /// `SO_REUSEPORT`: the kernel wakes whichever worker is waiting).
+    ///
+    /// # Errors
+    /// As [`Workers::bind`]; [`Error::Io`] if a descriptor cannot be duplicated.
+    pub fn bind_listeners(
+        config: Config,
+        listeners: Vec<std::net::TcpListener>,
+        n: usize,
+        make: impl FnMut(usize) -> H,
+    ) -> Result<Self, Error> {
+        Workers::bind_inner(config, Some(listeners), n, make)
+    }
+
+    fn bind_inner(
+        config: Config,
+        inherited: Option<Vec<std::net::TcpListener>>,
+        n: usize,
+        mut make: impl FnMut(usize) -> H,
+    ) -> Result<Self, Error> {
         if n == 0 {
             return Err(Error::Config("workers must be at least 1".into()));
         }
@@ -263,12 +287,15 @@ where
         let share = (total / n).max(1);
         let group = Arc::new(Group::new(n));
         let mut servers = Vec::with_capacity(n);
-        let mut listen = config.listen.clone();
+        let mut listen = match &inherited {
+            Some(l) => l.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?,
+            None => config.listen.clone(),
+        };
         for i in 0..n {
             let worker_config = Config {
                 listen: listen.clone(),
                 max_connections: Some(share),
-                reuse_port: config.reuse_port || n > 1,
+                reuse_port: inherited.is_none() && (config.reuse_port || n > 1),
                 raise_fd_limit: false,
                 admin: if i == 0 { config.admin } else { None },
                 fd_check_interval: if i == 0 {
@@ -278,7 +305,13 @@ where
                 },
                 ..config.clone()
             };
-            let mut server = Server::bind(worker_config, make(i))?;
+            let mut server = match &inherited {
+                Some(l) => {
+                    let own = l.iter().map(|l| l.try_clone()).collect::<Result<_, _>>()?;
+                    Server::bind_listeners(worker_config, own, make(i))?
+                }
+                None => Server::bind(worker_config, make(i))?,
+            };
             if i == 0 {
                 listen = server.local_addrs(); // the real ports, for the others to share
             }

@@ -124,3 +124,31 @@ fn a_worker_that_fails_stops_the_others_with_an_error_naming_it() {
         other => panic!("expected a worker error, got {other:?}"),
     }
 }
+
+#[test]
+fn listeners_bound_elsewhere_are_served() {
+    // As systemd would hand them over: bound and listening before the server exists.
+    let inherited = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = inherited.local_addr().unwrap();
+    let server = sockman::Server::bind_listeners(local_config(), vec![inherited], Echo).unwrap();
+    assert_eq!(server.local_addrs(), vec![addr]);
+    let handle = server.handle();
+    let thread = std::thread::spawn(move || server.run().unwrap());
+    let mut c = connect(addr);
+    echo(&mut c, b"inherited");
+    drop(c);
+    handle.shutdown();
+    assert_eq!(thread.join().unwrap().accepted, 1);
+    // And shared by two workers.
+    let inherited = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = inherited.local_addr().unwrap();
+    let workers = Workers::bind_listeners(local_config(), vec![inherited], 2, |_| Echo).unwrap();
+    let running = workers.start().unwrap();
+    let mut clients: Vec<_> = (0..20).map(|_| connect(addr)).collect();
+    for c in &mut clients {
+        echo(c, b"y");
+    }
+    running.handle().shutdown();
+    let accepted: u64 = running.wait().unwrap().iter().map(|m| m.accepted).sum();
+    assert_eq!(accepted, 20);
+}

@@ -455,6 +455,32 @@ impl<H: Handler> Server<H> {
     }
 }
 
+/// Makes an already listening socket (inherited) a nonblocking listener with the configured
+/// options, as [`bind_listener`] sets them before binding.
+pub(super) fn configure_listener(
+    listener: std::net::TcpListener,
+    config: &Config,
+) -> io::Result<TcpListener> {
+    let socket = Socket::from(listener);
+    set_options(&socket, config)?;
+    socket.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// The options accepted sockets inherit from their listener.
+fn set_options(socket: &Socket, config: &Config) -> io::Result<()> {
+    socket.set_tcp_nodelay(config.nodelay)?;
+    if !config.tcp_keepalive.is_zero() {
+        let interval = (config.tcp_keepalive / 3).max(Duration::from_secs(1));
+        socket.set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(config.tcp_keepalive)
+                .with_interval(interval),
+        )?;
+    }
+    apply_buffers(socket, &socket_options(config))
+}
+
 /// Creates a nonblocking listening socket with the configured options. Options set on the
 /// listener are inherited by accepted sockets on Linux (TCP_NODELAY, keepalive, SO_RCVBUF,
 /// SO_SNDBUF), which saves a `setsockopt` per connection.
@@ -469,16 +495,7 @@ pub(super) fn bind_listener(addr: SocketAddr, config: &Config) -> io::Result<Tcp
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    socket.set_tcp_nodelay(config.nodelay)?;
-    if !config.tcp_keepalive.is_zero() {
-        let interval = (config.tcp_keepalive / 3).max(Duration::from_secs(1));
-        socket.set_tcp_keepalive(
-            &TcpKeepalive::new()
-                .with_time(config.tcp_keepalive)
-                .with_interval(interval),
-        )?;
-    }
-    apply_buffers(&socket, &socket_options(config))?;
+    set_options(&socket, config)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(config.backlog as i32)?;

@@ -133,6 +133,32 @@ impl<H: Handler> Server<H> {
     /// [`Error::Config`] for an invalid configuration, [`Error::Bind`] when an address cannot be
     /// bound (e.g. in use), [`Error::Io`] when the poll cannot be created.
     pub fn bind(config: Config, handler: H) -> Result<Server<H>, Error> {
+        Server::bind_inner(config, handler, None)
+    }
+
+    /// Like [`Server::bind`], but serves `listeners` that are already bound and listening (for
+    /// instance inherited from systemd socket activation) instead of binding
+    /// [`Config::listen`]. They are made nonblocking and get the configured socket options
+    /// (TCP_NODELAY, keepalive, buffer sizes), which their accepted sockets inherit.
+    ///
+    /// # Errors
+    /// As [`Server::bind`]; [`Error::Io`] if a listener cannot be configured.
+    pub fn bind_listeners(
+        config: Config,
+        listeners: Vec<std::net::TcpListener>,
+        handler: H,
+    ) -> Result<Server<H>, Error> {
+        Server::bind_inner(config, handler, Some(listeners))
+    }
+
+    fn bind_inner(
+        mut config: Config,
+        handler: H,
+        inherited: Option<Vec<std::net::TcpListener>>,
+    ) -> Result<Server<H>, Error> {
+        if let Some(l) = &inherited {
+            config.listen = l.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+        }
         config.validate()?;
         if config.listen.len() > MAX_LISTENERS {
             return Err(Error::Config(format!(
@@ -152,9 +178,14 @@ impl<H: Handler> Server<H> {
             limits::effective_max_connections(config.max_connections, fd_limit, own_fds);
         let poll = Poll::new()?;
         let mut listeners = Vec::with_capacity(config.listen.len());
+        let mut inherited = inherited.map(Vec::into_iter);
         for (i, &addr) in config.listen.iter().enumerate() {
-            let mut socket =
-                bind_listener(addr, &config).map_err(|source| Error::Bind { addr, source })?;
+            let mut socket = match inherited.as_mut().and_then(Iterator::next) {
+                Some(l) => accept::configure_listener(l, &config)?,
+                None => {
+                    bind_listener(addr, &config).map_err(|source| Error::Bind { addr, source })?
+                }
+            };
             let addr = socket.local_addr()?;
             poll.registry()
                 .register(&mut socket, token::listener(i), Interest::READABLE)?;

@@ -23,6 +23,9 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
@@ -76,7 +79,7 @@ pub(crate) struct ProxyArgs {
     send_proxy: Option<ProxyVersion>,
 }
 
-/// One upstream and what happened to it.
+/// One upstream, as one worker sees it (passive health is each worker's own judgement).
 #[derive(Debug)]
 struct Upstream {
     addr: SocketAddr,
@@ -84,16 +87,82 @@ struct Upstream {
     fails_in_a_row: u32,
     /// Skipped until then (passive health).
     down_until: Option<Instant>,
-    dials: u64,
-    dial_failures: u64,
+}
+
+/// What happened to one upstream through one worker. Atomics written by that worker only
+/// (uncontended), summed by whoever reads them: the stats line, worker 0's `/metrics`.
+#[derive(Debug, Default)]
+struct Counters {
+    dials: AtomicU64,
+    dial_failures: AtomicU64,
     /// Times it was marked down.
-    marked_down: u64,
+    marked_down: AtomicU64,
     /// Sessions through it now, and in all.
-    active: u64,
-    sessions: u64,
+    active: AtomicU64,
+    sessions: AtomicU64,
     /// Bytes client → upstream, and upstream → client.
-    bytes_up: u64,
-    bytes_down: u64,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+}
+
+/// One worker's counters, on cache lines of their own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct WorkerStats {
+    upstreams: Vec<Counters>,
+    /// Clients closed because no dial succeeded.
+    no_upstream: AtomicU64,
+    /// Dials that skipped an upstream marked down.
+    skipped: AtomicU64,
+}
+
+/// The proxy's counters for every worker (see [`Counters`]).
+#[derive(Debug)]
+pub(crate) struct Stats {
+    addrs: Vec<SocketAddr>,
+    workers: Vec<WorkerStats>,
+}
+
+impl Stats {
+    pub(crate) fn new(upstreams: &[SocketAddr], workers: usize) -> Arc<Stats> {
+        Arc::new(Stats {
+            addrs: upstreams.to_vec(),
+            workers: (0..workers.max(1))
+                .map(|_| WorkerStats {
+                    upstreams: upstreams.iter().map(|_| Counters::default()).collect(),
+                    ..WorkerStats::default()
+                })
+                .collect(),
+        })
+    }
+
+    /// `field` of upstream `i`, summed over the workers.
+    fn upstream(&self, i: usize, field: impl Fn(&Counters) -> &AtomicU64) -> u64 {
+        self.workers
+            .iter()
+            .map(|w| field(&w.upstreams[i]).load(Relaxed))
+            .sum()
+    }
+
+    /// `field` over every upstream and worker.
+    fn all(&self, field: impl Fn(&Counters) -> &AtomicU64 + Copy) -> u64 {
+        (0..self.addrs.len()).map(|i| self.upstream(i, field)).sum()
+    }
+
+    fn worker_sum(&self, field: impl Fn(&WorkerStats) -> &AtomicU64) -> u64 {
+        self.workers.iter().map(|w| field(w).load(Relaxed)).sum()
+    }
+
+    /// The proxy's part of the stats line.
+    pub(crate) fn line(&self) -> String {
+        format!(
+            " sessions={} active_sessions={} dial_failures={} no_upstream={}",
+            self.all(|c| &c.sessions),
+            self.all(|c| &c.active),
+            self.all(|c| &c.dial_failures),
+            self.worker_sum(|w| &w.no_upstream),
+        )
+    }
 }
 
 /// One side of a session: the handler state of each connection.
@@ -141,16 +210,13 @@ pub(crate) struct Proxy {
     send_proxy: Option<ProxyVersion>,
     /// Both sides idle this long closes the session (the core's idle timeout).
     idle_timeout: Duration,
-    /// Sessions whose upstream connected, in all and now.
-    sessions: u64,
-    active_sessions: u64,
-    /// Clients closed because no dial succeeded.
-    no_upstream: u64,
-    /// Dials skipped past a down upstream.
-    skipped: u64,
+    /// The counters of every worker, and this one's index there.
+    stats: Arc<Stats>,
+    me: usize,
 }
 
 impl Proxy {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         upstreams: &[SocketAddr],
         tries: Option<usize>,
@@ -158,6 +224,8 @@ impl Proxy {
         down_for: Duration,
         send_proxy: Option<ProxyVersion>,
         idle_timeout: Duration,
+        stats: Arc<Stats>,
+        me: usize,
     ) -> Proxy {
         Proxy {
             upstreams: upstreams
@@ -166,13 +234,6 @@ impl Proxy {
                     addr,
                     fails_in_a_row: 0,
                     down_until: None,
-                    dials: 0,
-                    dial_failures: 0,
-                    marked_down: 0,
-                    active: 0,
-                    sessions: 0,
-                    bytes_up: 0,
-                    bytes_down: 0,
                 })
                 .collect(),
             next: 0,
@@ -181,11 +242,19 @@ impl Proxy {
             down_for,
             send_proxy,
             idle_timeout,
-            sessions: 0,
-            active_sessions: 0,
-            no_upstream: 0,
-            skipped: 0,
+            stats,
+            me,
         }
+    }
+
+    /// This worker's counters.
+    fn my(&self) -> &WorkerStats {
+        &self.stats.workers[self.me]
+    }
+
+    /// This worker's counters of upstream `i`.
+    fn counters(&self, i: usize) -> &Counters {
+        &self.my().upstreams[i]
     }
 
     /// The next upstream to dial: round robin over those not marked down (over all of them when
@@ -196,7 +265,9 @@ impl Proxy {
             let i = self.next % n;
             self.next = self.next.wrapping_add(1);
             match self.upstreams[i].down_until {
-                Some(until) if until > now => self.skipped += 1,
+                Some(until) if until > now => {
+                    self.stats.workers[self.me].skipped.fetch_add(1, Relaxed);
+                }
                 _ => return i,
             }
         }
@@ -216,14 +287,14 @@ impl Proxy {
         while (*tries as usize) < self.tries {
             *tries += 1;
             let i = self.pick(ctx.now());
-            let up = &mut self.upstreams[i];
-            up.dials += 1;
+            self.counters(i).dials.fetch_add(1, Relaxed);
+            let addr = self.upstreams[i].addr;
             let state = Side::Upstream {
                 client,
                 index: i as u16,
                 connected: false,
             };
-            match ctx.connect(up.addr, state) {
+            match ctx.connect(addr, state) {
                 Ok(id) => return Some((id, i as u16)),
                 Err(e) => {
                     debug!("{e}");
@@ -235,12 +306,16 @@ impl Proxy {
     }
 
     fn dial_failed(&mut self, i: usize, now: Instant) {
+        self.stats.workers[self.me].upstreams[i]
+            .dial_failures
+            .fetch_add(1, Relaxed);
         let up = &mut self.upstreams[i];
-        up.dial_failures += 1;
         up.fails_in_a_row += 1;
         if up.fails_in_a_row >= self.max_fails && up.down_until.is_none_or(|t| t <= now) {
             up.down_until = Some(now + self.down_for);
-            up.marked_down += 1;
+            self.stats.workers[self.me].upstreams[i]
+                .marked_down
+                .fetch_add(1, Relaxed);
             warn!(
                 "upstream {} failed {} dials in a row: skipped for {:?}",
                 up.addr, up.fails_in_a_row, self.down_for
@@ -276,20 +351,6 @@ impl Proxy {
             }
         }
     }
-
-    /// The counters part of the stats line.
-    pub(crate) fn stats(&self) -> String {
-        let failures: u64 = self.upstreams.iter().map(|u| u.dial_failures).sum();
-        let down = self
-            .upstreams
-            .iter()
-            .filter(|u| u.down_until.is_some_and(|t| t > Instant::now()))
-            .count();
-        format!(
-            " sessions={} active_sessions={} dial_failures={failures} no_upstream={} upstreams_down={down}",
-            self.sessions, self.active_sessions, self.no_upstream
-        )
-    }
 }
 
 impl Handler for Proxy {
@@ -311,7 +372,7 @@ impl Handler for Proxy {
                 tries,
             },
             None => {
-                self.no_upstream += 1;
+                self.my().no_upstream.fetch_add(1, Relaxed);
                 ctx.close();
                 Side::Client {
                     upstream: None,
@@ -335,10 +396,9 @@ impl Handler for Proxy {
         let up = &mut self.upstreams[*index as usize];
         up.fails_in_a_row = 0;
         up.down_until = None;
-        up.active += 1;
-        up.sessions += 1;
-        self.sessions += 1;
-        self.active_sessions += 1;
+        let c = self.counters(*index as usize);
+        c.active.fetch_add(1, Relaxed);
+        c.sessions.fetch_add(1, Relaxed);
         let Some(mut c) = ctx.conn(*client) else {
             return ctx.close(); // the client left while we dialed
         };
@@ -356,11 +416,11 @@ impl Handler for Proxy {
         let Some(peer) = side.peer() else {
             return ctx.close();
         };
-        let up = &mut self.upstreams[side.index()];
+        let c = self.counters(side.index());
         match side {
-            Side::Client { .. } => up.bytes_up += data.len() as u64,
-            Side::Upstream { .. } => up.bytes_down += data.len() as u64,
-        }
+            Side::Client { .. } => c.bytes_up.fetch_add(data.len() as u64, Relaxed),
+            Side::Upstream { .. } => c.bytes_down.fetch_add(data.len() as u64, Relaxed),
+        };
         match ctx.send(peer, data) {
             Ok(()) => {
                 // Backpressure: the peer has output pending; read this side again once it
@@ -435,14 +495,12 @@ impl Handler for Proxy {
                 }
                 if next.is_none() {
                     debug!("client {client}: no upstream after {tries} dials ({reason})");
-                    self.no_upstream += 1;
+                    self.my().no_upstream.fetch_add(1, Relaxed);
                     c.close();
                 }
             }
             Side::Upstream { client, index, .. } => {
-                let up = &mut self.upstreams[index as usize];
-                up.active -= 1;
-                self.active_sessions -= 1;
+                self.counters(index as usize).active.fetch_sub(1, Relaxed);
                 if let Some(mut c) = ctx.conn(client) {
                     c.close();
                 }
@@ -471,71 +529,72 @@ impl Handler for Proxy {
     }
 
     fn write_metrics(&self, out: &mut String) {
-        let mut family = |name: &str, kind: &str, help: &str, value: &dyn Fn(&Upstream) -> u64| {
-            let _ = writeln!(
-                out,
-                "# HELP sockman_upstream_{name} {help}\n# TYPE sockman_upstream_{name} {kind}"
-            );
-            for u in &self.upstreams {
+        let stats = &self.stats;
+        let mut family =
+            |name: &str, kind: &str, help: &str, field: fn(&Counters) -> &AtomicU64| {
                 let _ = writeln!(
                     out,
-                    "sockman_upstream_{name}{{upstream=\"{}\"}} {}",
-                    u.addr,
-                    value(u)
+                    "# HELP sockman_upstream_{name} {help}\n# TYPE sockman_upstream_{name} {kind}"
                 );
-            }
-        };
+                for (i, addr) in stats.addrs.iter().enumerate() {
+                    let _ = writeln!(
+                        out,
+                        "sockman_upstream_{name}{{upstream=\"{addr}\"}} {}",
+                        stats.upstream(i, field)
+                    );
+                }
+            };
         family(
             "dials_total",
             "counter",
             "Dials started to this upstream.",
-            &|u| u.dials,
+            |c| &c.dials,
         );
         family(
             "dial_failures_total",
             "counter",
             "Dials to this upstream that failed (refused, unreachable, timed out, at the cap).",
-            &|u| u.dial_failures,
+            |c| &c.dial_failures,
         );
         family(
             "marked_down_total",
             "counter",
-            "Times this upstream was skipped after failing dials in a row.",
-            &|u| u.marked_down,
+            "Times a worker skipped this upstream after its dials failed in a row.",
+            |c| &c.marked_down,
         );
         family(
             "sessions_active",
             "gauge",
             "Sessions through this upstream now.",
-            &|u| u.active,
+            |c| &c.active,
         );
         family(
             "sessions_total",
             "counter",
             "Sessions through this upstream.",
-            &|u| u.sessions,
+            |c| &c.sessions,
         );
         family(
             "sent_bytes_total",
             "counter",
             "Bytes relayed from clients to this upstream.",
-            &|u| u.bytes_up,
+            |c| &c.bytes_up,
         );
         family(
             "received_bytes_total",
             "counter",
             "Bytes relayed from this upstream to clients.",
-            &|u| u.bytes_down,
+            |c| &c.bytes_down,
         );
         let _ = writeln!(
             out,
             "# HELP sockman_proxy_no_upstream_total Clients closed because no dial succeeded.\n# TYPE sockman_proxy_no_upstream_total counter\nsockman_proxy_no_upstream_total {}",
-            self.no_upstream
+            stats.worker_sum(|w| &w.no_upstream)
         );
         let _ = writeln!(
             out,
             "# HELP sockman_proxy_skipped_total Dials that skipped an upstream marked down.\n# TYPE sockman_proxy_skipped_total counter\nsockman_proxy_skipped_total {}",
-            self.skipped
+            stats.worker_sum(|w| &w.skipped)
         );
     }
 }
@@ -559,13 +618,19 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<(), String> {
         return Err("--connect-tries must be at least 1".into());
     }
     let config = args.config();
-    let proxy = Proxy::new(
-        &args.upstream,
-        args.connect_tries,
-        args.upstream_max_fails,
-        args.upstream_down_for,
-        args.send_proxy,
-        config.idle_timeout,
-    );
-    server::run(config, proxy, &args.server, Proxy::stats).map(|_| ())
+    let stats = Stats::new(&args.upstream, args.server.workers);
+    let idle = config.idle_timeout;
+    let make = |me| {
+        Proxy::new(
+            &args.upstream,
+            args.connect_tries,
+            args.upstream_max_fails,
+            args.upstream_down_for,
+            args.send_proxy,
+            idle,
+            Arc::clone(&stats),
+            me,
+        )
+    };
+    server::run(config, make, &args.server, || stats.line()).map(|_| ())
 }

@@ -27,8 +27,8 @@ pub(crate) struct ServeArgs {
 pub(crate) fn run(args: &ServeArgs) -> Result<(), String> {
     let config = args.server.config();
     match args.handler {
-        HandlerKind::Echo => server::run(config, Echo, &args.server, |_| String::new()),
-        HandlerKind::Discard => server::run(config, Discard, &args.server, |_| String::new()),
+        HandlerKind::Echo => server::run(config, |_| Echo, &args.server, String::new),
+        HandlerKind::Discard => server::run(config, |_| Discard, &args.server, String::new),
     }
     .map(|_| ())
 }

@@ -11,7 +11,7 @@ use clap::ValueEnum;
 use log::{info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use sockman::{Config, Handler, Metrics, OnFull, Server};
+use sockman::{Config, Handler, Metrics, OnFull, ProxyProtocol, Server, Workers};
 
 use crate::units::{parse_duration, parse_size};
 
@@ -21,6 +21,31 @@ enum OnFullArg {
     Reject,
     /// Close the longest-idle connection (idle at least --evict-min-idle) to make room.
     EvictIdle,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ProxyProtocolArg {
+    /// No header: the socket's peer is the client.
+    Off,
+    /// The text header is required.
+    V1,
+    /// The binary header is required.
+    V2,
+    /// Either version is required.
+    Any,
+}
+
+/// `N` (at least 1) or `auto` (one per available core).
+fn parse_workers(text: &str) -> Result<usize, String> {
+    if text == "auto" {
+        return Ok(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    }
+    match text.parse::<usize>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "invalid workers {text:?}: expected a number from 1 to 1024, or auto"
+        )),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -102,6 +127,33 @@ pub(crate) struct ServerArgs {
     /// EOF), so that the reply is not cut short by a reset; 0 = close at once.
     #[arg(long, value_name = "DURATION", default_value = "5s", env = "SOCKMAN_LINGER_TIMEOUT", value_parser = parse_duration)]
     linger_timeout: Duration,
+    /// Loops (threads) to run, each with its own SO_REUSEPORT listener: a number, or `auto` for
+    /// one per available core. The connection cap is split between them.
+    #[arg(long, value_name = "N|auto", default_value = "1", env = "SOCKMAN_WORKERS", value_parser = parse_workers)]
+    pub(crate) workers: usize,
+    /// Require a PROXY protocol header (from a balancer such as HAProxy with send-proxy) on every
+    /// data connection: off, v1, v2 or any. Its client address replaces the peer.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "off",
+        env = "SOCKMAN_PROXY_PROTOCOL"
+    )]
+    proxy_protocol: ProxyProtocolArg,
+    /// The PROXY protocol header must arrive within this long of the accept.
+    #[arg(long, value_name = "DURATION", default_value = "3s", env = "SOCKMAN_PROXY_HEADER_TIMEOUT", value_parser = parse_duration)]
+    proxy_header_timeout: Duration,
+    /// On SIGTERM, fail /readyz at once but keep accepting this long before the drain closes
+    /// the listeners (so that a balancer stops sending first).
+    #[arg(long, value_name = "DURATION", default_value = "0", env = "SOCKMAN_DRAIN_DELAY", value_parser = parse_duration)]
+    pub(crate) drain_delay: Duration,
+    /// Close connections gracefully this long after they were accepted (± a tenth), so that
+    /// long-lived clients rebalance; 0 = off.
+    #[arg(long, value_name = "DURATION", default_value = "0", env = "SOCKMAN_MAX_LIFETIME", value_parser = parse_duration)]
+    max_lifetime: Duration,
+    /// Close a connection that sends nothing this long after it was accepted; 0 = off.
+    #[arg(long, value_name = "DURATION", default_value = "0", env = "SOCKMAN_FIRST_BYTE_TIMEOUT", value_parser = parse_duration)]
+    first_byte_timeout: Duration,
     /// Most bytes discarded while lingering; past it reading stops until the linger timeout.
     #[arg(long, value_name = "SIZE", default_value = "4MiB", env = "SOCKMAN_LINGER_BYTES", value_parser = parse_size)]
     linger_bytes: usize,
@@ -138,63 +190,156 @@ impl ServerArgs {
             send_buffer: self.sndbuf,
             linger_timeout: self.linger_timeout,
             linger_bytes: self.linger_bytes as u64,
+            proxy_protocol: match self.proxy_protocol {
+                ProxyProtocolArg::Off => ProxyProtocol::Off,
+                ProxyProtocolArg::V1 => ProxyProtocol::V1,
+                ProxyProtocolArg::V2 => ProxyProtocol::V2,
+                ProxyProtocolArg::Any => ProxyProtocol::Any,
+            },
+            proxy_header_timeout: self.proxy_header_timeout,
+            drain_delay: self.drain_delay,
+            max_lifetime: self.max_lifetime,
+            first_byte_timeout: self.first_byte_timeout,
             ..defaults
         }
     }
 }
 
-/// Binds `config` with `handler` and runs it turn by turn, logging a counters line every
-/// `stats_interval`, until a signal drains or stops it. `stats` adds the handler's own part
-/// to each counters line.
-pub(crate) fn run<H: Handler>(
+/// Listeners inherited from systemd socket activation (`LISTEN_FDS`, `LISTEN_PID`), if any.
+fn inherited_listeners() -> Result<Option<Vec<std::net::TcpListener>>, String> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() == 0 {
+        return Ok(None);
+    }
+    let mut listeners = Vec::with_capacity(fds.len());
+    for i in 0..fds.len() {
+        match fds.take_tcp_listener(i) {
+            Ok(Some(l)) => listeners.push(l),
+            Ok(None) => return Err(format!("inherited descriptor {} is already taken", i + 3)),
+            Err(e) => {
+                return Err(format!(
+                    "inherited descriptor {} (LISTEN_FDS) is not a TCP listener: {e}",
+                    i + 3
+                ))
+            }
+        }
+    }
+    Ok(Some(listeners))
+}
+
+/// Tells systemd (if it started us with `NOTIFY_SOCKET`) how the service is doing.
+fn notify(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// Binds `config` with `args.workers` handlers from `make` (one loop, or [`Workers`]), on the
+/// listeners systemd passed if any, and runs until a signal drains or stops it, logging a
+/// counters line every `stats_interval`. `stats` adds the handler's own part to each line.
+pub(crate) fn run<H>(
     config: Config,
-    handler: H,
+    mut make: impl FnMut(usize) -> H,
     args: &ServerArgs,
-    stats: impl Fn(&H) -> String,
-) -> Result<Metrics, String> {
+    stats: impl Fn() -> String,
+) -> Result<Metrics, String>
+where
+    H: Handler + Send + 'static,
+    H::Conn: Send,
+{
     // Signal handlers go in before the listening line is logged: a supervisor that reads that
     // line as "ready" and sends SIGTERM must get a drain, not the default action. A signal that
     // arrives before the thread below runs waits in `signals`.
     let signals = Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let mut server = Server::bind(config, handler).map_err(|e| e.to_string())?;
-    watch_signals(signals, server.handle(), args.drain_timeout)?;
+    let inherited = inherited_listeners()?;
+    if inherited.is_some() && !args.listen.is_empty() {
+        warn!("listening on the sockets systemd passed (LISTEN_FDS); --listen is ignored");
+    }
     let interval = (!args.stats_interval.is_zero()).then_some(args.stats_interval);
-    let mut next_stats = interval.map(|i| Instant::now() + i);
-    while !server.is_stopped() {
-        let wait = next_stats.map(|t| t.saturating_duration_since(Instant::now()));
-        server.turn(wait).map_err(|e| e.to_string())?;
-        if let (Some(at), Some(every)) = (next_stats, interval) {
-            let now = Instant::now();
-            if now >= at {
-                info!("stats {}{}", server.metrics(), stats(server.handler()));
-                // Skip missed intervals rather than logging a burst after a long turn.
-                next_stats = Some(if now >= at + every {
-                    now + every
-                } else {
-                    at + every
-                });
+    let m = if args.workers > 1 {
+        let workers = match inherited {
+            Some(l) => Workers::bind_listeners(config, l, args.workers, make),
+            None => Workers::bind(config, args.workers, make),
+        }
+        .map_err(|e| e.to_string())?;
+        let mut running = workers.start().map_err(|e| e.to_string())?;
+        watch_signals(signals, Stop::All(running.handle()), args.drain_timeout)?;
+        notify(sd_notify::NotifyState::Ready);
+        loop {
+            let wait = interval.unwrap_or(Duration::from_secs(3600));
+            match running.wait_timeout(wait).map_err(|e| e.to_string())? {
+                Some(finals) => break Metrics::sum(&finals),
+                None => {
+                    if interval.is_some() {
+                        info!("stats {}{}", running.metrics(), stats());
+                    }
+                }
             }
         }
-    }
-    let m = server.metrics();
+    } else {
+        let mut server = match inherited {
+            Some(l) => Server::bind_listeners(config, l, make(0)),
+            None => Server::bind(config, make(0)),
+        }
+        .map_err(|e| e.to_string())?;
+        watch_signals(signals, Stop::One(server.handle()), args.drain_timeout)?;
+        notify(sd_notify::NotifyState::Ready);
+        let mut next_stats = interval.map(|i| Instant::now() + i);
+        while !server.is_stopped() {
+            let wait = next_stats.map(|t| t.saturating_duration_since(Instant::now()));
+            server.turn(wait).map_err(|e| e.to_string())?;
+            if let (Some(at), Some(every)) = (next_stats, interval) {
+                let now = Instant::now();
+                if now >= at {
+                    info!("stats {}{}", server.metrics(), stats());
+                    // Skip missed intervals rather than logging a burst after a long turn.
+                    next_stats = Some(if now >= at + every {
+                        now + every
+                    } else {
+                        at + every
+                    });
+                }
+            }
+        }
+        server.metrics().clone()
+    };
     if m.drain_forced > 0 {
         warn!(
             "{} connections were still open at the drain deadline and were closed",
             m.drain_forced
         );
     }
-    info!("final {m}{}", stats(server.handler()));
-    Ok(m.clone())
+    info!("final {m}{}", stats());
+    Ok(m)
 }
 
-/// A small thread turns the first SIGINT/SIGTERM into a drain of the loop and a second one into an
-/// immediate shutdown (the library has no signal code).
-fn watch_signals(
-    mut signals: Signals,
-    handle: sockman::Handle,
-    drain_timeout: Duration,
-) -> Result<(), String> {
+/// What a signal stops: one loop, or every worker.
+enum Stop {
+    One(sockman::Handle),
+    All(sockman::WorkersHandle),
+}
+
+impl Stop {
+    fn drain(&self, timeout: Duration) {
+        match self {
+            Stop::One(h) => h.drain(timeout),
+            Stop::All(h) => h.drain(timeout),
+        }
+    }
+
+    fn shutdown(&self) {
+        match self {
+            Stop::One(h) => h.shutdown(),
+            Stop::All(h) => h.shutdown(),
+        }
+    }
+}
+
+/// A small thread turns the first SIGINT/SIGTERM into a drain of the loop(s) and a second one
+/// into an immediate shutdown (the library has no signal code), and tells systemd it is
+/// stopping.
+fn watch_signals(mut signals: Signals, stop: Stop, drain_timeout: Duration) -> Result<(), String> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -207,10 +352,11 @@ fn watch_signals(
                 };
                 if draining {
                     warn!("{name} again: closing every connection now");
-                    handle.shutdown();
+                    stop.shutdown();
                 } else {
                     warn!("{name}: draining (up to {drain_timeout:?}; signal again to stop now)");
-                    handle.drain(drain_timeout);
+                    notify(sd_notify::NotifyState::Stopping);
+                    stop.drain(drain_timeout);
                     draining = true;
                 }
             }
