@@ -260,6 +260,44 @@ fn an_upstream_that_never_completes_the_handshake_times_out_and_closes_the_clien
     assert_eq!(m.get("sockman_connections_connecting"), 0, "{m}");
 }
 
+#[test]
+fn a_client_closed_while_its_dial_is_in_flight_does_not_count_against_the_upstream() {
+    const CLIENTS: i64 = 3;
+    // The dial hangs (full backlog, 5 s connect timeout); the idle timeout closes each client
+    // first, and the proxy abandons its dial. The upstream did not fail: it was not given time.
+    let (_listener, silent, _fillers) = silent_listener();
+    let proxy = Proxy::spawn(
+        silent,
+        &["--idle-timeout", "300ms", "--connect-timeout", "5s"],
+    );
+    for i in 0..CLIENTS {
+        let started = Instant::now();
+        let mut client = connect(proxy.addr);
+        expect_closed(&mut client);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "client {i} closed after {took:?}, not at its idle timeout"
+        );
+    }
+    let m = proxy.wait_idle("the abandoned dials to end");
+    assert_eq!(m.closed(CloseReason::IdleTimeout), CLIENTS, "{m}");
+    assert_eq!(m.dialed_closed(CloseReason::Handler), CLIENTS, "{m}");
+    assert_eq!(m.dialed_closed(CloseReason::ConnectTimeout), 0, "{m}");
+    assert_eq!(m.get(&proxy.up("dials_total")), CLIENTS, "{m}");
+    assert_eq!(
+        m.get(&proxy.up("dial_failures_total")),
+        0,
+        "dials the proxy abandoned were counted as failures of the upstream\n{m}"
+    );
+    assert_eq!(
+        m.get(&proxy.up("marked_down_total")),
+        0,
+        "the upstream was marked down for dials the proxy abandoned\n{m}"
+    );
+    assert_eq!(m.get("sockman_proxy_no_upstream_total"), 0, "{m}");
+}
+
 /// A client that streams 4 KiB chunks of a 1 MiB pattern, cyclically, until told to stop or a
 /// write fails; returns the bytes sent. Writes have a short timeout so that the stop flag is seen
 /// even when the proxy no longer reads.
