@@ -472,6 +472,22 @@ impl Handler for Proxy {
                 index,
                 connected: false,
             } => {
+                // A dial the proxy itself abandoned (its client went first, or the server
+                // stops) is no failure of the upstream: neither counted nor retried; a client
+                // still there (none is, today) goes with it.
+                if !matches!(
+                    reason,
+                    CloseReason::ConnectRefused
+                        | CloseReason::ConnectTimeout
+                        | CloseReason::Unreachable
+                        | CloseReason::Reset
+                        | CloseReason::Io(_)
+                ) {
+                    if let Some(mut c) = ctx.conn(client) {
+                        c.close();
+                    }
+                    return;
+                }
                 // A dial that failed: try the next upstream, or give up on the client.
                 self.dial_failed(index as usize, ctx.now());
                 let tries = match ctx.conn(client).as_ref().and_then(|c| c.state()) {
