@@ -222,3 +222,37 @@ fn an_idle_dialed_connection_closes_at_its_idle_timeout() {
     util::stop(&mut client);
     echo.stop();
 }
+
+/// With evict-idle on, a dial that fails before it connected (it never joined the eviction
+/// order) must leave that order intact: it used to unlink a key that was never linked (an
+/// index out of bounds, or a list cut short).
+#[test]
+fn a_failed_dial_with_evict_idle_leaves_the_eviction_order_intact() {
+    let echo = util::start(util::local_config(), sockman::Echo);
+    let refused = dial::refused_port().unwrap();
+    let config = Config {
+        listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+        on_full: sockman::OnFull::EvictIdle,
+        max_connections: Some(20),
+        evict_min_idle: Duration::ZERO,
+        ..dial::config()
+    };
+    let mut client = Server::bind(config, Dialer::default()).unwrap();
+    let t0 = client.now();
+    for _ in 0..10 {
+        dial(&mut client, refused, 1);
+    }
+    turn_until_at(&mut client, t0, "the refusals", |s| {
+        s.handler().ended.len() == 10
+    });
+    // The order still works: dials to the echo server connect and close normally.
+    for _ in 0..3 {
+        dial(&mut client, echo.addr, 0);
+    }
+    turn_until_at(&mut client, t0, "the echoes", |s| {
+        s.handler().ended.len() == 13
+    });
+    assert_eq!(reasons(&client, 0), vec![CloseReason::Handler]);
+    util::stop(&mut client);
+    echo.stop();
+}
