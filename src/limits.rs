@@ -144,8 +144,16 @@ impl Lru {
         self.tail = k;
     }
 
-    /// Unlinks `key` (it must be linked).
+    /// Whether `key` is in the list (a dialed connection joins only once it has connected).
+    fn is_linked(&self, key: usize) -> bool {
+        key < self.links.len() && (self.links[key] != [NIL, NIL] || self.head == key as u32)
+    }
+
+    /// Unlinks `key`, if it is linked.
     pub(crate) fn remove(&mut self, key: usize) {
+        if !self.is_linked(key) {
+            return;
+        }
         let [prev, next] = self.links[key];
         if prev == NIL {
             self.head = next;
@@ -160,9 +168,9 @@ impl Lru {
         self.links[key] = [NIL, NIL];
     }
 
-    /// Marks `key` as the most recently active.
+    /// Marks `key` as the most recently active (if it is linked).
     pub(crate) fn touch(&mut self, key: usize) {
-        if self.tail != key as u32 {
+        if self.tail != key as u32 && self.is_linked(key) {
             self.remove(key);
             self.push(key);
         }
@@ -405,6 +413,16 @@ mod tests {
         l.push(2);
         l.touch(2);
         assert_eq!(l.oldest(), Some(2));
+        // Keys that were never linked (a dial that closed before connecting) change nothing.
+        l.remove(9);
+        l.remove(0);
+        l.touch(5);
+        assert_eq!(l.oldest(), Some(2));
+        l.push(4);
+        l.remove(7);
+        assert_eq!(l.oldest(), Some(2));
+        l.remove(2);
+        assert_eq!(l.oldest(), Some(4));
     }
 
     #[test]

@@ -392,15 +392,14 @@ impl<H: Handler> Server<H> {
     /// In a group: publishes this worker's metrics and descriptors, once per tick at most.
     fn publish(&mut self) {
         let now = self.table.now;
-        let fds = self.own_fds() as u64 + self.table.slab.len() as u64;
-        if let Some(m) = &mut self.member {
-            if m.published != now {
-                m.published = now;
-                m.group.publish(m.index, &self.table.metrics);
-                m.group.slots[m.index]
-                    .fds
-                    .store(fds, std::sync::atomic::Ordering::Relaxed);
-            }
+        if self.member.as_ref().is_some_and(|m| m.published != now) {
+            let fds = self.own_fds() as u64 + self.table.slab.len() as u64;
+            let m = self.member.as_mut().expect("checked above");
+            m.published = now;
+            m.group.publish(m.index, &self.table.metrics);
+            m.group.slots[m.index]
+                .fds
+                .store(fds, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
