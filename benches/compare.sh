@@ -6,7 +6,9 @@
 #   benches/compare.sh                 # every point
 #   benches/compare.sh pp64_50 churn   # only these points (names: see POINTS below)
 #
-# Environment: REPS (3), DURATION_S (3), WARMUP_S (1) in seconds, SERVERS ("sockman tokio epoll epoll_short"),
+# Environment: REPS (3), DURATION_S (3), WARMUP_S (1) in seconds, SERVERS ("sockman tokio epoll epoll_short";
+# also sockman_base: an older build given as SOCKMAN_BASE=path, for before/after figures; and
+# sockman_w2: `--workers 2`, pinned to SERVER_CPU like the others unless SERVER_CPU lists two),
 # SERVER_CPU (0), CLIENT_CPU (1), OUT (benches/results/DATE), ANCHORS (../shared/anchors),
 # NOPERF=1 to skip the syscall counts (they need `perf` from Debian's linux-perf).
 set -euo pipefail
@@ -64,6 +66,10 @@ start_server() { # name port
   local name=$1 port=$2
   case $name in
     sockman) RUST_LOG=warn taskset -c "$SERVER_CPU" "$sockman" serve --listen "127.0.0.1:$port" --stats-interval 0 --fd-check-interval 0 2>"$OUT/server.log" & ;;
+    sockman_base)
+      [ -x "${SOCKMAN_BASE:-}" ] || { echo "sockman_base needs SOCKMAN_BASE=path/to/an/older/sockman" >&2; exit 2; }
+      RUST_LOG=warn taskset -c "$SERVER_CPU" "$SOCKMAN_BASE" serve --listen "127.0.0.1:$port" --stats-interval 0 --fd-check-interval 0 2>"$OUT/server.log" & ;;
+    sockman_w2) RUST_LOG=warn taskset -c "$SERVER_CPU" "$sockman" serve --workers 2 --listen "127.0.0.1:$port" --stats-interval 0 --fd-check-interval 0 2>"$OUT/server.log" & ;;
     tokio) taskset -c "$SERVER_CPU" "$peers/tokio_echo" "127.0.0.1:$port" 60000 1 2>"$OUT/server.log" & ;;
     epoll) taskset -c "$SERVER_CPU" "$peers/epoll_echo" "$port" 2>"$OUT/server.log" & ;;
     epoll_short) taskset -c "$SERVER_CPU" "$peers/epoll_echo" "$port" short 2>"$OUT/server.log" & ;;
