@@ -102,7 +102,10 @@ impl Clients {
                 streams.push(s);
             }
             c.streams = std::mem::take(&mut streams);
-            c.wait(|got| batch.iter().all(|&i| got[i] > 0), Duration::from_secs(30));
+            c.wait(
+                |got| batch.iter().all(|&i| got[i] > 0),
+                Duration::from_secs(30),
+            );
             streams = std::mem::take(&mut c.streams);
         }
         c.streams = streams;
@@ -152,7 +155,10 @@ fn broadcast(n: usize, lines: usize) {
         c.streams[0].write_all(b"\n").unwrap();
         if per_line == 0 {
             // Learn the size of one delivered message from the first broadcast.
-            c.wait(|g| g[1] > before[1] && g[1] - before[1] > line.len(), Duration::from_secs(10));
+            c.wait(
+                |g| g[1] > before[1] && g[1] - before[1] > line.len(),
+                Duration::from_secs(10),
+            );
             per_line = c.got[1] - before[1];
         }
         c.wait(
