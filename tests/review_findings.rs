@@ -573,3 +573,194 @@ fn concurrent_connections_requests_each_get_every_workers_lines() {
         );
     }
 }
+
+/// Two `Handle::drain` calls before the loop wakes: `Handle::drain` *stores* its timeout in
+/// `Shared::drain_ns`, so the second overwrites the first and a later, longer drain replaces an
+/// earlier, shorter one (the loop only ever sees the last), though a second drain "only
+/// shortens the deadline".
+#[test]
+fn two_handle_drains_before_the_loop_wakes_keep_the_shorter_deadline() {
+    let config = Config {
+        drain_idle: Duration::from_secs(100),
+        idle_timeout: Duration::from_secs(300),
+        ..local_config()
+    };
+    let (mut server, addr) = bind(config, Echo);
+    let t0 = server.now();
+    let _client = connect(addr);
+    turn_until_at(&mut server, t0, "the accept", |s| s.metrics().active == 1);
+    let handle = server.handle();
+    handle.drain(Duration::from_millis(200));
+    handle.drain(Duration::from_secs(60)); // e.g. a supervisor's default, sent a moment later
+    turn_until_at(&mut server, t0, "the drain", |s| s.is_draining());
+    util::step_to(&mut server, t0 + Duration::from_millis(300));
+    assert!(
+        server.is_stopped(),
+        "the first drain's 200 ms deadline passed and the connection is still open: {}",
+        server.metrics()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Idle timeout and write progress (src/conn.rs, `Conn::write`): the idle deadline counts
+//    from "a read or write progress" (`Config::idle_timeout`, `ConnMut::idle`), and `flush`
+//    stamps `last_active`, but a write that the socket takes at once (the common case) does
+//    not. A connection the server keeps writing to, whose peer sends nothing, is closed as idle.
+// ---------------------------------------------------------------------------------------------
+
+/// Writes a byte every 300 ms (its own timer); never closes.
+struct Ticker;
+
+impl Handler for Ticker {
+    type Conn = ();
+    fn on_open(&mut self, ctx: &mut Context<'_>) {
+        ctx.set_timer(Duration::from_millis(300));
+    }
+    fn on_data(&mut self, _: &mut (), _: &mut Context<'_>, _: &[u8]) {}
+    fn on_timer(&mut self, _: &mut (), ctx: &mut Context<'_>) {
+        assert!(ctx.write(b"t"));
+        ctx.set_timer(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn a_connection_written_to_every_300ms_is_not_idle_after_1s() {
+    let config = Config {
+        idle_timeout: Duration::from_secs(1),
+        ..local_config()
+    };
+    let (mut server, addr) = bind(config, Ticker);
+    let t0 = server.now();
+    let mut client = connect(addr);
+    turn_until_at(&mut server, t0, "the accept", |s| s.metrics().active == 1);
+    for ms in (100..=1600).step_by(100) {
+        util::step_to(&mut server, t0 + Duration::from_millis(ms));
+    }
+    let m = server.metrics().clone();
+    assert_eq!(
+        (m.active, m.closed_by(sockman::CloseReason::IdleTimeout)),
+        (1, 0),
+        "written to every 300 ms (a byte each time, all taken by the socket), yet closed as idle: {m}"
+    );
+    assert!(m.bytes_out >= 4, "{m}");
+    let mut buf = [0u8; 16];
+    let _ = client.read(&mut buf);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A dial with output queued before it connected (src/conn.rs, `Conn::deadline`): the
+//    write-stall deadline is offered in `Phase::Connecting` too, counting from the write. With
+//    `write_timeout` < `connect_timeout` a slow handshake is closed as a `WriteStall` (abortive,
+//    SO_LINGER 0) instead of being given its connect timeout; the handler is told
+//    `WriteStall`, not `ConnectTimeout`, and a dial failure goes uncounted as one.
+// ---------------------------------------------------------------------------------------------
+
+/// Records close reasons.
+#[derive(Default)]
+struct Reasons {
+    seen: Vec<sockman::CloseReason>,
+}
+
+impl Handler for Reasons {
+    type Conn = ();
+    fn on_open(&mut self, _: &mut Context<'_>) {}
+    fn on_data(&mut self, _: &mut (), _: &mut Context<'_>, _: &[u8]) {}
+    fn on_close(&mut self, _: (), _: &mut Context<'_>, reason: sockman::CloseReason) {
+        self.seen.push(reason);
+    }
+}
+
+/// A listener whose backlog is full: the kernel drops further SYNs, so dials hang.
+fn silent_listener() -> (socket2::Socket, SocketAddr, Vec<TcpStream>) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let fillers = (0..4)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok())
+        .collect();
+    (socket, addr, fillers)
+}
+
+#[test]
+fn a_dial_with_queued_output_gets_its_connect_timeout_not_a_write_stall() {
+    let (_listener, silent, _fillers) = silent_listener();
+    let config = Config {
+        listen: Vec::new(),
+        write_timeout: Duration::from_millis(100),
+        connect_timeout: Duration::from_secs(1),
+        ..Config::default()
+    };
+    let mut server = Server::bind(config, Reasons::default()).unwrap();
+    let t0 = server.now();
+    let id = server.connect(silent, ()).unwrap();
+    // A request written before the handshake completes: kept as pending output.
+    server.with_context(|_, ctx| ctx.send(id, b"GET / HTTP/1.1\r\n\r\n").unwrap());
+    for _ in 0..5 {
+        server.turn_at(t0, Some(Duration::from_millis(10))).unwrap();
+    }
+    assert_eq!(server.metrics().connecting, 1, "the dial should still be connecting");
+    util::step_to(&mut server, t0 + Duration::from_millis(500));
+    assert_eq!(
+        (server.metrics().connecting, server.handler().seen.clone()),
+        (1, vec![]),
+        "half-way through its 1 s connect timeout the dial was closed: {}",
+        server.metrics()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Evict-idle and an `on_close` that dials (src/server/accept.rs, `admit`/`evict_for`): the
+//    evicted connection's `on_close` may dial, which takes the slot the eviction freed; `admit`
+//    does not check again and inserts the new connection anyway, so the server holds more than
+//    `max_connections`.
+// ---------------------------------------------------------------------------------------------
+
+/// Re-dials `to` when one of its connections is evicted (a client library reconnecting).
+struct Redial {
+    to: SocketAddr,
+}
+
+impl Handler for Redial {
+    type Conn = ();
+    fn on_open(&mut self, _: &mut Context<'_>) {}
+    fn on_data(&mut self, _: &mut (), _: &mut Context<'_>, _: &[u8]) {}
+    fn on_close(&mut self, _: (), ctx: &mut Context<'_>, reason: sockman::CloseReason) {
+        if reason == sockman::CloseReason::Evicted {
+            let _ = ctx.connect(self.to, ());
+        }
+    }
+}
+
+#[test]
+fn eviction_whose_on_close_dials_does_not_exceed_the_cap() {
+    let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = Config {
+        max_connections: Some(2),
+        on_full: sockman::OnFull::EvictIdle,
+        evict_min_idle: Duration::ZERO,
+        ..local_config()
+    };
+    let (mut server, addr) = bind(
+        config,
+        Redial {
+            to: elsewhere.local_addr().unwrap(),
+        },
+    );
+    let t0 = server.now();
+    let _a = connect(addr);
+    let _b = connect(addr);
+    turn_until_at(&mut server, t0, "two connections", |s| s.metrics().active == 2);
+    let _c = connect(addr); // evicts one; its on_close dials
+    turn_until_at(&mut server, t0, "the eviction", |s| {
+        s.metrics().closed_by(sockman::CloseReason::Evicted) == 1
+    });
+    assert!(
+        server.metrics().active <= 2,
+        "max_connections = 2, holding {}: {}",
+        server.metrics().active,
+        server.metrics()
+    );
+}
