@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use log::{debug, warn};
-use sockman::{CloseReason, Config, ConnId, Context, Eof, Handler, Idle, SendError};
+use sockman::{CloseReason, Config, ConnId, Context, DialFailure, Eof, Handler, Idle, SendError};
 
 use crate::server::{self, ServerArgs};
 use crate::units::parse_duration;
@@ -298,7 +298,12 @@ impl Proxy {
                 Ok(id) => return Some((id, i as u16)),
                 Err(e) => {
                     debug!("{e}");
-                    self.dial_failed(i, ctx.now());
+                    // Only the upstream's own failures count against its health: at the
+                    // connection cap or stopping, another upstream would fare no better.
+                    match e.failure {
+                        DialFailure::Socket(_) => self.dial_failed(i, ctx.now()),
+                        _ => return None,
+                    }
                 }
             }
         }
