@@ -73,7 +73,12 @@ struct AdminConn {
 #[derive(Debug)]
 struct Gather {
     query: Query,
+    /// The query as asked, for the other workers.
+    raw: String,
     head: bool,
+    /// Asked of the other workers (one gather at a time: each worker has one answer slot;
+    /// later requests wait their turn).
+    started: bool,
     /// Each worker's lines, as they come (`Err`: a bad query, `None`: not yet).
     parts: Vec<Option<Result<String, String>>>,
     /// Answer with what has come by then.
@@ -178,7 +183,7 @@ impl Admin {
                         // Out of fds or similar: retry shortly, not at the next edge (queued
                         // clients produce none).
                         debug!("admin accept: {e}; retrying");
-                        self.accept_at = Some(now + self.retry_ticks);
+                        self.accept_at = Some(crate::time::deadline(now, self.retry_ticks));
                         return;
                     }
                 },
@@ -248,9 +253,9 @@ impl Admin {
                 match req.parse(&conn.request) {
                     Ok(httparse::Status::Complete(_)) => {
                         let (method, target) = (req.method.unwrap_or(""), req.path.unwrap_or(""));
-                        if let Some(gather) = start_gather(method, target, view, self.timeout_ticks)
-                        {
+                        if let Some(gather) = new_gather(method, target, view) {
                             conn.gather = Some(gather);
+                            self.start_gather(view);
                             return;
                         }
                         conn.response = route(method, target, view);
@@ -295,15 +300,47 @@ impl Admin {
         self.linger(key, registry);
     }
 
-    /// Collects the other workers' `/connections` lines for the requests waiting on them and
-    /// answers those that are complete (or past their deadline).
-    fn gather(&mut self, registry: &Registry, view: &View<'_, impl Sized>) {
+    /// Starts the oldest waiting gather if none is under way: this worker's lines now, the
+    /// others asked for.
+    fn start_gather<S>(&mut self, view: &View<'_, S>) {
+        let Some((group, me)) = view.group else {
+            return;
+        };
+        if self
+            .conns
+            .iter()
+            .any(|(_, c)| c.gather.as_ref().is_some_and(|g| g.started))
+        {
+            return;
+        }
+        let next = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.gather.is_some())
+            .min_by_key(|(_, c)| c.opened)
+            .map(|(k, _)| k);
+        let Some(key) = next else {
+            return;
+        };
+        let g = self.conns[key].gather.as_mut().expect("filtered above");
+        g.parts[me] = Some(connections(&g.raw, view, Some(me)));
+        for i in (0..group.len()).filter(|&i| i != me) {
+            group.request_connections(i, &g.raw);
+        }
+        g.started = true;
+        let wait = view.clock.ticks(GATHER_TIMEOUT).max(1);
+        g.deadline = crate::time::deadline(view.now, wait);
+    }
+
+    /// Collects the other workers' `/connections` lines for the request under way and answers
+    /// it once complete (or past its deadline); then starts the next.
+    fn gather<S>(&mut self, registry: &Registry, view: &View<'_, S>) {
         let Some((group, me)) = view.group else {
             return;
         };
         let mut done = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
-            let Some(g) = &mut conn.gather else {
+            let Some(g) = conn.gather.as_mut().filter(|g| g.started) else {
                 continue;
             };
             for (i, part) in g.parts.iter_mut().enumerate() {
@@ -325,6 +362,7 @@ impl Admin {
             self.conns[key].response = answer;
             self.write_response(key, registry, view.now);
         }
+        self.start_gather(view);
     }
 
     /// Reads and discards until the client's EOF, an error or the byte cap; then closes.
@@ -382,7 +420,7 @@ impl Admin {
         let gather = self
             .conns
             .iter()
-            .filter_map(|(_, c)| c.gather.as_ref().map(|g| g.deadline))
+            .filter_map(|(_, c)| c.gather.as_ref().filter(|g| g.started).map(|g| g.deadline))
             .min();
         let deadline = match (self.deadline(), gather) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -452,32 +490,22 @@ fn strip_body(answer: &mut Vec<u8>) {
     }
 }
 
-/// Starts gathering a `/connections` answer over a group of workers: this worker's lines now,
-/// the others asked for. `None` when there is nothing to gather (one worker, another path, a
-/// bad query: answered at once).
-fn start_gather<S>(
-    method: &str,
-    target: &str,
-    view: &View<'_, S>,
-    timeout: Tick,
-) -> Option<Gather> {
-    let (group, me) = view.group.filter(|(g, _)| g.len() > 1)?;
+/// A `/connections` request to gather over a group of workers, not yet asked of the others.
+/// `None` when there is nothing to gather (one worker, another path, a bad query: answered at
+/// once).
+fn new_gather<S>(method: &str, target: &str, view: &View<'_, S>) -> Option<Gather> {
+    let (group, _) = view.group.filter(|(g, _)| g.len() > 1)?;
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if path != "/connections" || !matches!(method, "GET" | "HEAD") {
         return None;
     }
-    let q = parse_query(query).ok()?;
-    let mut parts: Vec<Option<Result<String, String>>> = vec![None; group.len()];
-    parts[me] = Some(connections(query, view, Some(me)));
-    for i in (0..group.len()).filter(|&i| i != me) {
-        group.request_connections(i, query);
-    }
-    let wait = timeout.min(view.clock.ticks(GATHER_TIMEOUT)).max(1);
     Some(Gather {
-        query: q,
+        query: parse_query(query).ok()?,
+        raw: query.to_string(),
         head: method == "HEAD",
-        parts,
-        deadline: view.now + wait,
+        started: false,
+        parts: vec![None; group.len()],
+        deadline: Tick::MAX,
     })
 }
 
