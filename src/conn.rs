@@ -66,6 +66,8 @@ pub(crate) mod flag {
     pub(crate) const DRAINED: u16 = 1 << 10;
     /// The handler resumed reading: read at once, without waiting for an edge.
     pub(crate) const RESUME: u16 = 1 << 11;
+    /// Bytes that came after the PROXY header wait in the loop's leftover list.
+    pub(crate) const LEFTOVER: u16 = 1 << 12;
 }
 
 /// Output the socket did not take yet. Boxed so that a connection without pending output pays
@@ -326,6 +328,9 @@ impl<S> Conn<S> {
             }
             self.bytes_out += off as u64;
             metrics.bytes_out += off as u64;
+            if off > 0 {
+                self.last_active = now; // write progress is activity
+            }
             if off == data.len() {
                 return true;
             }
@@ -397,6 +402,13 @@ impl<S> Conn<S> {
         Ok(left == 0)
     }
 
+    /// Restarts the write-stall clock (a dial's queued output has just become writable).
+    pub(crate) fn restart_progress(&mut self, now: Tick) {
+        if let Some(p) = &mut self.pending {
+            p.last_progress = now;
+        }
+    }
+
     /// Drops pending output (the connection is closing), keeping the gauge exact.
     pub(crate) fn discard_pending(&mut self, metrics: &mut Metrics) {
         metrics.pending_bytes -= self.pending_len() as u64;
@@ -459,7 +471,9 @@ impl<S> Conn<S> {
             }
         }
         if self.phase != Phase::Lingering {
-            if let (Some(w), Some(p)) = (t.write, &self.pending) {
+            // A dial's queued output cannot stall before the handshake: the connect timeout
+            // bounds that phase.
+            if let (Some(w), Some(p), Phase::Open) = (t.write, &self.pending, self.phase) {
                 offer(after(p.last_progress, w), Due::WriteStall);
             }
             if self.timer != NEVER {

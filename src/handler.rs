@@ -377,10 +377,11 @@ pub struct ConnMut<'c, S> {
 }
 
 impl<S> ConnMut<'_, S> {
+    /// The connection, marked to be settled after the callback: every caller changes something
+    /// the loop must act on (a close, a half-close, a pause, a timer). The callback's own
+    /// connection too: a read loop that took the fast path would otherwise miss it.
     fn touch(&mut self) -> &mut crate::conn::Conn<S> {
-        if !self.current {
-            self.table.mark_dirty(self.id);
-        }
+        self.table.mark_dirty(self.id);
         &mut self.table.slab[self.id.key()]
     }
 

@@ -121,7 +121,8 @@ impl Handle {
     /// closed. The loop stops when no connection is left.
     pub fn drain(&self, timeout: Duration) {
         let ns = timeout.as_nanos().min(u64::MAX as u128 - 1) as u64;
-        self.shared.drain_ns.store(ns, Ordering::Release);
+        // Two drains before the loop wakes: the shorter deadline wins (`u64::MAX` is none).
+        self.shared.drain_ns.fetch_min(ns, Ordering::AcqRel);
         self.wake_now();
     }
 

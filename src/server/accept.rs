@@ -19,7 +19,7 @@ use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 
 use super::Server;
 use crate::config::{Config, ProxyProtocol};
-use crate::conn::{Conn, Phase};
+use crate::conn::{flag, Conn, Phase};
 use crate::handler::{Context, Handler};
 use crate::limits::{self, AcceptError, AcceptGate, Lru, PerIp};
 use crate::metrics::RejectReason;
@@ -252,7 +252,11 @@ impl<H: Handler> Server<H> {
         if !header && !self.per_ip_admits(peer) {
             return;
         }
-        if self.table.slab.len() >= self.table.max_connections && !self.evict_for(now) {
+        // Evicting runs the evicted connection's `on_close`, which may dial into the freed slot:
+        // look again.
+        if self.table.slab.len() >= self.table.max_connections
+            && (!self.evict_for(now) || self.table.slab.len() >= self.table.max_connections)
+        {
             if let (Some(per_ip), false) = (&mut self.accept.per_ip, header) {
                 per_ip.remove(peer.ip());
             }
@@ -334,7 +338,9 @@ impl<H: Handler> Server<H> {
         loop {
             let conn = &mut self.table.slab[key];
             let had = conn.header_bytes().len();
-            let room = MAX_HEADER + 1 - had;
+            // Never more than the read buffer holds (it may be smaller than a header: then the
+            // header is read in pieces).
+            let room = (MAX_HEADER + 1 - had).min(self.buf.len());
             let n = match std::io::Read::read(&mut conn.stream, &mut self.buf[..room]) {
                 Ok(0) => {
                     let reason = if had == 0 {
@@ -362,8 +368,7 @@ impl<H: Handler> Server<H> {
                     return self.reject_header(key, RejectReason::ProxyHeaderInvalid)
                 }
                 Parsed::Done { len, source } => {
-                    let rest = joined.len() - len;
-                    self.buf[..rest].copy_from_slice(&joined[len..]);
+                    let rest = joined.split_off(len);
                     return self.after_header(key, source, rest);
                 }
             }
@@ -371,8 +376,10 @@ impl<H: Handler> Server<H> {
     }
 
     /// A complete header: the client it names becomes the peer, then the per-IP cap, then the
-    /// connection opens with the `rest` bytes at the start of the read buffer as its first data.
-    fn after_header(&mut self, key: usize, source: Option<SocketAddr>, rest: usize) {
+    /// connection opens with `rest` (what followed the header) as its first data: owned, not
+    /// in the shared read buffer (which `on_open` may reuse), and delivered as any data is (in
+    /// chunks within the pending cap, only while reading is not paused).
+    fn after_header(&mut self, key: usize, source: Option<SocketAddr>, rest: Vec<u8>) {
         let conn = &mut self.table.slab[key];
         let id = ConnId::new(key, conn.gen);
         if let Some(client) = source {
@@ -384,14 +391,16 @@ impl<H: Handler> Server<H> {
         }
         let conn = &mut self.table.slab[key];
         conn.phase = Phase::Open;
+        if !rest.is_empty() {
+            conn.set(flag::LEFTOVER);
+            self.leftover.push((id, rest));
+        }
         self.table.metrics.awaiting_header -= 1;
         debug!("conn={id}: PROXY header names peer={peer}");
         self.open(id);
-        if self.table.get(id).is_some_and(|c| c.is_live()) {
-            // The bytes after the header, then whatever else is waiting (no new edge comes).
-            if (rest == 0 || self.deliver(key, rest)) && self.can_read(key) {
-                self.read(key);
-            }
+        // The bytes after the header, then whatever else is waiting (no new edge comes).
+        if self.table.get(id).is_some_and(|c| c.is_live()) && self.can_read(key) {
+            self.read(key);
         }
     }
 

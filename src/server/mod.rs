@@ -124,6 +124,9 @@ pub struct Server<H: Handler> {
     remote_ready: bool,
     /// Membership in a group of workers ([`crate::Workers`]), if any.
     member: Option<crate::workers::Member>,
+    /// Bytes read with a PROXY header, after it, not yet delivered (reading was paused): rare
+    /// and short, so a list, looked up only for connections flagged `LEFTOVER`.
+    leftover: Vec<(ConnId, Vec<u8>)>,
 }
 
 impl<H: Handler> Server<H> {
@@ -283,6 +286,7 @@ impl<H: Handler> Server<H> {
             jobs: None,
             remote_ready: false,
             member: None,
+            leftover: Vec::new(),
             config,
         })
     }
@@ -786,6 +790,8 @@ impl<H: Handler> Server<H> {
         let conn = &mut self.table.slab[key];
         conn.phase = Phase::Open;
         conn.last_active = self.table.now;
+        // The write-stall clock of output queued while connecting starts now.
+        conn.restart_progress(self.table.now);
         self.table.metrics.connected += 1;
         self.table.metrics.connecting -= 1;
         self.push_lru(id);
@@ -803,6 +809,9 @@ impl<H: Handler> Server<H> {
     /// FIN can share one edge; or urgent data stopped the read at its mark), a reason to stop
     /// (pending output, a pause, a close), or the read budget.
     fn read(&mut self, key: usize) {
+        if self.table.slab[key].has(flag::LEFTOVER) && !self.feed_leftover(key) {
+            return;
+        }
         // A read never takes more than the output cap, so echoing it back cannot overflow.
         let chunk = self.buf.len().min(self.config.max_pending);
         let mut reads = 0;
@@ -840,6 +849,37 @@ impl<H: Handler> Server<H> {
                 Err(e) => return self.close(key, CloseReason::from_io(&e)),
             }
         }
+    }
+
+    /// Delivers what followed connection `key`'s PROXY header, in chunks like reads, while
+    /// reading is not paused; keeps the rest for later. Returns whether reading may go on.
+    fn feed_leftover(&mut self, key: usize) -> bool {
+        let id = ConnId::new(key, self.table.slab[key].gen);
+        let Some(at) = self.leftover.iter().position(|(i, _)| *i == id) else {
+            self.table.slab[key].clear(flag::LEFTOVER);
+            return true;
+        };
+        let (_, mut bytes) = self.leftover.swap_remove(at);
+        let chunk = self.buf.len().min(self.config.max_pending);
+        let mut off = 0;
+        while off < bytes.len() && self.can_read(key) {
+            let n = (bytes.len() - off).min(chunk);
+            self.buf[..n].copy_from_slice(&bytes[off..off + n]);
+            off += n;
+            if !self.deliver(key, n) {
+                break;
+            }
+        }
+        let Some(conn) = self.table.get(id) else {
+            return false; // closed meanwhile (and its entry was taken out above)
+        };
+        if off < bytes.len() {
+            bytes.drain(..off);
+            self.leftover.push((id, bytes));
+            return false;
+        }
+        conn.clear(flag::LEFTOVER);
+        self.can_read(key)
     }
 
     /// Hands the first `n` bytes of the read buffer to the handler as connection `key`'s data,
@@ -928,6 +968,7 @@ impl<H: Handler> Server<H> {
     /// overflow), shut its write side or close it once its output is flushed, queue a resumed
     /// read, arm its earliest deadline. Returns whether it is still open.
     fn settle(&mut self, id: ConnId) -> bool {
+        let now = self.table.now;
         let Some(conn) = self.table.get(id) else {
             return false;
         };
@@ -970,12 +1011,16 @@ impl<H: Handler> Server<H> {
                 Phase::Lingering | Phase::Header => {}
             }
         }
+        let active_now = conn.last_active == now;
         if conn.has(flag::RESUME) {
             conn.clear(flag::RESUME);
             if !conn.has(flag::QUEUED) && self.can_read(key) {
                 self.table.slab[key].set(flag::QUEUED);
                 self.ready.push(id);
             }
+        }
+        if active_now {
+            self.touch_lru(key); // a write the socket took at once is activity too
         }
         self.arm(key);
         true
@@ -1108,6 +1153,10 @@ impl<H: Handler> Server<H> {
             trace!("deregister key={key}: {e}");
         }
         let mut conn = self.table.slab.remove(key);
+        if conn.has(flag::LEFTOVER) {
+            let id = ConnId::new(key, conn.gen);
+            self.leftover.retain(|(i, _)| *i != id);
+        }
         if conn.scheduled != NEVER {
             self.timers.stale += 1; // its wheel entry dies lazily
         }
@@ -1174,6 +1223,8 @@ impl<H: Handler> Server<H> {
         self.timers.drain_deadline = None;
         if let Some(m) = &mut self.member {
             m.published = Tick::MAX; // the final figures, whatever the tick
+                                     // Stopped: never "busy in a turn" for /livez.
+            m.group.beat(m.index, true, self.table.now_at);
         }
         self.publish();
         info!("stopped: {}", self.table.metrics);

@@ -177,12 +177,23 @@ impl<H: Handler> Server<H> {
                     // Output still waiting is not idle: look again one drain-idle period
                     // later, not every tick (write stall and the drain deadline bound it).
                     let again = now + self.timers.timeouts.idle.unwrap_or(1).max(1);
+                    if conn.scheduled != NEVER {
+                        self.timers.stale += 1; // the entry it had is superseded
+                    }
                     self.timers.wheel.insert(key as u32, conn.gen, again);
                     conn.scheduled = again;
                 } else {
                     conn.close_gracefully(CloseReason::Shutdown);
                     self.settle(id);
                 }
+            }
+            // Closing already (its output is being flushed): not the handler's to keep.
+            Due::Idle if !self.table.slab[key].is_live() => {
+                self.close(key, CloseReason::IdleTimeout)
+            }
+            Due::Timer if !self.table.slab[key].is_live() => {
+                self.table.slab[key].timer = NEVER;
+                self.arm(key);
             }
             Due::Idle => {
                 let verdict = self.call(key, |h, state, ctx| h.on_idle(state, ctx));
@@ -253,8 +264,10 @@ impl<H: Handler> Server<H> {
             self.timers.drain_deadline = Some(current.min(deadline));
             return;
         }
-        if self.timers.lame_duck.is_some() {
-            return; // the drain proper starts when the delay is served
+        if let Some((_, pending)) = &mut self.timers.lame_duck {
+            // The drain proper starts when the delay is served; a second call still shortens it.
+            *pending = (*pending).min(timeout);
+            return;
         }
         let delay = self.table.clock.ticks(self.config.drain_delay);
         if delay > 0 && !self.timers.lame_done {
