@@ -218,6 +218,10 @@ pub(crate) struct Member {
     pub(crate) index: usize,
     /// The tick metrics were last published at (once per tick at most).
     pub(crate) published: u64,
+    /// A turn in the tick already published changed what it would publish: the next tick
+    /// publishes it, and the loop wakes for that tick even if no event comes (else an idle
+    /// worker's last figures would stay unpublished until its next event).
+    pub(crate) unpublished: bool,
 }
 
 /// N servers bound and ready to run on N threads; see the [module docs](self).
