@@ -220,6 +220,11 @@ fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
     assert_eq!(per_worker.len(), 2, "log:\n{}", bin.log());
     assert_eq!(per_worker.iter().sum::<u64>(), N as u64);
     assert!(per_worker.iter().all(|&n| n > 0), "{per_worker:?}");
+    assert!(
+        bin.log().contains("SIGTERM: draining"),
+        "log:\n{}",
+        bin.log()
+    );
     assert!(!bin.log().contains("force-closing"), "log:\n{}", bin.log());
     assert!(!bin.log().contains("panicked"), "log:\n{}", bin.log());
 }
