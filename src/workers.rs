@@ -224,7 +224,8 @@ pub(crate) struct Member {
     pub(crate) unpublished: bool,
 }
 
-/// N servers bound and ready to run on N threads; see the [module docs](self).
+/// N servers bound and ready to run on N threads. What they share and how a drain of their
+/// `SO_REUSEPORT` listeners proceeds is in the docs of `src/workers.rs`.
 pub struct Workers<H: Handler> {
     servers: Vec<Server<H>>,
     group: Arc<Group>,
