@@ -218,9 +218,14 @@ pub(crate) struct Member {
     pub(crate) index: usize,
     /// The tick metrics were last published at (once per tick at most).
     pub(crate) published: u64,
+    /// A turn in the tick already published changed what it would publish: the next tick
+    /// publishes it, and the loop wakes for that tick even if no event comes (else an idle
+    /// worker's last figures would stay unpublished until its next event).
+    pub(crate) unpublished: bool,
 }
 
-/// N servers bound and ready to run on N threads; see the [module docs](self).
+/// N servers bound and ready to run on N threads. What they share and how a drain of their
+/// `SO_REUSEPORT` listeners proceeds is in the docs of `src/workers.rs`.
 pub struct Workers<H: Handler> {
     servers: Vec<Server<H>>,
     group: Arc<Group>,

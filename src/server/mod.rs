@@ -390,13 +390,19 @@ impl<H: Handler> Server<H> {
             group,
             index,
             published: Tick::MAX,
+            unpublished: false,
         });
     }
 
-    /// In a group: publishes this worker's metrics and descriptors, once per tick at most.
+    /// In a group: publishes this worker's metrics and descriptors, once per tick at most. A
+    /// turn in a tick already published leaves them for the next tick, which the poll timeout
+    /// then waits for at most (see `timeout`).
     fn publish(&mut self) {
         let now = self.table.now;
-        if self.member.as_ref().is_some_and(|m| m.published != now) {
+        if let Some(m) = &mut self.member {
+            m.unpublished = m.published == now;
+        }
+        if self.member.as_ref().is_some_and(|m| !m.unpublished) {
             let fds = self.own_fds() as u64 + self.table.slab.len() as u64;
             let m = self.member.as_mut().expect("checked above");
             m.published = now;
@@ -518,10 +524,17 @@ impl<H: Handler> Server<H> {
         if self.has_ready_work() {
             return Some(Duration::ZERO);
         }
+        // Figures a worker could not publish in this tick are published in the next.
+        let publish_at = self
+            .member
+            .as_ref()
+            .filter(|m| m.unpublished)
+            .map(|_| self.table.now + 1);
         let next = [
             self.timers.poll_at(),
             self.accept.gate.poll_at(),
             self.admin.poll_at(),
+            publish_at,
         ]
         .into_iter()
         .flatten()

@@ -1,0 +1,324 @@
+//! `sockman serve` started as systemd starts a socket-activated `Type=notify` service: the
+//! listening socket is bound by the "manager" (this test) and passed as fd 3 with `LISTEN_FDS=1`
+//! and `LISTEN_PID` set to the service's own pid, and `NOTIFY_SOCKET` names a Unix datagram
+//! socket the manager reads `READY=1` and `STOPPING=1` from.
+#![cfg(feature = "cli")]
+
+mod util;
+
+use std::io::{self, BufRead};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use util::{connect, echo, stat, WAIT};
+
+/// A temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("sockman-systemd-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The service manager's end of `NOTIFY_SOCKET`.
+struct Notify {
+    socket: UnixDatagram,
+    path: PathBuf,
+    /// Every message received so far.
+    seen: Vec<String>,
+}
+
+impl Notify {
+    fn bind(dir: &Path) -> Notify {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+        Notify {
+            socket,
+            path,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most [`WAIT`]) for a datagram with the line `state` (e.g. `READY=1`).
+    #[track_caller]
+    fn wait_for(&mut self, state: &str) {
+        let deadline = Instant::now() + WAIT;
+        let mut buf = [0; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no {state} in {WAIT:?}; received: {:?}",
+                self.seen
+            );
+            self.socket.set_read_timeout(Some(left)).unwrap();
+            match self.socket.recv(&mut buf) {
+                Ok(n) => {
+                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    self.seen.push(msg.clone());
+                    if msg.lines().any(|l| l == state) {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("waiting for {state}: {e}; received: {:?}", self.seen),
+            }
+        }
+    }
+}
+
+/// `sockman ARGS` as a socket-activated service: `fd` is its fd 3, `LISTEN_FDS=1`,
+/// `LISTEN_PID` its pid (a shell exports its own `$$` and execs sockman, keeping the pid),
+/// `NOTIFY_SOCKET` the given path. Its stderr is read line by line on a thread; killed (by its
+/// pid) on drop if still running.
+struct Service {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+    eof: bool,
+}
+
+impl Service {
+    #[track_caller]
+    fn spawn(fd: RawFd, notify: Option<&Path>, args: &[&str]) -> Service {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(r#"export LISTEN_PID=$$; exec "$0" "$@""#)
+            .arg(env!("CARGO_BIN_EXE_sockman"))
+            .args(args)
+            .env("LISTEN_FDS", "1")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .env_remove("LISTEN_FDS_FIRST_FD")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        match notify {
+            Some(path) => command.env("NOTIFY_SOCKET", path),
+            None => command.env_remove("NOTIFY_SOCKET"),
+        };
+        // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl).
+        unsafe {
+            command.pre_exec(move || {
+                if fd == 3 {
+                    // dup2(3, 3) would keep FD_CLOEXEC: clear it instead.
+                    let flags = libc::fcntl(3, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, 3) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("spawn sh -c sockman");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Service {
+            child,
+            lines,
+            log: Vec::new(),
+            eof: false,
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.join("\n")
+    }
+
+    /// Reads lines until one satisfies `found`; fails at EOF or after [`WAIT`].
+    #[track_caller]
+    fn wait_line(&mut self, what: &str, mut found: impl FnMut(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if found(&line) {
+                        return line;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("no {what} in {WAIT:?}; log:\n{}", self.log())
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("sockman exited before {what}; log:\n{}", self.log())
+                }
+            }
+        }
+    }
+
+    /// Waits for stderr to close and the process to exit (bounded by [`WAIT`]).
+    #[track_caller]
+    fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        while !self.eof {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.log.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => self.eof = true,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("sockman did not exit in {WAIT:?}; log:\n{}", self.log())
+                }
+            }
+        }
+        self.child.wait().expect("wait for sockman")
+    }
+
+    #[track_caller]
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill: {}", io::Error::last_os_error());
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The address in the `listening on ADDR...` line.
+fn listening_addr(line: &str) -> SocketAddr {
+    let rest = line.split("listening on ").nth(1).unwrap();
+    rest.split([' ', ','])
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("cannot parse the address in {line:?}: {e}"))
+}
+
+#[track_caller]
+fn activated_service_serves_the_inherited_socket_and_notifies(workers: &str) {
+    let dir = TempDir::new("notify");
+    let mut notify = Notify::bind(&dir.0);
+    // Bound and listening by the "manager", in blocking mode, as systemd passes it: sockman
+    // must make it nonblocking itself.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut service = Service::spawn(
+        listener.as_raw_fd(),
+        Some(&notify.path),
+        &[
+            "serve",
+            "--workers",
+            workers,
+            "--stats-interval",
+            "100ms",
+            "--drain-idle",
+            "100ms",
+        ],
+    );
+    let line = service.wait_line("listening line", |l| l.contains("listening on "));
+    assert_eq!(listening_addr(&line), addr, "{line}");
+    notify.wait_for("READY=1");
+    // The manager's copy is closed: only sockman holds the socket now.
+    drop(listener);
+    let mut clients: Vec<_> = (0..20).map(|_| connect(addr)).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        echo(c, format!("activated {i}").as_bytes());
+    }
+    service.wait_line("stats line with accepted=20", |l| {
+        l.contains(" stats ") && stat(l, "accepted") == Some(20)
+    });
+    assert!(
+        !notify.seen.iter().any(|m| m.contains("STOPPING=1")),
+        "{:?}",
+        notify.seen
+    );
+    service.signal(libc::SIGTERM);
+    notify.wait_for("STOPPING=1");
+    drop(clients);
+    let status = service.wait_exit();
+    assert!(status.success(), "exit {status}; log:\n{}", service.log());
+    let log = service.log();
+    let last = service
+        .log
+        .iter()
+        .rfind(|l| l.contains(" final "))
+        .unwrap_or_else(|| panic!("no final line; log:\n{log}"));
+    assert_eq!(stat(last, "accepted"), Some(20), "{last}");
+    assert_eq!(stat(last, "active"), Some(0), "{last}");
+    assert!(!log.contains("panicked"), "log:\n{log}");
+    // Nothing but the listening socket came in: no warning about --listen being ignored.
+    assert!(!log.contains("is ignored"), "log:\n{log}");
+    // READY=1 came before STOPPING=1, each once.
+    let ready = notify.seen.iter().position(|m| m.contains("READY=1"));
+    let stopping = notify.seen.iter().position(|m| m.contains("STOPPING=1"));
+    assert!(ready < stopping, "{:?}", notify.seen);
+}
+
+#[test]
+fn socket_activation_one_loop_echoes_on_fd_3_and_notifies_ready_and_stopping() {
+    activated_service_serves_the_inherited_socket_and_notifies("1");
+}
+
+#[test]
+fn socket_activation_two_workers_share_fd_3_and_notify_ready_and_stopping() {
+    activated_service_serves_the_inherited_socket_and_notifies("2");
+}
+
+#[test]
+fn listen_fds_naming_a_file_that_is_not_a_socket_is_a_clear_error() {
+    let dir = TempDir::new("notsock");
+    let path = dir.0.join("not-a-socket");
+    let file = std::fs::File::create(&path).unwrap();
+    let started = Instant::now();
+    let mut service = Service::spawn(
+        file.as_raw_fd(),
+        None,
+        &["serve", "--listen", "127.0.0.1:0"],
+    );
+    let status = service.wait_exit();
+    let log = service.log();
+    assert!(!status.success(), "exit {status}; log:\n{log}");
+    assert_eq!(status.code(), Some(1), "exit {status}; log:\n{log}");
+    assert!(!log.contains("panicked"), "log:\n{log}");
+    assert!(
+        log.contains("sockman: inherited descriptor 3 (LISTEN_FDS) is not a TCP listener"),
+        "the error does not say which descriptor or why:\n{log}"
+    );
+    assert!(log.contains("not a socket"), "log:\n{log}");
+    assert!(!log.contains("listening on"), "log:\n{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

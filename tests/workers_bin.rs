@@ -1,0 +1,230 @@
+//! `sockman serve --workers 2` as users run it: `/metrics` has a total and one series per
+//! worker that add up, the stats line counts every worker's connections, and a drain loses no
+//! handshake the kernel already completed on either worker's `SO_REUSEPORT` listener.
+#![cfg(feature = "cli")]
+
+#[path = "util/ops.rs"]
+mod ops;
+mod util;
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use ops::{admin_addr_in, is_stats};
+use util::{connect, echo, stat, Bin, WAIT};
+
+/// The value of the sample `name` with exactly the labels `labels` (e.g. `worker="1"`), or the
+/// unlabelled one for `""`.
+fn value(body: &str, name: &str, labels: &str) -> Option<u64> {
+    let key = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{labels}}} ")
+    };
+    body.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// Spawns `sockman serve --workers 2` on 127.0.0.1:0 with an admin endpoint and `extra`
+/// flags; returns it with its data and admin addresses once it is listening.
+fn spawn_two_workers(extra: &[&str]) -> (Bin, SocketAddr, SocketAddr) {
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--admin",
+        "127.0.0.1:0",
+        "--stats-interval",
+        "100ms",
+    ];
+    args.extend_from_slice(extra);
+    let mut bin = Bin::spawn(&args);
+    let line = bin.wait_line("listening line with the admin address", |l| {
+        l.contains("listening on ") && l.contains("admin=")
+    });
+    let admin = admin_addr_in(&line);
+    let rest = line.split("listening on ").nth(1).unwrap();
+    let addr: SocketAddr = rest.split([' ', ',']).next().unwrap().parse().unwrap();
+    bin.wait_line("the workers line", |l| l.contains("2 workers on "));
+    (bin, addr, admin)
+}
+
+/// The scheduler state of process `pid` (`R`, `S`, `T` for stopped, ...) from `/proc/PID/stat`.
+fn proc_state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 1..];
+    after.trim_start().chars().next().unwrap()
+}
+
+/// `accepted=N` of every worker's `stopped:` line (one per worker as it ends).
+fn stopped_accepted(bin: &Bin) -> Vec<u64> {
+    bin.log
+        .iter()
+        .filter(|l| l.contains(" stopped: "))
+        .map(|l| stat(l, "accepted").unwrap_or_else(|| panic!("no accepted= in {l:?}")))
+        .collect()
+}
+
+#[test]
+fn two_workers_metrics_have_a_total_and_per_worker_series_that_add_up() {
+    let (mut bin, addr, admin) = spawn_two_workers(&[]);
+    let mut clients: Vec<_> = (0..200).map(|_| connect(addr)).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        echo(c, format!("worker test {i}").as_bytes());
+    }
+    // Published once per tick (10 ms) by each worker: wait until the total shows all 200 and
+    // the per-worker series add up to it in one scrape.
+    let deadline = Instant::now() + WAIT;
+    let (w0, w1) = loop {
+        let body = ops::get(admin, "/metrics").body;
+        let total = value(&body, "sockman_accepted_total", "");
+        let w0 = value(&body, "sockman_accepted_total", "worker=\"0\"");
+        let w1 = value(&body, "sockman_accepted_total", "worker=\"1\"");
+        assert!(
+            total.is_some() && w0.is_some() && w1.is_some(),
+            "no total or per-worker sockman_accepted_total in /metrics:\n{body}"
+        );
+        if total == Some(200) && w0.unwrap() + w1.unwrap() == 200 {
+            assert_eq!(
+                value(&body, "sockman_connections_active", ""),
+                Some(200),
+                "{body}"
+            );
+            break (w0.unwrap(), w1.unwrap());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "total {total:?}, workers {w0:?} + {w1:?}, want 200 = 200:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(5)); // pacing: a tick is 10 ms
+    };
+    // 200 connections from 200 source ports: the kernel's hash used both listeners.
+    assert!(w0 > 0 && w1 > 0, "worker 0 got {w0}, worker 1 got {w1}");
+    // The stats line (the main thread sums the workers' slots) counts all 200.
+    let line = bin.wait_line("stats line with accepted=200", |l| {
+        is_stats(l) && stat(l, "accepted") == Some(200)
+    });
+    assert_eq!(stat(&line, "active"), Some(200), "{line}");
+    for c in clients {
+        util::close_gracefully(c);
+    }
+    bin.wait_line("stats line with every close", |l| {
+        is_stats(l) && stat(l, "active") == Some(0) && stat(l, "peer_closed") == Some(200)
+    });
+    bin.signal("TERM");
+    let status = bin.wait_exit();
+    assert!(status.success(), "exit {status}; log:\n{}", bin.log());
+    let last = bin.final_line();
+    assert_eq!(stat(last, "accepted"), Some(200), "{last}");
+    assert_eq!(stat(last, "peer_closed"), Some(200), "{last}");
+    let mut per_worker = stopped_accepted(&bin);
+    per_worker.sort_unstable();
+    let mut want = vec![w0, w1];
+    want.sort_unstable();
+    assert_eq!(per_worker, want, "log:\n{}", bin.log());
+    assert!(!bin.log().contains("panicked"), "log:\n{}", bin.log());
+}
+
+/// How one client's request ended.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Echoed,
+    Short(usize),
+    Failed(io::ErrorKind),
+}
+
+#[test]
+fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
+    const N: usize = 200;
+    let (mut bin, addr, _admin) = spawn_two_workers(&["--drain-timeout", "10s"]);
+    bin.wait_line("first stats line", is_stats);
+    // Every thread of the process stops: nothing accepts, the kernel completes the handshakes
+    // and queues them on the two workers' listeners.
+    bin.signal("STOP");
+    let deadline = Instant::now() + WAIT;
+    while proc_state(bin.pid()) != 'T' {
+        assert!(Instant::now() < deadline, "sockman did not stop");
+        std::thread::sleep(Duration::from_millis(1)); // pacing: the kernel stops it at once
+    }
+    let mut clients: Vec<(TcpStream, Vec<u8>)> = (0..N)
+        .map(|i| {
+            let mut c = connect(addr);
+            let msg = format!("queued request {i:03}\n").into_bytes();
+            c.write_all(&msg)
+                .expect("write a request to the queued connection");
+            (c, msg)
+        })
+        .collect();
+    assert_eq!(proc_state(bin.pid()), 'T', "sockman ran while stopped");
+    // The drain is requested while every worker is still stopped: the signal is delivered as
+    // the process continues.
+    bin.signal("TERM");
+    bin.signal("CONT");
+    let mut outcomes = Vec::with_capacity(N);
+    for (c, msg) in &mut clients {
+        let mut back = vec![0; msg.len()];
+        let mut got = 0;
+        let outcome = loop {
+            match c.read(&mut back[got..]) {
+                Ok(0) => break Outcome::Short(got),
+                Ok(n) => {
+                    got += n;
+                    if got == back.len() {
+                        break if back == *msg {
+                            Outcome::Echoed
+                        } else {
+                            Outcome::Short(got)
+                        };
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Outcome::Failed(e.kind()),
+            }
+        };
+        outcomes.push(outcome);
+    }
+    let bad: Vec<_> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| **o != Outcome::Echoed)
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {N} queued clients did not get their echo: {:?}; log:\n{}",
+        bad.len(),
+        &bad[..bad.len().min(10)],
+        bin.log()
+    );
+    // Each client ends politely: the server's EOF follows (no reset).
+    for (mut c, _) in clients {
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut buf = [0; 16];
+        match c.read(&mut buf) {
+            Ok(0) => {}
+            other => panic!("expected EOF after the echo, got {other:?}"),
+        }
+    }
+    let status = bin.wait_exit();
+    assert!(status.success(), "exit {status}; log:\n{}", bin.log());
+    let last = bin.final_line();
+    assert_eq!(stat(last, "accepted"), Some(N as u64), "{last}");
+    assert_eq!(stat(last, "reset").unwrap_or(0), 0, "{last}");
+    assert_eq!(stat(last, "shutdown").unwrap_or(0), 0, "{last}");
+    assert_eq!(stat(last, "active"), Some(0), "{last}");
+    // Both workers' queues held some of them (and each worker served its own).
+    let per_worker = stopped_accepted(&bin);
+    assert_eq!(per_worker.len(), 2, "log:\n{}", bin.log());
+    assert_eq!(per_worker.iter().sum::<u64>(), N as u64);
+    assert!(per_worker.iter().all(|&n| n > 0), "{per_worker:?}");
+    assert!(
+        bin.log().contains("SIGTERM: draining"),
+        "log:\n{}",
+        bin.log()
+    );
+    assert!(!bin.log().contains("force-closing"), "log:\n{}", bin.log());
+    assert!(!bin.log().contains("panicked"), "log:\n{}", bin.log());
+}
