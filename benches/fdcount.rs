@@ -17,7 +17,10 @@ fn main() {
     let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard);
     let _ = soft;
     let mut files = Vec::new();
-    println!("{:>8} {:>14} {:>12} {:>14}", "fds", "listing", "stat", "listing/fd");
+    println!(
+        "{:>8} {:>14} {:>12} {:>14}",
+        "fds", "listing", "stat", "listing/fd"
+    );
     for target in [100usize, 1_000, 5_000, 10_000, 19_000] {
         while files.len() < target && (files.len() as u64) < hard - 100 {
             files.push(std::fs::File::open("/dev/null").expect("open /dev/null"));

@@ -58,7 +58,9 @@ impl Handler for ReplyThenShutWrite {
     fn on_data(&mut self, _: &mut (), ctx: &mut Context<'_>, _data: &[u8]) {
         ctx.write(b"bye");
         let me = ctx.id();
-        ctx.conn(me).expect("the current connection").shutdown_write();
+        ctx.conn(me)
+            .expect("the current connection")
+            .shutdown_write();
     }
 }
 
@@ -91,7 +93,9 @@ impl Handler for PauseOnFirstData {
     fn on_data(&mut self, _: &mut (), ctx: &mut Context<'_>, _data: &[u8]) {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let me = ctx.id();
-        ctx.conn(me).expect("the current connection").pause_reading();
+        ctx.conn(me)
+            .expect("the current connection")
+            .pause_reading();
     }
 }
 
@@ -147,7 +151,9 @@ fn a_proxy_protocol_listener_with_a_small_read_buffer_does_not_panic() {
         .unwrap();
     let start = server.now();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        turn_until_at(&mut server, start, "the echo", |s| s.metrics().bytes_out >= 5);
+        turn_until_at(&mut server, start, "the echo", |s| {
+            s.metrics().bytes_out >= 5
+        });
     }));
     assert!(
         result.is_ok(),
@@ -191,14 +197,15 @@ fn data_after_a_proxy_header_respects_the_max_pending_bound() {
     msg.extend_from_slice(&[b'x'; 1000]);
     client.write_all(&msg).unwrap();
     let start = server.now();
-    turn_until_at(&mut server, start, "the data", |s| s.metrics().bytes_in >= 1000);
+    turn_until_at(&mut server, start, "the data", |s| {
+        s.metrics().bytes_in >= 1000
+    });
     assert!(
         max.load(Ordering::SeqCst) <= 64,
         "on_data got {} bytes at once, above max_pending = 64",
         max.load(Ordering::SeqCst)
     );
 }
-
 
 /// Pauses every connection in `on_open` (as `sockman proxy` does for its clients until the
 /// upstream is connected) and counts `on_data` calls.
@@ -237,9 +244,13 @@ fn bytes_after_a_proxy_header_wait_for_a_reading_paused_in_on_open() {
         .write_all(b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\nhello")
         .unwrap();
     let start = server.now();
-    turn_until_at(&mut server, start, "the open", |s| s.metrics().accepted == 1);
+    turn_until_at(&mut server, start, "the open", |s| {
+        s.metrics().accepted == 1
+    });
     for _ in 0..10 {
-        server.turn_at(start, Some(Duration::from_millis(5))).unwrap();
+        server
+            .turn_at(start, Some(Duration::from_millis(5)))
+            .unwrap();
     }
     assert_eq!(
         calls.load(Ordering::SeqCst),
@@ -296,12 +307,18 @@ fn bytes_after_a_proxy_header_survive_an_on_open_that_closes_another_connection(
     first
         .write_all(b"PROXY TCP4 10.0.0.1 10.0.0.2 1111 80\r\n")
         .unwrap();
-    turn_until_at(&mut server, start, "the first open", |s| s.metrics().accepted == 1);
+    turn_until_at(&mut server, start, "the first open", |s| {
+        s.metrics().accepted == 1
+    });
     first.write_all(b"pause").unwrap();
-    turn_until_at(&mut server, start, "the pause", |s| s.metrics().bytes_in == 5);
+    turn_until_at(&mut server, start, "the pause", |s| {
+        s.metrics().bytes_in == 5
+    });
     first.write_all(b"XXXX").unwrap();
     for _ in 0..10 {
-        server.turn_at(start, Some(Duration::from_millis(5))).unwrap();
+        server
+            .turn_at(start, Some(Duration::from_millis(5)))
+            .unwrap();
     }
     // The second session, header and data in one segment: it closes the first.
     let mut second = connect(addr);
@@ -701,7 +718,11 @@ fn a_dial_with_queued_output_gets_its_connect_timeout_not_a_write_stall() {
     for _ in 0..5 {
         server.turn_at(t0, Some(Duration::from_millis(10))).unwrap();
     }
-    assert_eq!(server.metrics().connecting, 1, "the dial should still be connecting");
+    assert_eq!(
+        server.metrics().connecting,
+        1,
+        "the dial should still be connecting"
+    );
     util::step_to(&mut server, t0 + Duration::from_millis(500));
     assert_eq!(
         (server.metrics().connecting, server.handler().seen.clone()),
@@ -752,7 +773,9 @@ fn eviction_whose_on_close_dials_does_not_exceed_the_cap() {
     let t0 = server.now();
     let _a = connect(addr);
     let _b = connect(addr);
-    turn_until_at(&mut server, t0, "two connections", |s| s.metrics().active == 2);
+    turn_until_at(&mut server, t0, "two connections", |s| {
+        s.metrics().active == 2
+    });
     let _c = connect(addr); // evicts one; its on_close dials
     turn_until_at(&mut server, t0, "the eviction", |s| {
         s.metrics().closed_by(sockman::CloseReason::Evicted) == 1
