@@ -56,6 +56,7 @@
 //! | `remote.rs` | [`Handle`] and [`Remote`]: other threads to the loop |
 //! | `token.rs` | what a `mio::Token` names; [`ConnId`] |
 //! | `time.rs` | ticks and their conversion to and from instants |
+//! | `alarm.rs` | the timerfd that wakes the loop for deadlines (armed only when they move earlier) |
 //! | `wheel.rs` | the hashed timing wheel, a plain data structure |
 //! | `limits.rs` | fd limit, the accept gate's states, per-IP counts, the LRU |
 //! | `metrics.rs`, `reason.rs`, `error.rs`, `config.rs` | [`Metrics`], [`CloseReason`], [`Error`], [`Config`] |
@@ -72,6 +73,8 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod admin;
+#[cfg(target_os = "linux")]
+mod alarm;
 mod config;
 mod conn;
 mod error;

@@ -6,7 +6,7 @@
 //!   (32 bits on 64-bit targets, 16 on 32-bit ones). Keys stay below
 //!   [`MAX_CONNECTIONS_LIMIT`](crate::MAX_CONNECTIONS_LIMIT), far below `2^KEY_BITS`.
 //! - The special tokens count down from `usize::MAX`: the waker, then [`MAX_LISTENERS`]
-//!   listeners, the admin listener, then the admin connections. Their low halves are all above
+//!   listeners, the deadline alarm, the admin listener, then the admin connections. Their low halves are all above
 //!   any slab key, so [`decode`] tells them apart from connections by distance from the top.
 //!
 //! # Why a generation
@@ -40,8 +40,9 @@ pub(crate) const MAX_ADMIN_CONNS: usize = 64;
 /// The waker's token: the top of the token space.
 pub(crate) const WAKER: Token = Token(usize::MAX);
 /// Distances from [`WAKER`] that special tokens use.
-const ADMIN_LISTENER_AT: usize = MAX_LISTENERS + 1;
-const ADMIN_CONN_AT: usize = MAX_LISTENERS + 2;
+const ALARM_AT: usize = MAX_LISTENERS + 1;
+const ADMIN_LISTENER_AT: usize = MAX_LISTENERS + 2;
+const ADMIN_CONN_AT: usize = MAX_LISTENERS + 3;
 const SPECIAL: usize = ADMIN_CONN_AT + MAX_ADMIN_CONNS;
 
 // Every connection token's low half (its key) must stay below every special token's low half.
@@ -54,6 +55,8 @@ pub(crate) enum Kind {
     Waker,
     /// Data listener `i` (in configuration order).
     Listener(usize),
+    /// The deadline alarm (a timerfd).
+    Alarm,
     /// The admin endpoint's listener.
     AdminListener,
     /// Admin connection `k` (its key in the admin side's own slab).
@@ -68,6 +71,7 @@ pub(crate) fn decode(token: Token) -> Kind {
     match from_top {
         0 => Kind::Waker,
         d if d <= MAX_LISTENERS => Kind::Listener(d - 1),
+        ALARM_AT => Kind::Alarm,
         ADMIN_LISTENER_AT => Kind::AdminListener,
         d if d < SPECIAL => Kind::AdminConn(d - ADMIN_CONN_AT),
         _ => Kind::Conn {
@@ -80,6 +84,11 @@ pub(crate) fn decode(token: Token) -> Kind {
 pub(crate) fn listener(i: usize) -> Token {
     debug_assert!(i < MAX_LISTENERS, "listener {i}");
     Token(usize::MAX - 1 - i)
+}
+
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+pub(crate) fn alarm() -> Token {
+    Token(usize::MAX - ALARM_AT)
 }
 
 #[cfg_attr(not(feature = "admin"), allow(dead_code))]
@@ -161,6 +170,7 @@ mod tests {
             assert_eq!(decode(listener(i)), Kind::Listener(i));
         }
         assert_eq!(decode(admin_listener()), Kind::AdminListener);
+        assert_eq!(decode(alarm()), Kind::Alarm);
         for k in [0, MAX_ADMIN_CONNS - 1] {
             assert_eq!(decode(admin_conn(k)), Kind::AdminConn(k));
         }

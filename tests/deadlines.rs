@@ -228,3 +228,24 @@ fn a_connection_past_drain_idle_is_closed_in_the_turn_that_starts_the_drain() {
         server.metrics()
     );
 }
+
+/// Real-time turns (`run`) wait without a poll timeout, on a timer armed for the next
+/// deadline: an idle connection is still closed, no earlier than its timeout.
+#[test]
+fn a_running_server_wakes_for_its_deadlines() {
+    let config = sockman::Config {
+        idle_timeout: Duration::from_millis(200),
+        ..util::local_config()
+    };
+    let server = util::start(config, sockman::Echo);
+    let started = std::time::Instant::now();
+    let mut idle = util::connect(server.addr);
+    util::expect_closed(&mut idle);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200),
+        "closed after {waited:?}"
+    );
+    let m = server.stop();
+    assert_eq!(m.closed_by(sockman::CloseReason::IdleTimeout), 1, "{m}");
+}

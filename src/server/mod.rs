@@ -124,6 +124,10 @@ pub struct Server<H: Handler> {
     remote_ready: bool,
     /// Membership in a group of workers ([`crate::Workers`]), if any.
     member: Option<crate::workers::Member>,
+    /// The deadline wake-up of real-time turns (Linux), so that the poll waits without a
+    /// timeout; `None` elsewhere, or if it could not be created (then the poll timeout does).
+    #[cfg(target_os = "linux")]
+    alarm: Option<crate::alarm::Alarm>,
     /// Bytes read with a PROXY header, after it, not yet delivered (reading was paused): rare
     /// and short, so a list, looked up only for connections flagged `LEFTOVER`.
     leftover: Vec<(ConnId, Vec<u8>)>,
@@ -259,6 +263,14 @@ impl<H: Handler> Server<H> {
             low,
         };
         let (shared, mail) = Shared::new(waker, config.remote_queue);
+        #[cfg(target_os = "linux")]
+        let alarm = match crate::alarm::Alarm::new(poll.registry(), token::alarm()) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                log::warn!("no timerfd ({e}): deadlines wake the loop through the poll timeout");
+                None
+            }
+        };
         Ok(Server {
             table: Table::new(
                 poll,
@@ -287,6 +299,8 @@ impl<H: Handler> Server<H> {
             remote_ready: false,
             member: None,
             leftover: Vec::new(),
+            #[cfg(target_os = "linux")]
+            alarm,
             config,
         })
     }
@@ -486,6 +500,44 @@ impl<H: Handler> Server<H> {
     /// # Errors
     /// [`Error::Io`] if polling fails (anything but EINTR).
     pub fn turn(&mut self, max_wait: Option<Duration>) -> Result<(), Error> {
+        match max_wait {
+            None => self.turn_until(None),
+            Some(_) => {
+                let timeout = self.timeout(max_wait, None);
+                self.poll_and_process(timeout, None)
+            }
+        }
+    }
+
+    /// Runs one turn on the real clock, waiting for readiness until `deadline` at the latest (or
+    /// a deadline of the loop's own; `None` = as long as needed). Prefer this to
+    /// [`turn`](Self::turn) with a `max_wait` when the caller's deadline is fixed for a while
+    /// (a stats line every few seconds): on Linux the loop then waits without a poll timeout,
+    /// on a timer it arms only when the next deadline moves earlier (see the `alarm` module).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if polling fails (anything but EINTR).
+    pub fn turn_until(&mut self, deadline: Option<Instant>) -> Result<(), Error> {
+        #[cfg(target_os = "linux")]
+        if self.alarm.is_some() {
+            let timeout = if self.has_ready_work() {
+                Some(Duration::ZERO)
+            } else {
+                let next = self
+                    .next_wake()
+                    .and_then(|t| self.table.clock.instant_of(t));
+                let wake = match (next, deadline) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if let (Some(at), Some(alarm)) = (wake, self.alarm.as_mut()) {
+                    alarm.ensure(at)?;
+                }
+                None
+            };
+            return self.poll_and_process(timeout, None);
+        }
+        let max_wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let timeout = self.timeout(max_wait, None);
         self.poll_and_process(timeout, None)
     }
@@ -516,6 +568,18 @@ impl<H: Handler> Server<H> {
             || self.timers.expire_ready
             || self.accept.has_ready()
             || self.remote_ready
+    }
+
+    /// The tick of the loop's next deadline of any kind, if any.
+    fn next_wake(&self) -> Option<Tick> {
+        [
+            self.timers.poll_at(),
+            self.accept.gate.poll_at(),
+            self.admin.poll_at(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The poll timeout: zero for ready work; else until the next deadline, from `now` (the
@@ -631,6 +695,12 @@ impl<H: Handler> Server<H> {
     fn dispatch(&mut self, token: mio::Token, ready: Readiness, now: Tick) {
         match token::decode(token) {
             Kind::Waker => self.wake_up(now),
+            Kind::Alarm => {
+                #[cfg(target_os = "linux")]
+                if let Some(a) = &mut self.alarm {
+                    a.fired(); // what is due is handled below, as every turn
+                }
+            }
             Kind::Listener(i) => {
                 // While paused after fd exhaustion, listener events are ignored (resume accepts).
                 if i < self.accept.listeners.len() && !self.accept.gate.is_paused() {

@@ -351,7 +351,11 @@ impl<H: Handler> Server<H> {
     /// Descriptors the loop itself holds besides connections: epoll, waker, listeners, the
     /// spare, the admin side.
     pub(super) fn own_fds(&self) -> i64 {
-        (2 + self.accept.listeners.len() + self.accept.gate.fds() + self.admin.fds()) as i64
+        #[cfg(target_os = "linux")]
+        let alarm = self.alarm.as_ref().map_or(0, |a| a.fds());
+        #[cfg(not(target_os = "linux"))]
+        let alarm = 0;
+        (2 + alarm + self.accept.listeners.len() + self.accept.gate.fds() + self.admin.fds()) as i64
     }
 
     /// Descriptors held by the other workers of this loop's group (connections and their own),

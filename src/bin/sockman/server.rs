@@ -287,8 +287,9 @@ where
         notify(sd_notify::NotifyState::Ready);
         let mut next_stats = interval.map(|i| Instant::now() + i);
         while !server.is_stopped() {
-            let wait = next_stats.map(|t| t.saturating_duration_since(Instant::now()));
-            server.turn(wait).map_err(|e| e.to_string())?;
+            // A fixed deadline, not a timeout: the loop waits on a timer it re-arms only when
+            // its next deadline moves earlier (see `Server::turn_until`).
+            server.turn_until(next_stats).map_err(|e| e.to_string())?;
             if let (Some(at), Some(every)) = (next_stats, interval) {
                 let now = Instant::now();
                 if now >= at {
