@@ -572,10 +572,17 @@ impl<H: Handler> Server<H> {
 
     /// The tick of the loop's next deadline of any kind, if any.
     fn next_wake(&self) -> Option<Tick> {
+        // Figures a worker could not publish in this tick are published in the next.
+        let publish_at = self
+            .member
+            .as_ref()
+            .filter(|m| m.unpublished)
+            .map(|_| self.table.now + 1);
         [
             self.timers.poll_at(),
             self.accept.gate.poll_at(),
             self.admin.poll_at(),
+            publish_at,
         ]
         .into_iter()
         .flatten()
@@ -588,21 +595,7 @@ impl<H: Handler> Server<H> {
         if self.has_ready_work() {
             return Some(Duration::ZERO);
         }
-        // Figures a worker could not publish in this tick are published in the next.
-        let publish_at = self
-            .member
-            .as_ref()
-            .filter(|m| m.unpublished)
-            .map(|_| self.table.now + 1);
-        let next = [
-            self.timers.poll_at(),
-            self.accept.gate.poll_at(),
-            self.admin.poll_at(),
-            publish_at,
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        let next = self.next_wake();
         // A deadline too far to be an Instant is no deadline.
         let wait = next
             .and_then(|t| self.table.clock.instant_of(t))
