@@ -68,6 +68,8 @@ pub(crate) mod flag {
     pub(crate) const RESUME: u16 = 1 << 11;
     /// Bytes that came after the PROXY header wait in the loop's leftover list.
     pub(crate) const LEFTOVER: u16 = 1 << 12;
+    /// The idle timeout does not apply (the handler said so).
+    pub(crate) const NO_IDLE: u16 = 1 << 13;
 }
 
 /// Output the socket did not take yet. Boxed so that a connection without pending output pays
@@ -454,7 +456,7 @@ impl<S> Conn<S> {
                 }
             }
             Phase::Open => {
-                if let Some(idle) = t.idle {
+                if let (Some(idle), false) = (t.idle, self.has(flag::NO_IDLE)) {
                     offer(after(self.last_active, idle), Due::Idle);
                 }
                 if !self.has(flag::DIALED) {

@@ -496,6 +496,19 @@ impl<S> ConnMut<'_, S> {
         }
     }
 
+    /// Whether the idle timeout (and a drain's idle close) applies to this connection; on by
+    /// default. A protocol that judges idleness elsewhere turns it off (a proxy's upstream
+    /// side, whose client side asks [`Handler::on_idle`] for both): one wheel entry less.
+    /// Write stalls, dials, timers and the drain deadline still apply.
+    pub fn set_idle_timeout(&mut self, on: bool) {
+        let conn = self.touch();
+        if on {
+            conn.clear(flag::NO_IDLE);
+        } else {
+            conn.set(flag::NO_IDLE);
+        }
+    }
+
     /// Arms this connection's timer: [`Handler::on_timer`] runs `after` from now.
     pub fn set_timer(&mut self, after: Duration) {
         let when =
