@@ -495,3 +495,30 @@ fn periodic_work_runs_on_its_interval() {
     assert_eq!(server.handler().periodic, 2);
     util::stop(&mut server);
 }
+
+/// Turns the idle timeout off for its connections.
+struct NeverIdle;
+
+impl Handler for NeverIdle {
+    type Conn = ();
+    fn on_open(&mut self, ctx: &mut Context<'_>) {
+        let id = ctx.id();
+        ctx.conn(id).unwrap().set_idle_timeout(false);
+    }
+    fn on_data(&mut self, _: &mut (), _: &mut Context<'_>, _: &[u8]) {}
+}
+
+#[test]
+fn a_connection_without_an_idle_timeout_outlives_it() {
+    let cfg = Config {
+        idle_timeout: Duration::from_millis(100),
+        ..config()
+    };
+    let (mut server, _) = util::bind(cfg, NeverIdle);
+    let t0 = server.now();
+    let _client = accept_one(&mut server, t0);
+    step(&mut server, t0 + Duration::from_secs(10));
+    assert_eq!(server.metrics().active, 1, "{}", server.metrics());
+    assert_eq!(server.metrics().closed_total(), 0);
+    util::stop(&mut server);
+}

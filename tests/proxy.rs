@@ -724,3 +724,42 @@ fn sigterm_lets_an_open_session_finish_its_exchange_and_refuses_new_ones() {
     let um = upstream.stop();
     assert_eq!(um.closed_by(CloseReason::PeerClosed), 1, "{um}");
 }
+
+#[test]
+fn a_session_closes_when_both_sides_are_idle_not_while_the_upstream_talks() {
+    // An upstream that pushes a byte every 100 ms to its client, for 2 s, and never reads.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = listener.local_addr().unwrap();
+    let pusher = thread::spawn(move || {
+        let mut s = accept_within(&listener, util::WAIT);
+        for _ in 0..20 {
+            if s.write_all(b"p").is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100)); // pacing the pushes, not synchronising
+        }
+        // Then silent, holding the connection until the proxy closes it.
+        let mut buf = [0; 64];
+        let _ = s.read(&mut buf);
+    });
+    let proxy = Proxy::spawn(up, &["--idle-timeout", "500ms"]);
+    let mut client = connect(proxy.addr);
+    let started = Instant::now();
+    // The client side never sends, but the session is not idle while the upstream pushes:
+    // all 20 bytes arrive, over 2 s, four idle timeouts.
+    let mut got = [0; 20];
+    client.read_exact(&mut got).unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(1_900));
+    // Once both sides are silent, the session closes at about its idle timeout.
+    let quiet = Instant::now();
+    expect_closed(&mut client);
+    let took = quiet.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "closed {took:?} after the last push"
+    );
+    let m = proxy.wait_idle("the session's end");
+    assert_eq!(m.closed(CloseReason::IdleTimeout), 1, "{m}");
+    assert_eq!(m.dialed_closed(CloseReason::Handler), 1, "{m}");
+    pusher.join().unwrap();
+}

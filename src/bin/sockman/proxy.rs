@@ -168,9 +168,10 @@ impl Stats {
 /// One side of a session: the handler state of each connection.
 #[derive(Debug)]
 pub(crate) enum Side {
-    /// The accepted connection. `upstream` is `None` only between a failed dial and the next.
+    /// The accepted connection. `upstream` is [`ConnId::NONE`] only between a failed dial and
+    /// the next (not an `Option`: a session's two sides fit 12 bytes each this way).
     Client {
-        upstream: Option<ConnId>,
+        upstream: ConnId,
         index: u16,
         tries: u8,
     },
@@ -185,7 +186,7 @@ pub(crate) enum Side {
 impl Side {
     fn peer(&self) -> Option<ConnId> {
         match *self {
-            Side::Client { upstream, .. } => upstream,
+            Side::Client { upstream, .. } => (upstream != ConnId::NONE).then_some(upstream),
             Side::Upstream { client, .. } => Some(client),
         }
     }
@@ -372,7 +373,7 @@ impl Handler for Proxy {
         let mut tries = 0;
         match self.dial(ctx, client, &mut tries) {
             Some((upstream, index)) => Side::Client {
-                upstream: Some(upstream),
+                upstream,
                 index,
                 tries,
             },
@@ -380,7 +381,7 @@ impl Handler for Proxy {
                 self.my().no_upstream.fetch_add(1, Relaxed);
                 ctx.close();
                 Side::Client {
-                    upstream: None,
+                    upstream: ConnId::NONE,
                     index: 0,
                     tries,
                 }
@@ -398,6 +399,12 @@ impl Handler for Proxy {
             return;
         };
         *connected = true;
+        // A session is idle only when both sides are: the client side's idle deadline asks
+        // (`on_idle`), so the upstream side needs none of its own (one wheel entry less).
+        let me = ctx.id();
+        if let Some(mut u) = ctx.conn(me) {
+            u.set_idle_timeout(false);
+        }
         let up = &mut self.upstreams[*index as usize];
         up.fails_in_a_row = 0;
         up.down_until = None;
@@ -511,7 +518,7 @@ impl Handler for Proxy {
                 }) = c.state_mut()
                 {
                     *t = tries;
-                    *upstream = next.map(|n| n.0);
+                    *upstream = next.map_or(ConnId::NONE, |n| n.0);
                     *index = next.map_or(0, |n| n.1);
                 }
                 if next.is_none() {
@@ -527,7 +534,7 @@ impl Handler for Proxy {
                 }
             }
             Side::Client { upstream, .. } => {
-                if let Some(mut u) = upstream.and_then(|u| ctx.conn(u)) {
+                if let Some(mut u) = ctx.conn(upstream) {
                     u.close();
                 }
             }
@@ -536,7 +543,7 @@ impl Handler for Proxy {
 
     fn describe(&self, side: &Side, out: &mut String) {
         let (name, peer) = match side {
-            Side::Client { upstream, .. } => ("client", *upstream),
+            Side::Client { .. } => ("client", side.peer()),
             Side::Upstream { client, .. } => ("upstream", Some(*client)),
         };
         let _ = write!(out, " side={name}");
@@ -654,4 +661,35 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<(), String> {
         )
     };
     server::run(config, make, &args.server, || stats.line()).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sessions_state_is_small() {
+        // Each of a session's two connections carries one; with a slab entry and no buffer,
+        // an idle session is meant to cost at most 256 B in all (BENCHMARKS.md).
+        assert!(
+            std::mem::size_of::<Side>() <= 12,
+            "{}",
+            std::mem::size_of::<Side>()
+        );
+        assert_eq!(
+            std::mem::size_of::<Option<Side>>(),
+            std::mem::size_of::<Side>()
+        );
+    }
+
+    #[test]
+    fn proxy_headers_name_the_client_and_the_listener() {
+        let c: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let l: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let v1 = Proxy::proxy_header(ProxyVersion::V1, c, l);
+        assert_eq!(v1, b"PROXY TCP4 192.0.2.1 127.0.0.1 4000 7000\r\n");
+        let v2 = Proxy::proxy_header(ProxyVersion::V2, c, l);
+        assert_eq!(&v2[..12], b"\r\n\r\n\0\r\nQUIT\n");
+        assert_eq!(v2.len(), 16 + 12);
+    }
 }
