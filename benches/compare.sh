@@ -8,7 +8,8 @@
 #
 # Environment: REPS (3), DURATION_S (3), WARMUP_S (1) in seconds, SERVERS ("sockman tokio epoll epoll_short";
 # also sockman_base: an older build given as SOCKMAN_BASE=path, for before/after figures; and
-# sockman_w2: `--workers 2`, pinned to SERVER_CPU like the others unless SERVER_CPU lists two),
+# sockman_w2: `--workers 2`, pinned to SERVER_CPU like the others unless SERVER_CPU lists two;
+# sockman_pp2: `--proxy-protocol v2`, for the churn_pp2 point, whose clients send the header),
 # SERVER_CPU (0), CLIENT_CPU (1), OUT (benches/results/DATE), ANCHORS (../shared/anchors),
 # NOPERF=1 to skip the syscall counts (they need `perf` from Debian's linux-perf).
 set -euo pipefail
@@ -37,6 +38,7 @@ POINTS=(
   "stream_1|--mode stream --size 65536 --connections 1"
   "stream_50|--mode stream --size 65536 --connections 50"
   "churn|--mode churn --size 64 --connections 50 --source-addrs 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7,127.0.0.8,127.0.0.9"
+  "churn_pp2|--mode churn --size 64 --connections 50 --send-proxy v2 --source-addrs 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7,127.0.0.8,127.0.0.9"
   "idle_1000|--mode idle --connections 1000"
   "idle_10000|--mode idle --connections 10000 --source-addrs 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5"
   "idle_19000|--mode idle --connections 19000 --source-addrs 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5"
@@ -69,6 +71,7 @@ start_server() { # name port
     sockman_base)
       [ -x "${SOCKMAN_BASE:-}" ] || { echo "sockman_base needs SOCKMAN_BASE=path/to/an/older/sockman" >&2; exit 2; }
       RUST_LOG=warn taskset -c "$SERVER_CPU" "$SOCKMAN_BASE" serve --listen "127.0.0.1:$port" --stats-interval 0 --fd-check-interval 0 2>"$OUT/server.log" & ;;
+    sockman_pp2) RUST_LOG=warn taskset -c "$SERVER_CPU" "$sockman" serve --proxy-protocol v2 --listen "127.0.0.1:$port" --stats-interval 0 --fd-check-interval 0 2>"$OUT/server.log" & ;;
     sockman_w2) RUST_LOG=warn taskset -c "$SERVER_CPU" "$sockman" serve --workers 2 --listen "127.0.0.1:$port" --stats-interval 0 --fd-check-interval 0 2>"$OUT/server.log" & ;;
     tokio) taskset -c "$SERVER_CPU" "$peers/tokio_echo" "127.0.0.1:$port" 60000 1 2>"$OUT/server.log" & ;;
     epoll) taskset -c "$SERVER_CPU" "$peers/epoll_echo" "$port" 2>"$OUT/server.log" & ;;

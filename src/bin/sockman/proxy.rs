@@ -330,7 +330,11 @@ impl Proxy {
     }
 
     /// The PROXY protocol header for a session from `client` to `local` (our listener).
-    fn proxy_header(version: ProxyVersion, client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    pub(crate) fn proxy_header(
+        version: ProxyVersion,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Vec<u8> {
         match version {
             ProxyVersion::V1 => {
                 let addrs = match (client, local) {

@@ -254,6 +254,7 @@ impl<'a> Engine<'a> {
                 schedule: cfg.rate.map(|r| Schedule::new(r, cfg.connections)),
                 t0,
                 window,
+                preamble: cfg.preamble.clone(),
             },
             stats: Stats {
                 errors: BTreeMap::new(),

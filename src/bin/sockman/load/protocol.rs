@@ -91,6 +91,8 @@ pub(super) struct Conn {
     pub(super) read_more: bool,
     /// In the engine's ready queue.
     pub(super) queued: bool,
+    /// Bytes of the preamble written so far.
+    preamble_sent: usize,
 }
 
 /// Run-wide parameters the per-connection code reads.
@@ -108,6 +110,8 @@ pub(super) struct Params {
     pub(super) t0: Instant,
     /// The measured window `[start, end)`; `None` until idle setup completes.
     pub(super) window: Option<(Instant, Instant)>,
+    /// Sent first on every connection (a PROXY protocol header), not echoed.
+    pub(super) preamble: Vec<u8>,
 }
 
 impl Params {
@@ -143,6 +147,7 @@ impl Conn {
             write_more: false,
             read_more: false,
             queued: false,
+            preamble_sent: 0,
         }
     }
 
@@ -198,6 +203,15 @@ impl Conn {
     /// the socket is full, or [`WRITE_BUDGET`] is spent (then `write_more` is set).
     pub(super) fn flush(&mut self, pattern: &Pattern, p: &Params) -> Result<(), End> {
         self.write_more = false;
+        while self.preamble_sent < p.preamble.len() && !self.write_blocked {
+            match self.stream.write(&p.preamble[self.preamble_sent..]) {
+                Ok(0) => return Err(End::Io(ErrorKind::WriteZero)),
+                Ok(n) => self.preamble_sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => self.write_blocked = true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(End::Io(e.kind())),
+            }
+        }
         let mut written = 0;
         while !self.write_blocked {
             if self.sent == self.target {

@@ -451,3 +451,39 @@ fn nothing_listening_is_a_clear_error_not_a_hang() {
         started.elapsed()
     );
 }
+
+#[test]
+fn send_proxy_starts_every_connection_with_a_header_the_server_accepts() {
+    let server_config = sockman::Config {
+        listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+        proxy_protocol: sockman::ProxyProtocol::V2,
+        ..sockman::Config::default()
+    };
+    let server = sockman::Server::bind(server_config, sockman::Echo).expect("bind");
+    let addr = server.local_addrs()[0];
+    let handle = server.handle();
+    let thread = thread::spawn(move || server.run().expect("run"));
+    let cfg = config(&[
+        "--connect",
+        &addr.to_string(),
+        "--mode",
+        "churn",
+        "--connections",
+        "4",
+        "--duration",
+        "300ms",
+        "--warmup",
+        "0s",
+        "--send-proxy",
+        "v2",
+    ])
+    .expect("flags");
+    let r = run(&cfg).expect("run");
+    assert!(r.errors.is_empty(), "{r}");
+    assert!(r.ops > 0, "{r}");
+    handle.shutdown();
+    let m = thread.join().unwrap();
+    // Every connection got through its header: none refused for a missing or bad one.
+    assert_eq!(m.rejected.iter().sum::<u64>(), 0, "{m}");
+    assert!(m.accepted >= r.ops, "{m}");
+}
