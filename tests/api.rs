@@ -451,6 +451,33 @@ fn paused_reads_resume_without_a_new_edge_and_remote_work_runs_on_the_loop() {
 }
 
 #[test]
+fn handle_close_flushes_what_was_sent_first_and_a_gone_id_is_counted_dropped() {
+    let (mut server, _) = util::bind(config(), Probe::default());
+    let t0 = server.now();
+    let mut client = accept_one(&mut server, t0);
+    let id = server.handler().ids[0];
+    let handle = server.handle();
+    std::thread::spawn(move || {
+        handle.send(id, b"bye\n".to_vec()).unwrap();
+        handle.close(id).unwrap();
+        // The connection is gone by the time this one is delivered.
+        handle.close(id).unwrap();
+    })
+    .join()
+    .unwrap();
+    turn_until_at(&mut server, t0, "the remote close", |s| {
+        s.metrics().closed_by(CloseReason::Handler) == 1
+    });
+    // Graceful: the bytes queued before the close arrive, then EOF.
+    assert_eq!(read_exactly(&mut client, 4), b"bye\n");
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(server.metrics().remote_dropped, 1);
+    util::stop(&mut server);
+}
+
+#[test]
 fn handle_send_delivers_from_another_thread_and_a_full_queue_is_an_error() {
     let cfg = Config {
         remote_queue: 2,
