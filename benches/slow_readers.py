@@ -3,16 +3,24 @@
 server and never read (or read READ bytes every EVERY seconds), held HOLD seconds.
 
 Reads the host's TCP memory from /proc/net/sockstat (`TCP: ... mem P`, in pages) before the
-connections open and once they have all stalled, and prints the growth per connection. Traffic
-is loopback only; every loop is bounded in count and time.
+connections open and once they have all stalled, and prints the growth per connection. On
+loopback that growth counts both ends: the bytes a server does not hold sit in the clients'
+sockets on the same host instead. So it also reads the server's own sockets (`ss -tm`, local
+port = the server's): the memory charged to them (`r` + `w` + `f` of `skmem`: received, queued
+to send, reserved) and their buffer sizes (`rb`, `tb`), which is what a server's host holds when
+its slow readers are elsewhere. Traffic is loopback only; every loop is bounded in count and
+time.
 
   benches/slow_readers.py --connect 127.0.0.1:7000 --connections 2000 --size 524288 --hold 10
 """
 import argparse
 import json
 import os
+import re
 import selectors
 import socket
+import statistics
+import subprocess
 import time
 
 
@@ -23,6 +31,19 @@ def tcp_mem_pages():
                 fields = line.split()
                 return int(fields[fields.index("mem") + 1])
     raise RuntimeError("no TCP line in /proc/net/sockstat")
+
+
+def server_sockets(port):
+    """skmem of every established socket whose local port is the server's."""
+    out = subprocess.run(
+        ["ss", "-tmnH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    socks = []
+    for m in re.finditer(r"skmem:\(([^)]*)\)", out):
+        fields = dict(re.match(r"([a-z]+)(\d+)", f).groups() for f in m.group(1).split(","))
+        socks.append({k: int(v) for k, v in fields.items()})
+    return socks
 
 
 def main():
@@ -87,6 +108,7 @@ def main():
                 except OSError:
                     closed += 1
     held = tcp_mem_pages()
+    server = server_sockets(int(port))
     for s in socks:
         s.close()
     total_sent = sum(sent.values())
@@ -99,6 +121,11 @@ def main():
         "tcp_mem_pages_held": held,
         "kernel_bytes_per_connection": (held - before) * page / a.connections,
         "closed_by_server_seen": closed,
+        "server_sockets": len(server),
+        "server_kernel_bytes_per_connection": sum(x["r"] + x["w"] + x["f"] for x in server)
+        / max(1, len(server)),
+        "server_rcvbuf_median": statistics.median(x["rb"] for x in server) if server else 0,
+        "server_sndbuf_median": statistics.median(x["tb"] for x in server) if server else 0,
     }
     if a.json:
         print(json.dumps(out))
@@ -106,7 +133,11 @@ def main():
         print(
             f"{a.connections} slow readers, {total_sent / a.connections / 1024:.0f} KiB sent each: "
             f"TCP mem {before} -> {stalled} (stalled) -> {held} (after {a.hold:.0f} s) pages; "
-            f"{out['kernel_bytes_per_connection'] / 1024:.1f} KiB of kernel memory per connection"
+            f"{out['kernel_bytes_per_connection'] / 1024:.1f} KiB of kernel memory per connection "
+            f"(both ends); the server's {len(server)} sockets: "
+            f"{out['server_kernel_bytes_per_connection'] / 1024:.1f} KiB each "
+            f"(rcvbuf {out['server_rcvbuf_median'] / 1024:.0f} KiB, "
+            f"sndbuf {out['server_sndbuf_median'] / 1024:.0f} KiB, medians)"
         )
 
 
