@@ -9,7 +9,8 @@
 # Environment: REPS (3), DURATION_S (3), WARMUP_S (1) in seconds, SERVERS ("sockman tokio epoll epoll_short";
 # also sockman_base: an older build given as SOCKMAN_BASE=path, for before/after figures; and
 # sockman_w2: `--workers 2`, pinned to SERVER_CPU like the others unless SERVER_CPU lists two;
-# sockman_pp2: `--proxy-protocol v2`, for the churn_pp2 point, whose clients send the header),
+# sockman_pp2: `--proxy-protocol v2`, for the churn_pp2 point, whose clients send the header to
+# sockman_pp2 only: `SERVERS="sockman sockman_pp2" benches/compare.sh churn_pp2` is the header's cost),
 # SERVER_CPU (0), CLIENT_CPU (1), OUT (benches/results/DATE), ANCHORS (../shared/anchors),
 # NOPERF=1 to skip the syscall counts (they need `perf` from Debian's linux-perf).
 set -euo pipefail
@@ -104,6 +105,10 @@ for point in "${POINTS[@]}"; do
   for rep in $(seq 1 "$REPS"); do
     for server in $SERVERS; do
       port=$((port + 1))
+      # A *_pp2 point sends the PROXY header only to the server that expects it: run beside
+      # plain sockman, it measures what the header costs, interleaved.
+      run_args=$args
+      [[ $name == *_pp2 && $server != sockman_pp2 ]] && run_args=${args/--send-proxy v2 /}
       start_server "$server" "$port"
       perf_out=$OUT/perf.txt
       : >"$perf_out"
@@ -112,7 +117,7 @@ for point in "${POINTS[@]}"; do
         perf_pid=$!
       fi
       # shellcheck disable=SC2086
-      if ! json=$(taskset -c "$CLIENT_CPU" "$sockman" load --connect "127.0.0.1:$port" $args \
+      if ! json=$(taskset -c "$CLIENT_CPU" "$sockman" load --connect "127.0.0.1:$port" $run_args \
           --duration "${DURATION_S}s" --warmup "${WARMUP_S}s" --server-pid "$server_pid" --json 2>"$OUT/load.log"); then
         echo "load failed: $name $server" >&2; cat "$OUT/load.log" >&2; json='{}'
       fi
