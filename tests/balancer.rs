@@ -106,6 +106,41 @@ fn a_v1_header_names_the_client_and_the_data_after_it_is_the_first_data() {
 }
 
 #[test]
+fn a_header_its_data_and_the_fin_in_one_edge_are_all_seen() {
+    let (mut server, addr) = util::bind(header_config(ProxyProtocol::V1), WhoAmI);
+    let t0 = server.now();
+    let mut c = connect(addr);
+    // All of it before the server reads anything: one readable edge carries header, data and
+    // FIN, and no later edge comes.
+    c.write_all(b"PROXY TCP4 203.0.113.9 127.0.0.1 40124 7000\r\nbye")
+        .unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    turn_until_at(&mut server, t0, "the close at the peer's EOF", |s| {
+        s.metrics().closed_by(CloseReason::PeerClosed) == 1
+    });
+    assert_eq!(peer_line(&mut c), "peer=203.0.113.9:40124\n");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    util::stop(&mut server);
+}
+
+#[test]
+fn data_that_comes_after_a_header_alone_is_read_on_its_own_edge() {
+    let (mut server, addr) = util::bind(header_config(ProxyProtocol::V1), WhoAmI);
+    let t0 = server.now();
+    let mut c = connect(addr);
+    c.write_all(b"PROXY TCP4 203.0.113.10 127.0.0.1 40125 7000\r\n")
+        .unwrap();
+    turn_until_at(&mut server, t0, "the open", |s| s.metrics().accepted == 1);
+    assert_eq!(peer_line(&mut c), "peer=203.0.113.10:40125\n");
+    c.write_all(b"later").unwrap();
+    turn_until_at(&mut server, t0, "the echo", |s| s.metrics().bytes_in >= 5);
+    assert_eq!(read_exactly(&mut c, 5), b"later");
+    util::stop(&mut server);
+}
+
+#[test]
 fn a_header_in_pieces_is_read_whole() {
     let (mut server, addr) = util::bind(header_config(ProxyProtocol::Any), WhoAmI);
     let t0 = server.now();
