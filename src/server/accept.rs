@@ -332,8 +332,9 @@ impl<H: Handler> Server<H> {
     /// Reads the PROXY protocol header of connection `key`: once complete, its client address
     /// replaces the peer, the per-IP cap applies, and the connection opens (what followed the
     /// header is its first data). A missing, invalid or late header (see `fire`) closes the
-    /// connection before the handler sees it, counted as a rejection.
-    pub(super) fn read_header(&mut self, key: usize) {
+    /// connection before the handler sees it, counted as a rejection. `more` says the event
+    /// announced more than data (the peer's FIN, urgent data): then a short read is not the end.
+    pub(super) fn read_header(&mut self, key: usize, more: bool) {
         use crate::proxy_header::{self, Parsed, MAX_HEADER};
         loop {
             let conn = &mut self.table.slab[key];
@@ -369,7 +370,10 @@ impl<H: Handler> Server<H> {
                 }
                 Parsed::Done { len, source } => {
                     let rest = joined.split_off(len);
-                    return self.after_header(key, source, rest);
+                    // A short read drained the socket (as in `read`): what comes next brings
+                    // its own edge, so the loop need not read again only to get EAGAIN.
+                    let drained = n < room && !more;
+                    return self.after_header(key, source, rest, drained);
                 }
             }
         }
@@ -378,8 +382,15 @@ impl<H: Handler> Server<H> {
     /// A complete header: the client it names becomes the peer, then the per-IP cap, then the
     /// connection opens with `rest` (what followed the header) as its first data: owned, not
     /// in the shared read buffer (which `on_open` may reuse), and delivered as any data is (in
-    /// chunks within the pending cap, only while reading is not paused).
-    fn after_header(&mut self, key: usize, source: Option<SocketAddr>, rest: Vec<u8>) {
+    /// chunks within the pending cap, only while reading is not paused). `drained`: the
+    /// header's read emptied the socket.
+    fn after_header(
+        &mut self,
+        key: usize,
+        source: Option<SocketAddr>,
+        rest: Vec<u8>,
+        drained: bool,
+    ) {
         let conn = &mut self.table.slab[key];
         let id = ConnId::new(key, conn.gen);
         if let Some(client) = source {
@@ -398,9 +409,14 @@ impl<H: Handler> Server<H> {
         self.table.metrics.awaiting_header -= 1;
         debug!("conn={id}: PROXY header names peer={peer}");
         self.open(id);
-        // The bytes after the header, then whatever else is waiting (no new edge comes).
+        // The bytes after the header, then whatever else is waiting (no new edge comes for
+        // it), unless the header's read left nothing waiting.
         if self.table.get(id).is_some_and(|c| c.is_live()) && self.can_read(key) {
-            self.read(key);
+            if !drained {
+                self.read(key);
+            } else if self.table.slab[key].has(flag::LEFTOVER) {
+                self.feed_leftover(key);
+            }
         }
     }
 

@@ -792,7 +792,7 @@ impl<H: Handler> Server<H> {
     fn drive(&mut self, key: usize, ready: Readiness) {
         let now = self.table.now;
         match self.table.slab[key].phase {
-            Phase::Header => return self.read_header(key),
+            Phase::Header => return self.read_header(key, ready.read_closed || ready.priority),
             Phase::Lingering => return self.linger(key),
             Phase::Connecting => {
                 if !self.finish_connect(key) {
