@@ -813,7 +813,13 @@ impl<'a> Engine<'a> {
             let Some(conn) = self.slots[key].conn.as_mut() else {
                 continue;
             };
-            if conn.phase == Phase::Connecting {
+            // With a preamble (a PROXY header), a connection that has not sent all of it gets
+            // it out first: a server that requires the header would otherwise count the FIN
+            // as a connection that never sent one. A connect still in progress just closes
+            // (the write fails; nothing reached the server), as it does without a preamble.
+            let header_out = self.params.preamble.is_empty() || conn.finish_preamble(&self.params);
+            let connecting = conn.phase == Phase::Connecting;
+            if (connecting && self.params.preamble.is_empty()) || !header_out {
                 self.close(key);
                 continue;
             }
@@ -823,8 +829,8 @@ impl<'a> Engine<'a> {
             }
             match conn.phase {
                 Phase::Held => self.n_held -= 1,
-                Phase::Open => {}
-                Phase::Connecting | Phase::Draining => {
+                Phase::Open | Phase::Connecting => {}
+                Phase::Draining => {
                     debug_assert!(false, "slot {key} in {:?} at drain", conn.phase);
                 }
             }

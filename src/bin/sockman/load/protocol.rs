@@ -199,6 +199,22 @@ impl Conn {
         }
     }
 
+    /// At the end of the run: writes what is left of the preamble, once, without waiting.
+    /// Returns whether all of it is sent (so that the server sees a whole header before the
+    /// FIN, not a connection that ended before its header). A connect still in progress
+    /// fails the write (the server has no connection to count yet).
+    pub(super) fn finish_preamble(&mut self, p: &Params) -> bool {
+        while self.preamble_sent < p.preamble.len() {
+            match self.stream.write(&p.preamble[self.preamble_sent..]) {
+                Ok(0) => return false,
+                Ok(n) => self.preamble_sent += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
     /// Writes issued bytes (stream: endlessly, [`Params::stream_chunk`] at a time) until done,
     /// the socket is full, or [`WRITE_BUDGET`] is spent (then `write_more` is set).
     pub(super) fn flush(&mut self, pattern: &Pattern, p: &Params) -> Result<(), End> {
