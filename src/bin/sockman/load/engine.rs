@@ -817,9 +817,9 @@ impl<'a> Engine<'a> {
             // it out first: a server that requires the header would otherwise count the FIN
             // as a connection that never sent one. A connect still in progress just closes
             // (the write fails; nothing reached the server), as it does without a preamble.
-            let header_out = self.params.preamble.is_empty() || conn.finish_preamble(&self.params);
-            let connecting = conn.phase == Phase::Connecting;
-            if (connecting && self.params.preamble.is_empty()) || !header_out {
+            let connecting_bare =
+                conn.phase == Phase::Connecting && self.params.preamble.is_empty();
+            if connecting_bare || !conn.finish_preamble(&self.params) {
                 self.close(key);
                 continue;
             }

@@ -199,27 +199,13 @@ impl Conn {
         }
     }
 
-    /// At the end of the run: writes what is left of the preamble, once, without waiting.
-    /// Returns whether all of it is sent (so that the server sees a whole header before the
-    /// FIN, not a connection that ended before its header). A connect still in progress
-    /// fails the write (the server has no connection to count yet).
-    pub(super) fn finish_preamble(&mut self, p: &Params) -> bool {
+    /// Writes what is left of the preamble until it is all out or the socket is full
+    /// (`write_blocked`). Returns whether all of it is out.
+    fn write_preamble(&mut self, p: &Params) -> Result<bool, End> {
         while self.preamble_sent < p.preamble.len() {
-            match self.stream.write(&p.preamble[self.preamble_sent..]) {
-                Ok(0) => return false,
-                Ok(n) => self.preamble_sent += n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return false,
+            if self.write_blocked {
+                return Ok(false);
             }
-        }
-        true
-    }
-
-    /// Writes issued bytes (stream: endlessly, [`Params::stream_chunk`] at a time) until done,
-    /// the socket is full, or [`WRITE_BUDGET`] is spent (then `write_more` is set).
-    pub(super) fn flush(&mut self, pattern: &Pattern, p: &Params) -> Result<(), End> {
-        self.write_more = false;
-        while self.preamble_sent < p.preamble.len() && !self.write_blocked {
             match self.stream.write(&p.preamble[self.preamble_sent..]) {
                 Ok(0) => return Err(End::Io(ErrorKind::WriteZero)),
                 Ok(n) => self.preamble_sent += n,
@@ -228,6 +214,23 @@ impl Conn {
                 Err(e) => return Err(End::Io(e.kind())),
             }
         }
+        Ok(true)
+    }
+
+    /// At the end of the run: writes what is left of the preamble, without waiting. Returns
+    /// whether all of it is out (so that the server sees a whole header before the FIN, not a
+    /// connection that ended before its header); true without a preamble. A connect still in
+    /// progress fails the write (the server has no connection to count yet).
+    pub(super) fn finish_preamble(&mut self, p: &Params) -> bool {
+        matches!(self.write_preamble(p), Ok(true))
+    }
+
+    /// Writes issued bytes (stream: endlessly, [`Params::stream_chunk`] at a time) until done,
+    /// the socket is full, or [`WRITE_BUDGET`] is spent (then `write_more` is set).
+    pub(super) fn flush(&mut self, pattern: &Pattern, p: &Params) -> Result<(), End> {
+        self.write_more = false;
+        // Until it is all out, `write_blocked` is set and nothing else is written.
+        self.write_preamble(p)?;
         let mut written = 0;
         while !self.write_blocked {
             if self.sent == self.target {
