@@ -422,14 +422,10 @@ impl Admin {
             .iter()
             .filter_map(|(_, c)| c.gather.as_ref().filter(|g| g.started).map(|g| g.deadline))
             .min();
-        let deadline = match (self.deadline(), gather) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        match (deadline, self.accept_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.deadline(), gather, self.accept_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Open descriptors the admin side holds (listener and connections).

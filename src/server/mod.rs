@@ -526,11 +526,9 @@ impl<H: Handler> Server<H> {
                 let next = self
                     .next_wake()
                     .and_then(|t| self.table.clock.instant_of(t));
-                let wake = match (next, deadline) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                if let (Some(at), Some(alarm)) = (wake, self.alarm.as_mut()) {
+                if let (Some(at), Some(alarm)) =
+                    (crate::time::earlier(next, deadline), self.alarm.as_mut())
+                {
                     alarm.ensure(at)?;
                 }
                 None
@@ -600,10 +598,7 @@ impl<H: Handler> Server<H> {
         let wait = next
             .and_then(|t| self.table.clock.instant_of(t))
             .map(|at| at.saturating_duration_since(now.unwrap_or_else(Instant::now)));
-        match (wait, max_wait) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        crate::time::earlier(wait, max_wait)
     }
 
     fn poll_and_process(
