@@ -21,7 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use mio::net::TcpStream;
 
 use crate::metrics::Metrics;
-use crate::reason::CloseReason;
+use crate::reason::{CloseReason, LingerEnd};
 use crate::time::{Tick, NEVER};
 
 /// Where a connection is in its life.
@@ -145,24 +145,6 @@ pub(crate) enum Due {
     Lifetime,
     /// An accepted connection sent nothing within the first-byte timeout.
     FirstByte,
-}
-
-/// What a lingering read found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum LingerEnd {
-    /// The peer's EOF: everything it sent was read.
-    Eof,
-    /// The linger deadline passed.
-    Timeout,
-    /// The byte cap was reached (reading stopped then; the deadline ended it).
-    Bytes,
-    /// A read failed (typically a reset).
-    Error,
-}
-
-impl LingerEnd {
-    pub(crate) const COUNT: usize = 4;
-    pub(crate) const NAMES: [&'static str; Self::COUNT] = ["eof", "timeout", "bytes", "error"];
 }
 
 /// A connection in the slab.

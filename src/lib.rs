@@ -98,10 +98,8 @@ pub use config::{Config, OnFull, ProxyProtocol, MAX_CONNECTIONS_LIMIT};
 pub use error::Error;
 pub use handler::{ConnMut, Context, Discard, Echo, Eof, Handler, Idle, Origin, SendError};
 pub use limits::{FALLBACK_MAX_CONNECTIONS, FD_RESERVE};
-pub use metrics::{
-    Metrics, RejectReason, ACCEPT_ERROR_NAMES, LIFETIME_BUCKETS_MS, LINGER_END_NAMES,
-};
-pub use reason::CloseReason;
+pub use metrics::{Metrics, ACCEPT_ERROR_NAMES, LIFETIME_BUCKETS_MS, LINGER_END_NAMES};
+pub use reason::{CloseReason, RejectReason};
 pub use remote::{Handle, Remote, RemoteError};
 pub use server::Server;
 pub use table::{DialError, DialFailure};

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 
 use log::warn;
 
+use crate::reason::AcceptError;
 use crate::time::Tick;
 
 /// File descriptors kept back from the connection cap: listeners, the epoll fd, the waker, the
@@ -313,48 +314,13 @@ impl AcceptGate {
     }
 }
 
-/// What an `accept` error means for the accept loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AcceptError {
-    /// Nothing more to accept now.
-    Drained,
-    /// The new connection's own failure, to be retried like EAGAIN (accept(2): "Linux accept()
-    /// passes already-pending network errors on the new socket as an error code from accept()";
-    /// also EINTR, ECONNABORTED and EPERM, a firewall refusing it).
-    Connection,
-    /// The process's descriptors are exhausted (EMFILE): shed the backlog and pause.
-    ProcessFds,
-    /// The system's descriptors are exhausted (ENFILE): shed the backlog and pause.
-    SystemFds,
-    /// Kernel memory is short (ENOBUFS, ENOMEM): pause without shedding.
-    Memory,
-    /// Anything else: retried within the budget, logged once per kind.
-    Other,
-}
-
-impl AcceptError {
-    pub(crate) const COUNT: usize = 5;
-    /// Counter names, in [`AcceptError::index`] order (`Drained` is not an error).
-    pub(crate) const NAMES: [&'static str; Self::COUNT] =
-        ["emfile", "enfile", "nomem", "connection", "other"];
-
-    pub(crate) fn index(self) -> usize {
-        match self {
-            AcceptError::ProcessFds => 0,
-            AcceptError::SystemFds => 1,
-            AcceptError::Memory => 2,
-            AcceptError::Connection | AcceptError::Drained => 3,
-            AcceptError::Other => 4,
-        }
-    }
-}
-
-/// Classifies an `accept` error.
-pub(crate) fn classify_accept_error(err: &io::Error) -> AcceptError {
+/// Classifies an `accept` error: `None` for WouldBlock (nothing more to accept now, not an
+/// error).
+pub(crate) fn classify_accept_error(err: &io::Error) -> Option<AcceptError> {
     if err.kind() == io::ErrorKind::WouldBlock {
-        return AcceptError::Drained;
+        return None;
     }
-    match err.raw_os_error() {
+    Some(match err.raw_os_error() {
         Some(libc::EMFILE) => AcceptError::ProcessFds,
         Some(libc::ENFILE) => AcceptError::SystemFds,
         Some(libc::ENOBUFS | libc::ENOMEM) => AcceptError::Memory,
@@ -373,7 +339,7 @@ pub(crate) fn classify_accept_error(err: &io::Error) -> AcceptError {
             | libc::ETIMEDOUT,
         ) => AcceptError::Connection,
         _ => AcceptError::Other,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -459,20 +425,20 @@ mod tests {
         let os = io::Error::from_raw_os_error;
         assert_eq!(
             classify_accept_error(&os(libc::EMFILE)),
-            AcceptError::ProcessFds
+            Some(AcceptError::ProcessFds)
         );
         assert_eq!(
             classify_accept_error(&os(libc::ENFILE)),
-            AcceptError::SystemFds
+            Some(AcceptError::SystemFds)
         );
         // Memory shortage pauses without shedding: a spare descriptor would not help.
         assert_eq!(
             classify_accept_error(&os(libc::ENOBUFS)),
-            AcceptError::Memory
+            Some(AcceptError::Memory)
         );
         assert_eq!(
             classify_accept_error(&os(libc::ENOMEM)),
-            AcceptError::Memory
+            Some(AcceptError::Memory)
         );
         // The new connection's pending network errors (accept(2)) are retried like EAGAIN,
         // never a reason to shed the backlog.
@@ -491,15 +457,15 @@ mod tests {
         ] {
             assert_eq!(
                 classify_accept_error(&os(errno)),
-                AcceptError::Connection,
+                Some(AcceptError::Connection),
                 "errno {errno}"
             );
         }
+        assert_eq!(classify_accept_error(&os(libc::EAGAIN)), None);
         assert_eq!(
-            classify_accept_error(&os(libc::EAGAIN)),
-            AcceptError::Drained
+            classify_accept_error(&os(libc::EINVAL)),
+            Some(AcceptError::Other)
         );
-        assert_eq!(classify_accept_error(&os(libc::EINVAL)), AcceptError::Other);
     }
 
     #[test]

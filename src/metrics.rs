@@ -6,59 +6,7 @@
 
 use std::fmt;
 
-use crate::conn::LingerEnd;
-use crate::limits::AcceptError;
-use crate::reason::CloseReason;
-
-/// Why a connection was refused at accept (it never became a connection).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum RejectReason {
-    /// The server was at its connection cap.
-    Full,
-    /// The peer IP already had `max_per_ip` connections.
-    PerIp,
-    /// Accepted and closed while shedding after EMFILE/ENFILE (the spare-fd trick).
-    Shed,
-    /// The socket could not be registered with the poll.
-    Register,
-    /// A PROXY protocol listener got bytes that are not a header of an accepted version
-    /// (or the client went away before sending one).
-    ProxyHeaderMissing,
-    /// A PROXY protocol header was malformed or oversized.
-    ProxyHeaderInvalid,
-    /// A PROXY protocol header was not complete within
-    /// [`Config::proxy_header_timeout`](crate::Config::proxy_header_timeout).
-    ProxyHeaderTimeout,
-}
-
-impl RejectReason {
-    /// Number of counters, one per variant.
-    pub const COUNT: usize = 7;
-    /// Counter names, in [`RejectReason::index`] order.
-    pub const NAMES: [&'static str; Self::COUNT] = [
-        "full",
-        "per_ip",
-        "shed",
-        "register",
-        "proxy_header_missing",
-        "proxy_header_invalid",
-        "proxy_header_timeout",
-    ];
-
-    /// The counter slot of this reason.
-    pub fn index(self) -> usize {
-        match self {
-            RejectReason::Full => 0,
-            RejectReason::PerIp => 1,
-            RejectReason::Shed => 2,
-            RejectReason::Register => 3,
-            RejectReason::ProxyHeaderMissing => 4,
-            RejectReason::ProxyHeaderInvalid => 5,
-            RejectReason::ProxyHeaderTimeout => 6,
-        }
-    }
-}
+use crate::reason::{AcceptError, CloseReason, LingerEnd, RejectReason};
 
 /// Upper bounds (inclusive, milliseconds) of the connection-lifetime histogram buckets.
 pub const LIFETIME_BUCKETS_MS: [u64; 9] = [

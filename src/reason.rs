@@ -1,8 +1,11 @@
-//! Why a connection ended: [`CloseReason`], one per connection, counted per variant.
+//! Why things end, as counted: [`CloseReason`] (one per connection), [`RejectReason`] (a
+//! connection refused before it became one), [`LingerEnd`] (how a graceful close's linger
+//! ended) and [`AcceptError`] (why an `accept` call failed). Plain enums with a counter slot
+//! and a name each; this module imports nothing of the crate.
 //!
 //! Every connection ends through the server's one close path with exactly one reason. A
 //! connection refused at accept never becomes a connection: it is counted as a
-//! [`RejectReason`](crate::RejectReason), not as a close reason.
+//! [`RejectReason`], not as a close reason.
 
 use std::fmt;
 use std::io;
@@ -131,6 +134,109 @@ impl fmt::Display for CloseReason {
         match self {
             CloseReason::Io(kind) => write!(f, "io({kind})"),
             other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// Why a connection was refused at accept (it never became a connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// The server was at its connection cap.
+    Full,
+    /// The peer IP already had `max_per_ip` connections.
+    PerIp,
+    /// Accepted and closed while shedding after EMFILE/ENFILE (the spare-fd trick).
+    Shed,
+    /// The socket could not be registered with the poll.
+    Register,
+    /// A PROXY protocol listener got bytes that are not a header of an accepted version
+    /// (or the client went away before sending one).
+    ProxyHeaderMissing,
+    /// A PROXY protocol header was malformed or oversized.
+    ProxyHeaderInvalid,
+    /// A PROXY protocol header was not complete within
+    /// [`Config::proxy_header_timeout`](crate::Config::proxy_header_timeout).
+    ProxyHeaderTimeout,
+}
+
+impl RejectReason {
+    /// Number of counters, one per variant.
+    pub const COUNT: usize = 7;
+    /// Counter names, in [`RejectReason::index`] order.
+    pub const NAMES: [&'static str; Self::COUNT] = [
+        "full",
+        "per_ip",
+        "shed",
+        "register",
+        "proxy_header_missing",
+        "proxy_header_invalid",
+        "proxy_header_timeout",
+    ];
+
+    /// The counter slot of this reason.
+    pub fn index(self) -> usize {
+        match self {
+            RejectReason::Full => 0,
+            RejectReason::PerIp => 1,
+            RejectReason::Shed => 2,
+            RejectReason::Register => 3,
+            RejectReason::ProxyHeaderMissing => 4,
+            RejectReason::ProxyHeaderInvalid => 5,
+            RejectReason::ProxyHeaderTimeout => 6,
+        }
+    }
+}
+
+/// What a lingering read found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LingerEnd {
+    /// The peer's EOF: everything it sent was read.
+    Eof,
+    /// The linger deadline passed.
+    Timeout,
+    /// The byte cap was reached (reading stopped then; the deadline ended it).
+    Bytes,
+    /// A read failed (typically a reset).
+    Error,
+}
+
+impl LingerEnd {
+    pub(crate) const COUNT: usize = 4;
+    pub(crate) const NAMES: [&'static str; Self::COUNT] = ["eof", "timeout", "bytes", "error"];
+}
+
+/// Why an `accept` call failed, as counted in [`Metrics::accept_errors`](crate::Metrics::accept_errors)
+/// (what the accept loop does about each kind is the `limits` module's policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AcceptError {
+    /// The new connection's own failure, retried like EAGAIN (accept(2): "Linux accept()
+    /// passes already-pending network errors on the new socket as an error code from accept()";
+    /// also EINTR, ECONNABORTED and EPERM, a firewall refusing it).
+    Connection,
+    /// The process's descriptors are exhausted (EMFILE).
+    ProcessFds,
+    /// The system's descriptors are exhausted (ENFILE).
+    SystemFds,
+    /// Kernel memory is short (ENOBUFS, ENOMEM).
+    Memory,
+    /// Anything else.
+    Other,
+}
+
+impl AcceptError {
+    pub(crate) const COUNT: usize = 5;
+    /// Counter names, in [`AcceptError::index`] order.
+    pub(crate) const NAMES: [&'static str; Self::COUNT] =
+        ["emfile", "enfile", "nomem", "connection", "other"];
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            AcceptError::ProcessFds => 0,
+            AcceptError::SystemFds => 1,
+            AcceptError::Memory => 2,
+            AcceptError::Connection => 3,
+            AcceptError::Other => 4,
         }
     }
 }

@@ -26,10 +26,8 @@ use slab::Slab;
 
 use super::View;
 use crate::conn::{flag, Conn, Phase};
-use crate::metrics::{
-    Metrics, RejectReason, ACCEPT_ERROR_NAMES, LIFETIME_BUCKETS_MS, LINGER_END_NAMES,
-};
-use crate::reason::CloseReason;
+use crate::metrics::{Metrics, ACCEPT_ERROR_NAMES, LIFETIME_BUCKETS_MS, LINGER_END_NAMES};
+use crate::reason::{CloseReason, RejectReason};
 use crate::time::{Clock, Tick};
 use crate::token;
 

@@ -21,9 +21,8 @@ use super::Server;
 use crate::config::{Config, ProxyProtocol};
 use crate::conn::{flag, Conn, Phase};
 use crate::handler::{Context, Handler};
-use crate::limits::{self, AcceptError, AcceptGate, Lru, PerIp};
-use crate::metrics::RejectReason;
-use crate::reason::CloseReason;
+use crate::limits::{self, AcceptGate, Lru, PerIp};
+use crate::reason::{AcceptError, CloseReason, RejectReason};
 use crate::table::{apply_buffers, SocketOptions};
 use crate::time::Tick;
 use crate::token::{self, ConnId};
@@ -97,10 +96,9 @@ impl<H: Handler> Server<H> {
                 }
                 Err(e) => e,
             };
-            let kind = limits::classify_accept_error(&err);
-            if kind == AcceptError::Drained {
-                return;
-            }
+            let Some(kind) = limits::classify_accept_error(&err) else {
+                return; // drained
+            };
             self.table.metrics.accept_errors[kind.index()] += 1;
             match kind {
                 AcceptError::ProcessFds | AcceptError::SystemFds => {
@@ -108,7 +106,6 @@ impl<H: Handler> Server<H> {
                 }
                 AcceptError::Memory => return self.pause_accepting(&err, now),
                 AcceptError::Connection => trace!("accept: the new connection failed: {err}"),
-                AcceptError::Drained => {}
                 AcceptError::Other => {
                     other = true;
                     let errno = err.raw_os_error().unwrap_or(-1);
@@ -197,7 +194,7 @@ impl<H: Handler> Server<H> {
                         None => drop(stream),
                     }
                 }
-                Err(e) if limits::classify_accept_error(&e) == AcceptError::Connection => {}
+                Err(e) if limits::classify_accept_error(&e) == Some(AcceptError::Connection) => {}
                 Err(_) => break,
             }
         }

@@ -41,12 +41,12 @@ use mio::{Events, Interest, Poll};
 
 use crate::admin::{AdminSide, View, ADMIN_FDS};
 use crate::config::Config;
-use crate::conn::{flag, Conn, LingerEnd, OutputLimits, Phase, Timeouts};
+use crate::conn::{flag, Conn, OutputLimits, Phase, Timeouts};
 use crate::error::Error;
 use crate::handler::{Context, Eof, Handler};
 use crate::limits;
 use crate::metrics::Metrics;
-use crate::reason::CloseReason;
+use crate::reason::{CloseReason, LingerEnd};
 use crate::remote::{Handle, Job, Msg, Remote, Shared};
 use crate::table::{DialError, Table};
 use crate::time::{Clock, Tick, NEVER};

@@ -18,7 +18,7 @@ use super::Server;
 use crate::conn::{flag, Due, Phase, Timeouts};
 use crate::handler::{Context, Handler, Idle};
 use crate::limits;
-use crate::reason::CloseReason;
+use crate::reason::{CloseReason, LingerEnd, RejectReason};
 use crate::time::{Tick, NEVER};
 use crate::token::ConnId;
 use crate::wheel::{Entry, Wheel};
@@ -153,7 +153,7 @@ impl<H: Handler> Server<H> {
         let id = ConnId::new(key, self.table.slab[key].gen);
         match due {
             Due::Connect => self.close(key, CloseReason::ConnectTimeout),
-            Due::Header => self.reject_header(key, crate::RejectReason::ProxyHeaderTimeout),
+            Due::Header => self.reject_header(key, RejectReason::ProxyHeaderTimeout),
             Due::FirstByte => self.close(key, CloseReason::FirstByteTimeout),
             Due::Lifetime => {
                 self.table.slab[key].close_gracefully(CloseReason::MaxLifetime);
@@ -164,9 +164,9 @@ impl<H: Handler> Server<H> {
                 // Past the byte cap the linger stopped reading and waited for this deadline.
                 let capped = self.table.slab[key].timer >= self.config.linger_bytes;
                 let end = if capped {
-                    crate::conn::LingerEnd::Bytes
+                    LingerEnd::Bytes
                 } else {
-                    crate::conn::LingerEnd::Timeout
+                    LingerEnd::Timeout
                 };
                 self.end_linger(key, end);
             }
