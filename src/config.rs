@@ -7,13 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::error::Error;
-
-/// Largest connection cap accepted: slab keys must fit the low half of a [`mio::Token`].
-pub const MAX_CONNECTIONS_LIMIT: usize = if usize::BITS >= 64 {
-    1 << 31
-} else {
-    (1 << 15) - 1
-};
+use crate::token::MAX_CONNECTIONS_LIMIT;
 
 /// What to do with a new connection when the server already holds `max_connections`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -94,7 +94,7 @@ mod token;
 pub mod wheel;
 mod workers;
 
-pub use config::{Config, OnFull, ProxyProtocol, MAX_CONNECTIONS_LIMIT};
+pub use config::{Config, OnFull, ProxyProtocol};
 pub use error::Error;
 pub use handler::{ConnMut, Context, Discard, Echo, Eof, Handler, Idle, Origin, SendError};
 pub use limits::{FALLBACK_MAX_CONNECTIONS, FD_RESERVE};
@@ -103,5 +103,5 @@ pub use reason::{CloseReason, RejectReason};
 pub use remote::{Handle, Remote, RemoteError};
 pub use server::Server;
 pub use table::{DialError, DialFailure};
-pub use token::ConnId;
+pub use token::{ConnId, MAX_CONNECTIONS_LIMIT};
 pub use workers::{RunningWorkers, Workers, WorkersHandle};

@@ -4,7 +4,7 @@
 //! # Layout
 //! - A connection's token is `generation << KEY_BITS | key`, with `KEY_BITS` half a `usize`
 //!   (32 bits on 64-bit targets, 16 on 32-bit ones). Keys stay below
-//!   [`MAX_CONNECTIONS_LIMIT`](crate::MAX_CONNECTIONS_LIMIT), far below `2^KEY_BITS`.
+//!   [`MAX_CONNECTIONS_LIMIT`], far below `2^KEY_BITS`.
 //! - The special tokens count down from `usize::MAX`: the waker, then [`MAX_LISTENERS`]
 //!   listeners, the deadline alarm, the admin listener, then the admin connections. Their low halves are all above
 //!   any slab key, so [`decode`] tells them apart from connections by distance from the top.
@@ -32,6 +32,14 @@ pub(crate) const GEN_MASK: u32 = if usize::BITS - KEY_BITS >= 32 {
     (1 << (usize::BITS - KEY_BITS)) - 1
 };
 
+/// Largest connection cap accepted: slab keys must fit the low half of a [`mio::Token`], below the
+/// special tokens.
+pub const MAX_CONNECTIONS_LIMIT: usize = if usize::BITS >= 64 {
+    1 << 31
+} else {
+    (1 << 15) - 1
+};
+
 /// Most listeners one server takes.
 pub(crate) const MAX_LISTENERS: usize = 1024;
 /// Most admin connections: their tokens sit below the admin listener's.
@@ -46,7 +54,7 @@ const ADMIN_CONN_AT: usize = MAX_LISTENERS + 3;
 const SPECIAL: usize = ADMIN_CONN_AT + MAX_ADMIN_CONNS;
 
 // Every connection token's low half (its key) must stay below every special token's low half.
-const _: () = assert!(crate::config::MAX_CONNECTIONS_LIMIT < KEY_MASK - SPECIAL);
+const _: () = assert!(MAX_CONNECTIONS_LIMIT < KEY_MASK - SPECIAL);
 
 /// What a token names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +169,6 @@ impl fmt::Display for ConnId {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::MAX_CONNECTIONS_LIMIT;
 
     #[test]
     fn every_kind_round_trips() {
