@@ -80,6 +80,7 @@ mod alarm;
 mod config;
 mod conn;
 mod error;
+mod group;
 mod handler;
 mod limits;
 mod metrics;

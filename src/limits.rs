@@ -16,6 +16,18 @@ use crate::time::Tick;
 /// spare fd, stdio and logging, and a margin for an embedder's own files.
 pub const FD_RESERVE: u64 = 32;
 
+/// Admin connections open at once: the admin endpoint's own cap.
+#[cfg_attr(not(feature = "admin"), allow(dead_code))]
+pub(crate) const ADMIN_CONNS: usize = 16;
+
+/// Descriptors the admin side may hold at most (its listener and connections), kept back from
+/// the connection cap when it is on; none without the `admin` feature (it cannot be on).
+pub(crate) const ADMIN_FDS: u64 = if cfg!(feature = "admin") {
+    1 + ADMIN_CONNS as u64
+} else {
+    0
+};
+
 /// Connection cap used when the open-file limit cannot be read.
 pub const FALLBACK_MAX_CONNECTIONS: usize = 10_000;
 

@@ -26,13 +26,15 @@ use slab::Slab;
 
 use super::View;
 use crate::conn::{flag, Conn, Phase};
+use crate::limits;
 use crate::metrics::{Metrics, ACCEPT_ERROR_NAMES, LIFETIME_BUCKETS_MS, LINGER_END_NAMES};
 use crate::reason::{CloseReason, RejectReason};
 use crate::time::{Clock, Tick};
 use crate::token;
 
-/// Admin connections open at once.
-pub(crate) const MAX_ADMIN_CONNS: usize = 16;
+/// Admin connections open at once (their descriptors are kept back from the connection cap:
+/// [`ADMIN_FDS`](crate::limits::ADMIN_FDS)).
+const MAX_ADMIN_CONNS: usize = limits::ADMIN_CONNS;
 const _: () = assert!(MAX_ADMIN_CONNS <= token::MAX_ADMIN_CONNS);
 /// Accepts per turn: a flood of admin connects cannot hold the loop.
 const ACCEPT_BUDGET: usize = 16;

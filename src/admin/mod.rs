@@ -9,19 +9,13 @@ use mio::Registry;
 use slab::Slab;
 
 use crate::conn::Conn;
+use crate::group::Group;
 use crate::handler::Handler;
 use crate::metrics::Metrics;
 use crate::time::{Clock, Tick};
 
 #[cfg(feature = "admin")]
 mod http;
-
-/// Descriptors the admin side may hold at most (listener and connections), kept back from the
-/// connection cap.
-#[cfg(feature = "admin")]
-pub(crate) const ADMIN_FDS: u64 = 1 + http::MAX_ADMIN_CONNS as u64;
-#[cfg(not(feature = "admin"))]
-pub(crate) const ADMIN_FDS: u64 = 0;
 
 /// What the admin pages show, borrowed from the server for one request.
 #[cfg_attr(not(feature = "admin"), allow(dead_code))]
@@ -38,7 +32,7 @@ pub(crate) struct View<'a, S> {
     /// The handler's own parts of the pages.
     pub(crate) hooks: &'a dyn Hooks<S>,
     /// The group of workers this loop belongs to, and its index there.
-    pub(crate) group: Option<(&'a crate::workers::Group, usize)>,
+    pub(crate) group: Option<(&'a Group, usize)>,
 }
 
 impl<S> std::fmt::Debug for View<'_, S> {

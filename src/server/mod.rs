@@ -39,12 +39,13 @@ use log::{debug, info, trace};
 use mio::event::Event;
 use mio::{Events, Interest, Poll};
 
-use crate::admin::{AdminSide, View, ADMIN_FDS};
+use crate::admin::{AdminSide, View};
 use crate::config::Config;
 use crate::conn::{flag, Conn, OutputLimits, Phase, Timeouts};
 use crate::error::Error;
+use crate::group::{Group, Member};
 use crate::handler::{Context, Eof, Handler};
-use crate::limits;
+use crate::limits::{self, ADMIN_FDS};
 use crate::metrics::Metrics;
 use crate::reason::{CloseReason, LingerEnd};
 use crate::remote::{Handle, Job, Msg, Remote, Shared};
@@ -123,7 +124,7 @@ pub struct Server<H: Handler> {
     /// The remote budget ran out with messages left.
     remote_ready: bool,
     /// Membership in a group of workers ([`crate::Workers`]), if any.
-    member: Option<crate::workers::Member>,
+    member: Option<Member>,
     /// The deadline wake-up of real-time turns (Linux), so that the poll waits without a
     /// timeout; `None` elsewhere, or if it could not be created (then the poll timeout does).
     #[cfg(target_os = "linux")]
@@ -394,13 +395,13 @@ impl<H: Handler> Server<H> {
     }
 
     /// Makes this server worker `index` of `group`.
-    pub(crate) fn join_group(&mut self, group: Arc<crate::workers::Group>, index: usize) {
+    pub(crate) fn join_group(&mut self, group: Arc<Group>, index: usize) {
         let own = self.own_fds() as u64;
         group.slots[index]
             .fds
             .store(own, std::sync::atomic::Ordering::Relaxed);
         group.publish(index, &self.table.metrics);
-        self.member = Some(crate::workers::Member {
+        self.member = Some(Member {
             group,
             index,
             published: Tick::MAX,
