@@ -23,6 +23,7 @@ use mio::net::TcpStream;
 use crate::metrics::Metrics;
 use crate::reason::{CloseReason, LingerEnd};
 use crate::time::{Tick, NEVER};
+use crate::token::ConnId;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +148,17 @@ pub(crate) enum Due {
     FirstByte,
 }
 
+/// What the loop keeps of a connection whose handler part ends, for `on_close` and the log.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ended {
+    pub(crate) id: ConnId,
+    pub(crate) peer: SocketAddr,
+    pub(crate) dialed: bool,
+    pub(crate) opened: Tick,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+}
+
 /// A connection in the slab.
 #[derive(Debug)]
 pub(crate) struct Conn<S> {
@@ -212,6 +224,18 @@ impl<S> Conn<S> {
             bytes_in: 0,
             bytes_out: 0,
             state: None,
+        }
+    }
+
+    /// What is kept of this connection (slab key `key`) once its handler part ends.
+    pub(crate) fn ended(&self, key: usize) -> Ended {
+        Ended {
+            id: ConnId::new(key, self.gen),
+            peer: self.peer(),
+            dialed: self.has(flag::DIALED),
+            opened: self.opened,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
         }
     }
 

@@ -151,6 +151,14 @@ impl<S> Table<S> {
             .filter(|c| c.gen == id.generation())
     }
 
+    /// Every connection's id, for a pass that may close some of them.
+    pub(crate) fn ids(&self) -> Vec<ConnId> {
+        self.slab
+            .iter()
+            .map(|(key, c)| ConnId::new(key, c.gen))
+            .collect()
+    }
+
     /// Puts `id` on the list of connections to settle after the callback (once).
     pub(crate) fn mark_dirty(&mut self, id: ConnId) {
         if let Some(conn) = self.slab.get_mut(id.key()) {

@@ -25,74 +25,55 @@
 //!   (`settle`) after the callback, so no callback runs inside another.
 //! - With [`Handler::PAUSE_READING_WHILE_PENDING`], a connection with pending output is not
 //!   read (backpressure); any connection with pending output has a write-stall deadline.
+//!
+//! # Files
+//! One `Server` type, its `impl` spread over files by job (each file's methods are
+//! `pub(super)`, for its siblings):
+//! - `mod.rs`: the struct, binding, and the public face (turns, run, drain, shutdown, readers);
+//! - `turn.rs`: one turn: the poll and its timeout, dispatch, the waker, continuing budgeted
+//!   work, publishing to a group;
+//! - `io.rs`: one connection's I/O: connect, flush, read, deliver, EOF;
+//! - `close.rs`: settling what a callback asked, the close path, lingering;
+//! - `accept.rs`: listeners, the accept gate, admission, PROXY headers;
+//! - `timers.rs`: the wheel's use, the drain's schedule, periodic work, the leak self-check.
 
 mod accept;
+mod close;
+mod io;
 mod timers;
+mod turn;
 
 use std::mem;
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, trace};
-use mio::event::Event;
+use log::info;
 use mio::{Events, Interest, Poll};
 
-use crate::admin::{AdminSide, View};
+use crate::admin::AdminSide;
 use crate::config::Config;
-use crate::conn::{flag, Conn, OutputLimits, Phase, Timeouts};
+use crate::conn::{OutputLimits, Phase, Timeouts};
 use crate::error::Error;
 use crate::group::{Group, Member};
-use crate::handler::{Context, Eof, Handler};
+use crate::handler::{Context, Handler};
 use crate::limits::{self, ADMIN_FDS};
 use crate::metrics::Metrics;
 use crate::reason::{CloseReason, LingerEnd};
 use crate::remote::{Handle, Job, Msg, Remote, Shared};
 use crate::table::{DialError, Table};
-use crate::time::{Clock, Tick, NEVER};
-use crate::token::{self, ConnId, Kind, MAX_LISTENERS};
+use crate::time::{Clock, Tick};
+use crate::token::{self, ConnId, MAX_LISTENERS};
 
 use accept::{bind_listener, socket_options, Acceptor, Listener};
-use timers::{Timers, COMPACT_MIN};
+use timers::Timers;
 
 /// The loop's end of the closure queue, and the sending end that [`Remote`]s clone.
 type JobQueue<H> = (Receiver<Job<H>>, std::sync::mpsc::SyncSender<Job<H>>);
 
 /// Events fetched per poll.
-const EVENTS_CAPACITY: usize = 1024;
-
-/// Readiness of one event, as the loop uses it (also built for continuing budgeted work).
-#[derive(Debug, Clone, Copy, Default)]
-struct Readiness {
-    readable: bool,
-    writable: bool,
-    read_closed: bool,
-    error: bool,
-    /// EPOLLPRI: TCP urgent data arrived.
-    priority: bool,
-}
-
-impl Readiness {
-    fn of(event: &Event) -> Readiness {
-        Readiness {
-            readable: event.is_readable(),
-            writable: event.is_writable(),
-            read_closed: event.is_read_closed(),
-            error: event.is_error(),
-            priority: event.is_priority(),
-        }
-    }
-
-    /// Continuing a read that a budget interrupted, or that the handler resumed.
-    const CONTINUE: Readiness = Readiness {
-        readable: true,
-        writable: false,
-        read_closed: false,
-        error: false,
-        priority: false,
-    };
-}
+pub(super) const EVENTS_CAPACITY: usize = 1024;
 
 /// A single-threaded TCP server: listeners, connections (accepted and dialed), deadlines and
 /// metrics, driven by [`Server::run`] or turn by turn with [`Server::turn`] /
@@ -369,7 +350,7 @@ impl<H: Handler> Server<H> {
 
     /// Whether a drain is under way (its lame-duck delay included).
     pub fn is_draining(&self) -> bool {
-        self.timers.drain_deadline.is_some() || self.timers.lame_duck.is_some()
+        self.timers.is_draining()
     }
 
     /// Whether this server should get new connections (what `/readyz` answers): not while
@@ -378,15 +359,8 @@ impl<H: Handler> Server<H> {
     /// # Errors
     /// Why not, in a few words.
     pub fn readiness(&self) -> Result<(), &'static str> {
-        if self.timers.lame_duck.is_some() {
-            Err("draining soon (lame duck)")
-        } else if self.timers.drain_deadline.is_some() {
-            Err("draining")
-        } else if self.table.slab.len() >= self.table.max_connections {
-            Err("at the connection cap")
-        } else {
-            Ok(())
-        }
+        self.timers
+            .readiness(self.table.slab.len(), self.table.max_connections)
     }
 
     /// The time of the last turn (the server's start before the first).
@@ -407,53 +381,6 @@ impl<H: Handler> Server<H> {
             published: Tick::MAX,
             unpublished: false,
         });
-    }
-
-    /// In a group: publishes this worker's metrics and descriptors, once per tick at most. A
-    /// turn in a tick already published leaves them for the next tick, which the poll timeout
-    /// then waits for at most (see `timeout`).
-    fn publish(&mut self) {
-        let now = self.table.now;
-        if let Some(m) = &mut self.member {
-            m.unpublished = m.published == now;
-        }
-        if self.member.as_ref().is_some_and(|m| !m.unpublished) {
-            let fds = self.own_fds() as u64 + self.table.slab.len() as u64;
-            let m = self.member.as_mut().expect("checked above");
-            m.published = now;
-            m.group.publish(m.index, &self.table.metrics);
-            m.group.slots[m.index]
-                .fds
-                .store(fds, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    /// In a group: answers worker 0's `/connections` query, if one is waiting.
-    fn answer_group(&mut self) {
-        let Some(m) = &self.member else {
-            return;
-        };
-        let Some(query) = m.group.take_request(m.index) else {
-            return;
-        };
-        let view = self.view();
-        let lines = crate::admin::connection_lines(&query, &view, Some(m.index));
-        m.group.respond(m.index, lines);
-    }
-
-    /// What the admin pages show, now.
-    fn view(&self) -> View<'_, H::Conn> {
-        View {
-            metrics: &self.table.metrics,
-            conns: &self.table.slab,
-            now: self.table.now,
-            at: self.table.now_at,
-            clock: self.table.clock,
-            draining: self.is_draining(),
-            ready: self.readiness(),
-            hooks: &self.handler,
-            group: self.member.as_ref().map(|m| (&*m.group, m.index)),
-        }
     }
 
     /// Dials `addr` from outside a callback (between turns); see [`Context::connect`].
@@ -562,704 +489,6 @@ impl<H: Handler> Server<H> {
         self.timeout(None, Some(now))
     }
 
-    fn has_ready_work(&self) -> bool {
-        !self.ready.is_empty()
-            || self.timers.expire_ready
-            || self.accept.has_ready()
-            || self.remote_ready
-    }
-
-    /// The tick of the loop's next deadline of any kind, if any.
-    fn next_wake(&self) -> Option<Tick> {
-        // Figures a worker could not publish in this tick are published in the next.
-        let publish_at = self
-            .member
-            .as_ref()
-            .filter(|m| m.unpublished)
-            .map(|_| self.table.now + 1);
-        [
-            self.timers.poll_at(),
-            self.accept.gate.poll_at(),
-            self.admin.poll_at(),
-            publish_at,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-    }
-
-    /// The poll timeout: zero for ready work; else until the next deadline, from `now` (the
-    /// clock is read only if there is a deadline), capped by `max_wait`.
-    fn timeout(&self, max_wait: Option<Duration>, now: Option<Instant>) -> Option<Duration> {
-        if self.has_ready_work() {
-            return Some(Duration::ZERO);
-        }
-        let next = self.next_wake();
-        // A deadline too far to be an Instant is no deadline.
-        let wait = next
-            .and_then(|t| self.table.clock.instant_of(t))
-            .map(|at| at.saturating_duration_since(now.unwrap_or_else(Instant::now)));
-        crate::time::earlier(wait, max_wait)
-    }
-
-    fn poll_and_process(
-        &mut self,
-        timeout: Option<Duration>,
-        now: Option<Instant>,
-    ) -> Result<(), Error> {
-        if self.table.stopped {
-            return Ok(());
-        }
-        if self.table.metrics.turns == 0 {
-            self.start_fd_check();
-        }
-        let mut events = self
-            .events
-            .take()
-            .unwrap_or_else(|| Events::with_capacity(EVENTS_CAPACITY));
-        if let Some(m) = &self.member {
-            m.group.beat(m.index, true, self.table.now_at);
-        }
-        let polled = self.table.poll.poll(&mut events, timeout);
-        // The clock is read after the poll: a `now` from before a blocking wait would be stale by
-        // the whole wait and stamp activity early.
-        let at = now.unwrap_or_else(Instant::now).max(self.table.now_at);
-        let now = self.table.clock.tick_at(at).max(self.table.now);
-        self.table.now = now;
-        self.table.now_at = at;
-        if let Some(m) = &self.member {
-            m.group.beat(m.index, false, at);
-        }
-        if let Err(e) = polled {
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                self.events = Some(events);
-                return Err(Error::Io(e));
-            }
-        }
-        self.table.metrics.turns += 1;
-        mem::swap(&mut self.ready, &mut self.carried);
-        // Listeners whose budget ran out in an earlier turn; ones that run out in this turn's
-        // dispatch wait for the next turn, so the budget holds per turn.
-        for l in &mut self.accept.listeners {
-            l.carried = mem::take(&mut l.ready);
-        }
-        for event in events.iter() {
-            self.table.metrics.events += 1;
-            self.dispatch(event.token(), Readiness::of(event), now);
-        }
-        self.events = Some(events);
-        if self.table.stopped {
-            return Ok(());
-        }
-        self.expire(now);
-        self.continue_ready(now);
-        if self.remote_ready {
-            self.drain_remote();
-        }
-        if self.timers.stale > COMPACT_MIN && self.timers.stale > 2 * self.table.slab.len() {
-            self.compact_wheel();
-        }
-        let view = View {
-            metrics: &self.table.metrics,
-            conns: &self.table.slab,
-            now,
-            at: self.table.now_at,
-            clock: self.table.clock,
-            draining: self.timers.drain_deadline.is_some() || self.timers.lame_duck.is_some(),
-            ready: self.readiness(),
-            hooks: &self.handler,
-            group: self.member.as_ref().map(|m| (&*m.group, m.index)),
-        };
-        self.admin.tick(self.table.poll.registry(), &view);
-        self.check_fds(now);
-        self.run_periodic(now);
-        self.check_lame_duck(now);
-        if let Some(deadline) = self.timers.drain_deadline {
-            self.check_drain(deadline, now);
-        }
-        self.publish();
-        Ok(())
-    }
-
-    fn dispatch(&mut self, token: mio::Token, ready: Readiness, now: Tick) {
-        match token::decode(token) {
-            Kind::Waker => self.wake_up(now),
-            Kind::Alarm => {
-                #[cfg(target_os = "linux")]
-                if let Some(a) = &mut self.alarm {
-                    a.fired(); // what is due is handled below, as every turn
-                }
-            }
-            Kind::Listener(i) => {
-                // While paused after fd exhaustion, listener events are ignored (resume accepts).
-                if i < self.accept.listeners.len() && !self.accept.gate.is_paused() {
-                    self.accept(i, now);
-                }
-            }
-            Kind::AdminListener => self.admin.accept(self.table.poll.registry(), now),
-            Kind::AdminConn(k) => {
-                let view = View {
-                    metrics: &self.table.metrics,
-                    conns: &self.table.slab,
-                    now,
-                    at: self.table.now_at,
-                    clock: self.table.clock,
-                    draining: self.is_draining(),
-                    ready: self.readiness(),
-                    hooks: &self.handler,
-                    group: self.member.as_ref().map(|m| (&*m.group, m.index)),
-                };
-                self.admin.drive(k, self.table.poll.registry(), &view);
-            }
-            Kind::Conn { key, gen } => match self.table.slab.get(key) {
-                Some(conn) if conn.gen == gen => self.drive(key, ready),
-                _ => {
-                    self.table.metrics.stale += 1;
-                    trace!("stale event token={} key={key} gen={gen}", token.0);
-                }
-            },
-        }
-    }
-
-    /// The waker fired: a stop, a drain, or messages from other threads.
-    fn wake_up(&mut self, now: Tick) {
-        self.shared.clear_wake();
-        self.answer_group();
-        if self.shared.stop.load(std::sync::atomic::Ordering::Acquire) {
-            return self.shutdown();
-        }
-        let ns = self
-            .shared
-            .drain_ns
-            .swap(u64::MAX, std::sync::atomic::Ordering::AcqRel);
-        if ns != u64::MAX {
-            self.begin_drain(Duration::from_nanos(ns), now);
-        }
-        self.drain_remote();
-    }
-
-    /// Delivers what other threads queued, within a budget of one queue's capacity per queue.
-    fn drain_remote(&mut self) {
-        let budget = self.config.remote_queue;
-        let mut left = false;
-        for n in 0.. {
-            if n == budget {
-                left = true;
-                break;
-            }
-            let Ok(msg) = self.mail.try_recv() else {
-                break;
-            };
-            let mut ctx = Context::new(&mut self.table, ConnId::NONE);
-            let delivered = match msg {
-                Msg::Send(id, data) => ctx.send(id, &data).is_ok(),
-                Msg::Close(id) => ctx.close_conn(id).is_ok(),
-            };
-            if !delivered {
-                self.table.metrics.remote_dropped += 1;
-            }
-            self.process_dirty();
-        }
-        if let Some((jobs, _)) = &self.jobs {
-            let mut batch = Vec::new();
-            for n in 0.. {
-                if n == budget {
-                    left = true;
-                    break;
-                }
-                match jobs.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
-            for job in batch {
-                job(
-                    &mut self.handler,
-                    &mut Context::new(&mut self.table, ConnId::NONE),
-                );
-                self.process_dirty();
-            }
-        }
-        self.remote_ready = left;
-    }
-
-    /// Handles readiness on a live connection: complete a dial, flush pending output, read (or,
-    /// while lingering, read and discard).
-    fn drive(&mut self, key: usize, ready: Readiness) {
-        let now = self.table.now;
-        match self.table.slab[key].phase {
-            Phase::Header => return self.read_header(key, ready.read_closed || ready.priority),
-            Phase::Lingering => return self.linger(key),
-            Phase::Connecting => {
-                if !self.finish_connect(key) {
-                    return;
-                }
-            }
-            Phase::Open => {}
-        }
-        let limits = self.table.limits;
-        let table = &mut self.table;
-        let conn = &mut table.slab[key];
-        let id = ConnId::new(key, conn.gen);
-        if ready.read_closed {
-            conn.set(flag::READ_CLOSED);
-        }
-        if ready.priority {
-            conn.set(flag::URGENT);
-        }
-        let mut want_read = ready.readable || ready.read_closed || ready.error || ready.priority;
-        if conn.has_pending() {
-            if ready.writable || ready.error {
-                let flushed = conn.flush(&limits, now, &mut table.metrics);
-                if conn.last_active == now {
-                    self.touch_lru(key); // write progress is activity
-                }
-                match flushed {
-                    Err(reason) => return self.close(key, reason),
-                    // Reading was paused: data may be waiting with no new edge to announce it.
-                    Ok(done) => want_read |= done,
-                }
-                if self.table.slab[key].has(flag::DRAINED) {
-                    self.table.slab[key].clear(flag::DRAINED);
-                    if self
-                        .call(key, |h, state, ctx| h.on_drained(state, ctx))
-                        .is_none()
-                    {
-                        return;
-                    }
-                }
-                if !self.after_callback(id) {
-                    return;
-                }
-            } else if H::PAUSE_READING_WHILE_PENDING {
-                return; // reading stays paused until the output drains
-            }
-        }
-        if want_read && self.can_read(key) {
-            self.read(key);
-        }
-    }
-
-    /// A dialed connection's socket is ready: completes the dial, or closes it with the dial's
-    /// error. Returns whether it is now open.
-    fn finish_connect(&mut self, key: usize) -> bool {
-        let conn = &mut self.table.slab[key];
-        let id = ConnId::new(key, conn.gen);
-        // mio's recipe: on writable, `SO_ERROR` tells a failed handshake; `getpeername` failing
-        // with ENOTCONN is a wakeup before the handshake completed.
-        let error = match conn.stream.take_error() {
-            Ok(None) => match conn.stream.peer_addr() {
-                Ok(_) => None,
-                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => return false,
-                Err(e) => Some(e),
-            },
-            Ok(Some(e)) | Err(e) => Some(e),
-        };
-        if let Some(e) = error {
-            self.close(key, CloseReason::from_connect_error(&e));
-            return false;
-        }
-        let conn = &mut self.table.slab[key];
-        conn.phase = Phase::Open;
-        conn.last_active = self.table.now;
-        // The write-stall clock of output queued while connecting starts now.
-        conn.restart_progress(self.table.now);
-        self.table.metrics.connected += 1;
-        self.table.metrics.connecting -= 1;
-        self.push_lru(id);
-        debug!("connected conn={id}");
-        if self
-            .call(key, |h, state, ctx| h.on_connected(state, ctx))
-            .is_none()
-        {
-            return false;
-        }
-        self.after_callback(id)
-    }
-
-    /// Reads until WouldBlock, a short read (unless the peer's write side is closed: data and
-    /// FIN can share one edge; or urgent data stopped the read at its mark), a reason to stop
-    /// (pending output, a pause, a close), or the read budget.
-    fn read(&mut self, key: usize) {
-        if self.table.slab[key].has(flag::LEFTOVER) && !self.feed_leftover(key) {
-            return;
-        }
-        // A read never takes more than the output cap, so echoing it back cannot overflow.
-        let chunk = self.buf.len().min(self.config.max_pending);
-        let mut reads = 0;
-        loop {
-            let conn = &mut self.table.slab[key];
-            let id = ConnId::new(key, conn.gen);
-            match std::io::Read::read(&mut conn.stream, &mut self.buf[..chunk]) {
-                Ok(0) => {
-                    conn.set(flag::EOF);
-                    return self.on_eof(key);
-                }
-                Ok(n) => {
-                    if !self.deliver(key, n) {
-                        return;
-                    }
-                    reads += 1;
-                    let conn = &mut self.table.slab[key];
-                    if n < chunk && !conn.has(flag::READ_CLOSED | flag::URGENT) {
-                        return; // drained: the next data brings a new edge
-                    }
-                    if reads >= self.config.read_budget {
-                        if !conn.has(flag::QUEUED) {
-                            conn.set(flag::QUEUED);
-                            self.ready.push(id);
-                        }
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // Past every urgent mark: short reads mean drained again.
-                    conn.clear(flag::URGENT);
-                    return;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return self.close(key, CloseReason::from_io(&e)),
-            }
-        }
-    }
-
-    /// Delivers what followed connection `key`'s PROXY header, in chunks like reads, while
-    /// reading is not paused; keeps the rest for later. Returns whether reading may go on.
-    fn feed_leftover(&mut self, key: usize) -> bool {
-        let id = ConnId::new(key, self.table.slab[key].gen);
-        let Some(at) = self.leftover.iter().position(|(i, _)| *i == id) else {
-            self.table.slab[key].clear(flag::LEFTOVER);
-            return true;
-        };
-        let (_, mut bytes) = self.leftover.swap_remove(at);
-        let chunk = self.buf.len().min(self.config.max_pending);
-        let mut off = 0;
-        while off < bytes.len() && self.can_read(key) {
-            let n = (bytes.len() - off).min(chunk);
-            self.buf[..n].copy_from_slice(&bytes[off..off + n]);
-            off += n;
-            if !self.deliver(key, n) {
-                break;
-            }
-        }
-        let Some(conn) = self.table.get(id) else {
-            return false; // closed meanwhile (and its entry was taken out above)
-        };
-        if off < bytes.len() {
-            bytes.drain(..off);
-            self.leftover.push((id, bytes));
-            return false;
-        }
-        conn.clear(flag::LEFTOVER);
-        self.can_read(key)
-    }
-
-    /// Hands the first `n` bytes of the read buffer to the handler as connection `key`'s data,
-    /// then settles what the callback did. Returns whether reading may go on.
-    fn deliver(&mut self, key: usize, n: usize) -> bool {
-        let now = self.table.now;
-        let conn = &mut self.table.slab[key];
-        let id = ConnId::new(key, conn.gen);
-        conn.bytes_in += n as u64;
-        conn.last_active = now;
-        self.table.metrics.bytes_in += n as u64;
-        self.touch_lru(key);
-        let Some(mut state) = self.table.slab[key].state.take() else {
-            return false;
-        };
-        self.handler.on_data(
-            &mut state,
-            &mut Context::new(&mut self.table, id),
-            &self.buf[..n],
-        );
-        let conn = &mut self.table.slab[key];
-        conn.state = Some(state);
-        // The common case (a reply written whole, nothing else touched) needs no settling: no
-        // deadline moved, nothing to close.
-        let plain = conn.is_live()
-            && !conn.has_pending()
-            && !conn.has(flag::DIRTY)
-            && self.table.dirty.is_empty();
-        plain || (self.after_callback(id) && self.can_read(key))
-    }
-
-    /// A read returned 0: the handler decides between closing (the default, once pending
-    /// output is flushed) and keeping the connection open for writing.
-    fn on_eof(&mut self, key: usize) {
-        let id = ConnId::new(key, self.table.slab[key].gen);
-        match self.call(key, |h, state, ctx| h.on_eof(state, ctx)) {
-            None => return,
-            Some(Eof::Close) => self.table.slab[key].close_gracefully(CloseReason::PeerClosed),
-            Some(Eof::KeepOpen) => {}
-        }
-        self.after_callback(id);
-    }
-
-    /// Calls `f` with the handler, connection `key`'s state and a context for it. `None` if the
-    /// connection has no state (its handler part ended).
-    fn call<R>(
-        &mut self,
-        key: usize,
-        f: impl FnOnce(&mut H, &mut H::Conn, &mut Context<'_, H::Conn>) -> R,
-    ) -> Option<R> {
-        let conn = &mut self.table.slab[key];
-        let id = ConnId::new(key, conn.gen);
-        let mut state = conn.state.take()?;
-        let r = f(
-            &mut self.handler,
-            &mut state,
-            &mut Context::new(&mut self.table, id),
-        );
-        // Still there: a callback never closes a connection itself.
-        self.table.slab[key].state = Some(state);
-        Some(r)
-    }
-
-    /// After a callback about connection `id`: settles it, then every connection the callback
-    /// touched. Returns whether `id` is still open (possibly closing after a flush).
-    fn after_callback(&mut self, id: ConnId) -> bool {
-        let alive = self.settle(id);
-        self.process_dirty();
-        alive
-            && self
-                .table
-                .get(id)
-                .is_some_and(|c| c.phase != Phase::Lingering)
-    }
-
-    /// Settles every connection a callback marked, until none is left (a close may run
-    /// `on_close`, which may mark more; each round either closes a connection or calls no
-    /// handler code, so this ends).
-    fn process_dirty(&mut self) {
-        while let Some(id) = self.table.dirty.pop() {
-            self.settle(id);
-        }
-    }
-
-    /// Acts on what a callback asked of connection `id`: close it at once (a write failed,
-    /// overflow), shut its write side or close it once its output is flushed, queue a resumed
-    /// read, arm its earliest deadline. Returns whether it is still open.
-    fn settle(&mut self, id: ConnId) -> bool {
-        let now = self.table.now;
-        let Some(conn) = self.table.get(id) else {
-            return false;
-        };
-        conn.clear(flag::DIRTY);
-        let key = id.key();
-        match conn.phase {
-            Phase::Lingering => return false,
-            Phase::Header => {
-                self.arm(key);
-                return false;
-            }
-            _ => {}
-        }
-        if let Some(reason) = conn.abort {
-            self.close(key, reason);
-            return false;
-        }
-        if !conn.has_pending() {
-            match conn.phase {
-                Phase::Open => {
-                    if conn.has(flag::SHUT_WANTED) && !conn.has(flag::SHUT_DONE) {
-                        conn.set(flag::SHUT_DONE);
-                        if let Err(e) = conn.stream.shutdown(Shutdown::Write) {
-                            self.close(key, CloseReason::from_io(&e));
-                            return false;
-                        }
-                    }
-                    if let Some(reason) = conn.graceful {
-                        self.finish_graceful(key, reason);
-                        return false;
-                    }
-                }
-                // Closed before it connected, with nothing to send: nothing to linger for.
-                Phase::Connecting => {
-                    if let Some(reason) = conn.graceful {
-                        self.close(key, reason);
-                        return false;
-                    }
-                }
-                Phase::Lingering | Phase::Header => {}
-            }
-        }
-        let active_now = conn.last_active == now;
-        if conn.has(flag::RESUME) {
-            conn.clear(flag::RESUME);
-            if !conn.has(flag::QUEUED) && self.can_read(key) {
-                self.table.slab[key].set(flag::QUEUED);
-                self.ready.push(id);
-            }
-        }
-        if active_now {
-            self.touch_lru(key); // a write the socket took at once is activity too
-        }
-        self.arm(key);
-        true
-    }
-
-    /// A graceful close whose output is flushed: linger if the peer may still be sending,
-    /// else close now.
-    fn finish_graceful(&mut self, key: usize, reason: CloseReason) {
-        let conn = &self.table.slab[key];
-        if self.timers.timeouts.linger > 0 && reason.lingers() && !conn.has(flag::EOF) {
-            self.begin_linger(key, reason);
-        } else {
-            self.close(key, reason);
-        }
-    }
-
-    /// Ends the handler's part of connection `key` (`on_close`, the count) and keeps the socket
-    /// to linger: its write side is shut (FIN after the queued reply) and what the peer still
-    /// sends is read and discarded, so that closing never meets unread input (which would make
-    /// Linux reset the connection and drop the reply still queued). Bounded by
-    /// [`Config::linger_timeout`] and [`Config::linger_bytes`]; costs no buffer.
-    fn begin_linger(&mut self, key: usize, reason: CloseReason) {
-        let conn = &mut self.table.slab[key];
-        if !conn.has(flag::SHUT_DONE) {
-            if conn.stream.shutdown(Shutdown::Write).is_err() {
-                return self.close(key, reason);
-            }
-            conn.set(flag::SHUT_DONE);
-        }
-        self.forget(key);
-        let now = self.table.now;
-        let conn = &mut self.table.slab[key];
-        let id = ConnId::new(key, conn.gen);
-        let state = conn.state.take();
-        let (peer, dialed, opened) = (conn.peer(), conn.has(flag::DIALED), conn.opened);
-        let (bytes_in, bytes_out) = (conn.bytes_in, conn.bytes_out);
-        conn.phase = Phase::Lingering;
-        conn.last_active = now;
-        conn.timer = 0; // bytes discarded from here on
-        let lifetime_us = self.table.clock.micros(now.saturating_sub(opened));
-        self.table.metrics.lingering += 1;
-        if let Some(state) = state {
-            let mut ctx = Context::new(&mut self.table, id);
-            ctx.closed_peer = Some(peer);
-            self.handler.on_close(state, &mut ctx, reason);
-        }
-        self.table.metrics.count_close(reason, dialed, lifetime_us);
-        debug!(
-            "closed conn={id} peer={peer} reason={reason} bytes_in={bytes_in} bytes_out={bytes_out} age_ms={} lingering",
-            lifetime_us / 1000
-        );
-        self.process_dirty();
-        // Input may be waiting already (reads were paused while output was pending).
-        if self.table.get(id).is_some() {
-            self.linger(key);
-        }
-    }
-
-    /// Reads and discards on lingering connection `key`; ends the linger at the peer's EOF or
-    /// an error, else arms the linger deadline. Past the byte cap it stops reading instead of
-    /// closing: closing now, with input unread, would reset the connection and destroy the
-    /// reply still queued; a full receive window stops the peer, and the deadline ends it.
-    fn linger(&mut self, key: usize) {
-        let cap = self.config.linger_bytes;
-        let conn = &mut self.table.slab[key];
-        match conn.timer < cap {
-            true => match conn.linger_read(&mut self.buf, cap) {
-                None | Some(LingerEnd::Bytes) => self.arm(key),
-                Some(end) => self.end_linger(key, end),
-            },
-            false => self.arm(key),
-        }
-    }
-
-    /// Frees a lingering connection's socket and slot.
-    pub(super) fn end_linger(&mut self, key: usize, end: LingerEnd) {
-        let conn = self.release(key);
-        let id = ConnId::new(key, conn.gen);
-        drop(conn); // closes the fd
-        self.table.metrics.lingering -= 1;
-        self.table.metrics.linger_ends[end as usize] += 1;
-        trace!(
-            "linger ended conn={id} end={}",
-            LingerEnd::NAMES[end as usize]
-        );
-    }
-
-    /// The close path for a connection the handler still has: deregister, close the fd, free
-    /// the slot, `on_close`, count the reason, in that order.
-    fn close(&mut self, key: usize, reason: CloseReason) {
-        if matches!(reason, CloseReason::Overflow | CloseReason::WriteStall) {
-            // The peer is not reading: an abortive close (RST) frees the kernel's buffers for
-            // this socket now, rather than keeping them for an orphan that cannot drain.
-            let _ = socket2::SockRef::from(&self.table.slab[key].stream)
-                .set_linger(Some(Duration::ZERO));
-        }
-        self.forget(key);
-        let mut conn = self.release(key);
-        let id = ConnId::new(key, conn.gen);
-        let state = conn.state.take();
-        let (peer, dialed, opened) = (conn.peer(), conn.has(flag::DIALED), conn.opened);
-        let (bytes_in, bytes_out) = (conn.bytes_in, conn.bytes_out);
-        if conn.phase == Phase::Connecting {
-            self.table.metrics.connecting -= 1;
-        }
-        drop(conn); // closes the fd
-        let lifetime_us = self
-            .table
-            .clock
-            .micros(self.table.now.saturating_sub(opened));
-        if let Some(state) = state {
-            let mut ctx = Context::new(&mut self.table, id);
-            ctx.closed_peer = Some(peer);
-            self.handler.on_close(state, &mut ctx, reason);
-        }
-        self.table.metrics.count_close(reason, dialed, lifetime_us);
-        debug!(
-            "closed conn={id} peer={peer} reason={reason} bytes_in={bytes_in} bytes_out={bytes_out} age_ms={}",
-            lifetime_us / 1000
-        );
-        self.process_dirty();
-    }
-
-    /// Removes connection `key` from the poll and the slab (the only code that removes slab
-    /// entries) and returns it; dropping it closes the fd.
-    fn release(&mut self, key: usize) -> Conn<H::Conn> {
-        let conn = &mut self.table.slab[key];
-        // mio's contract: deregister before the source is dropped.
-        if let Err(e) = self.table.poll.registry().deregister(&mut conn.stream) {
-            trace!("deregister key={key}: {e}");
-        }
-        let mut conn = self.table.slab.remove(key);
-        if conn.has(flag::LEFTOVER) {
-            let id = ConnId::new(key, conn.gen);
-            self.leftover.retain(|(i, _)| *i != id);
-        }
-        if conn.scheduled != NEVER {
-            self.timers.stale += 1; // its wheel entry dies lazily
-        }
-        if conn.phase == Phase::Header {
-            conn.take_header_bytes(); // input, not pending output
-            self.table.metrics.awaiting_header -= 1;
-        } else {
-            conn.discard_pending(&mut self.table.metrics);
-        }
-        // A descriptor came free: a paused accept resumes this turn.
-        self.accept.gate.on_close();
-        conn
-    }
-
-    /// Continues what budgets left: connections with data, listeners with a queue, a paused
-    /// accept whose retry time has come (or that a close resumed).
-    fn continue_ready(&mut self, now: Tick) {
-        let mut carried = mem::take(&mut self.carried);
-        for &id in &carried {
-            if let Some(conn) = self.table.get(id) {
-                conn.clear(flag::QUEUED);
-                if conn.phase == Phase::Open {
-                    self.drive(id.key(), Readiness::CONTINUE);
-                }
-            }
-        }
-        carried.clear();
-        self.carried = carried;
-        self.resume_accepting(now);
-    }
-
     /// Starts a drain at the last turn's time (see [`Handle::drain`]); a second call only
     /// shortens the deadline.
     pub fn drain(&mut self, timeout: Duration) {
@@ -1275,13 +504,7 @@ impl<H: Handler> Server<H> {
         }
         // No dials from the `on_close` calls below.
         self.table.stopped = true;
-        let ids: Vec<ConnId> = self
-            .table
-            .slab
-            .iter()
-            .map(|(key, c)| ConnId::new(key, c.gen))
-            .collect();
-        for id in ids {
+        for id in self.table.ids() {
             match self.table.get(id).map(|c| c.phase) {
                 Some(Phase::Lingering) => self.end_linger(id.key(), LingerEnd::Timeout),
                 // Never the handler's: just closed (nothing to count but the gauge).

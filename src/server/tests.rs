@@ -5,6 +5,8 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::io::Readiness;
+use super::timers::COMPACT_MIN;
 use super::*;
 use crate::handler::Echo;
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use log::{info, trace, warn};
 
 use super::Server;
-use crate::conn::{flag, Due, Phase, Timeouts};
+use crate::conn::{Due, Timeouts};
 use crate::handler::{Context, Handler, Idle};
 use crate::limits;
 use crate::reason::{CloseReason, LingerEnd, RejectReason};
@@ -80,6 +80,25 @@ impl Timers {
             fd_check,
             fd_baseline: None,
             fd_warned: false,
+        }
+    }
+
+    /// Whether a drain is under way (its lame-duck delay included).
+    pub(super) fn is_draining(&self) -> bool {
+        self.drain_deadline.is_some() || self.lame_duck.is_some()
+    }
+
+    /// What `/readyz` answers for a loop holding `open` of `cap` connections (see
+    /// [`Server::readiness`]).
+    pub(super) fn readiness(&self, open: usize, cap: usize) -> Result<(), &'static str> {
+        if self.lame_duck.is_some() {
+            Err("draining soon (lame duck)")
+        } else if self.drain_deadline.is_some() {
+            Err("draining")
+        } else if open >= cap {
+            Err("at the connection cap")
+        } else {
+            Ok(())
         }
     }
 
@@ -290,13 +309,7 @@ impl<H: Handler> Server<H> {
         let t = &mut self.timers.timeouts;
         t.idle = Some(t.idle.map_or(drain_idle, |i| i.min(drain_idle)));
         self.timers.drain_deadline = Some(deadline);
-        let ids: Vec<ConnId> = self
-            .table
-            .slab
-            .iter()
-            .map(|(key, c)| ConnId::new(key, c.gen))
-            .collect();
-        for id in ids {
+        for id in self.table.ids() {
             // Already idle past drain_idle: closed now, not at the wheel's next tick (an entry
             // inserted for a tick the wheel has passed waits for the next one).
             let Some(conn) = self.table.get(id) else {
@@ -422,14 +435,5 @@ impl<H: Handler> Server<H> {
         let m = &mut self.table.metrics;
         m.fds_open = open;
         m.fds_unaccounted = unaccounted;
-    }
-
-    /// Whether connection `key` may be read now.
-    pub(super) fn can_read(&self, key: usize) -> bool {
-        let c = &self.table.slab[key];
-        c.phase == Phase::Open
-            && c.is_live()
-            && !c.has(flag::EOF | flag::READ_PAUSED)
-            && !(H::PAUSE_READING_WHILE_PENDING && c.has_pending())
     }
 }
