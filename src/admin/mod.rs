@@ -16,6 +16,8 @@ use crate::time::{Clock, Tick};
 
 #[cfg(feature = "admin")]
 mod http;
+#[cfg(feature = "admin")]
+mod pages;
 
 /// What the admin pages show, borrowed from the server for one request.
 #[cfg_attr(not(feature = "admin"), allow(dead_code))]
@@ -70,7 +72,7 @@ pub(crate) fn connection_lines<S>(
 ) -> Result<String, String> {
     #[cfg(feature = "admin")]
     {
-        http::connections(query, view, worker)
+        pages::connections(query, view, worker)
     }
     #[cfg(not(feature = "admin"))]
     {
