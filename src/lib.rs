@@ -45,23 +45,32 @@
 //! ```
 //!
 //! # Layout
+//! The code map and the rules of which module may import which are in `ARCHITECTURE.md`.
+//!
 //! | file | holds |
 //! |---|---|
-//! | `server/mod.rs` | the loop: [`Server`], one turn, dispatch, reads and writes, the close path, lingering |
-//! | `server/accept.rs` | listeners, the accept gate, admission (cap, per-IP, evict-idle), binding |
+//! | `server/mod.rs` | the loop: [`Server`], binding, its public face (turns, run, drain, shutdown) |
+//! | `server/turn.rs` | one turn: the poll and its timeout, dispatch, the waker, continuing budgeted work |
+//! | `server/io.rs` | one connection's I/O: connect, flush, read, deliver, EOF |
+//! | `server/close.rs` | settling what a callback asked, the one close path, lingering |
+//! | `server/accept.rs` | listeners, the accept gate, admission (cap, per-IP, evict-idle), PROXY headers |
 //! | `server/timers.rs` | the wheel's use: arming, expiry, the drain's schedule, periodic work, the leak self-check |
 //! | `table.rs` | the slab and what a callback may touch; dialing |
 //! | `conn.rs` | one connection: socket, pending output, phase, flags, its deadlines |
 //! | `handler.rs` | [`Handler`], [`Context`], [`ConnMut`], [`Echo`], [`Discard`] |
 //! | `remote.rs` | [`Handle`] and [`Remote`]: other threads to the loop |
+//! | `group.rs` | what the loops of a [`Workers`] group share: published figures, heartbeats |
+//! | `workers.rs` | [`Workers`]: N loops on N threads with `SO_REUSEPORT` |
+//! | `admin/mod.rs` | the admin side as the loop sees it (a shell without the `admin` feature) |
+//! | `admin/http.rs` | the admin endpoint's sockets: requests, answers, lingering, the workers' gather |
+//! | `admin/pages.rs` | what each admin path answers: `/metrics`, `/connections`, `/livez`, `/readyz` |
 //! | `token.rs` | what a `mio::Token` names; [`ConnId`] |
 //! | `time.rs` | ticks and their conversion to and from instants |
 //! | `alarm.rs` | the timerfd that wakes the loop for deadlines (armed only when they move earlier) |
-//! | `wheel.rs` | the hashed timing wheel, a plain data structure |
-//! | `limits.rs` | fd limit, the accept gate's states, per-IP counts, the LRU |
-//! | `metrics.rs`, `reason.rs`, `error.rs`, `config.rs` | [`Metrics`], [`CloseReason`], [`Error`], [`Config`] |
-//! | `admin/` | the admin endpoint (`admin` feature) behind a shell the loop always calls |
-//! | `workers.rs` | [`Workers`]: N loops on N threads with `SO_REUSEPORT`, and what they share |
+//! | `wheel/mod.rs` | the hashed timing wheel, a plain data structure (its tests: `wheel/tests.rs`) |
+//! | `limits.rs` | the fd limit and budgets, the accept gate's states, per-IP counts, the LRU |
+//! | `reason.rs` | every counted outcome: [`CloseReason`], [`RejectReason`], linger ends, accept errors |
+//! | `metrics.rs`, `error.rs`, `config.rs` | [`Metrics`], [`Error`], [`Config`] |
 //! | `proxy_header.rs` | reading a PROXY protocol header (the `ppp` crate parses) |
 //!
 //! # Features
