@@ -13,7 +13,7 @@
 //! have not received a byte yet; a slot's `gen` changes on every close, and tokens carry it, so
 //! an event for a connection that is gone (its slot maybe reused in the same batch) is dropped.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -30,6 +30,7 @@ use super::protocol::{stream_chunk, Conn, End, Params, Phase, IO_CHUNK};
 use super::report::{Latency, Report};
 use super::schedule::Schedule;
 use super::source::Sources;
+use super::stats::{kind_label, Stats};
 use super::{LoadConfig, LoadError, Mode, CONNECT_TIMEOUT, IDLE_SETUP_TIMEOUT, MAX_UNCONFIRMED};
 
 /// Linux `EINPROGRESS`: what a nonblocking connect returns while under way. Written out because
@@ -75,48 +76,6 @@ struct Slot {
     gen: u32,
     /// The connection, if open or connecting.
     conn: Option<Conn>,
-}
-
-/// Counters of the run; [`Conn`] counts its completed messages and verified bytes itself.
-#[derive(Debug)]
-pub(super) struct Stats {
-    /// Errors by label (see `Report::errors`).
-    errors: BTreeMap<String, u64>,
-    closed_by_server: u64,
-    connected: u64,
-    /// Operations over the whole run, for the progress line.
-    pub(super) ops_total: u64,
-    /// Operations in the window.
-    pub(super) ops: u64,
-    /// Verified echoed bytes in the window.
-    pub(super) bytes: u64,
-    /// Idle: connections whose one echo was verified.
-    pub(super) idle_checked: u64,
-    /// Latency in ns, window only.
-    pub(super) hist: Histogram<u64>,
-}
-
-impl Stats {
-    fn error(&mut self, label: &str) {
-        *self.errors.entry(label.to_string()).or_insert(0) += 1;
-    }
-}
-
-/// The label of an error kind in the report: `ConnectionRefused` → `connection_refused`.
-pub(super) fn kind_label(kind: ErrorKind) -> String {
-    let name = format!("{kind:?}");
-    let mut out = String::with_capacity(name.len() + 4);
-    for (i, c) in name.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else if c.is_ascii_alphanumeric() {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Whether an error means the server closed or reset the connection.
@@ -256,16 +215,7 @@ impl<'a> Engine<'a> {
                 window,
                 preamble: cfg.preamble.clone(),
             },
-            stats: Stats {
-                errors: BTreeMap::new(),
-                closed_by_server: 0,
-                connected: 0,
-                ops_total: 0,
-                ops: 0,
-                bytes: 0,
-                idle_checked: 0,
-                hist,
-            },
+            stats: Stats::new(hist),
             to_open: (0..cfg.connections).collect(),
             retry: VecDeque::new(),
             connecting: VecDeque::new(),
@@ -986,20 +936,6 @@ fn finish_connect(stream: &TcpStream) -> Result<bool, ErrorKind> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn error_kinds_become_snake_case_labels() {
-        assert_eq!(
-            kind_label(ErrorKind::ConnectionRefused),
-            "connection_refused"
-        );
-        assert_eq!(kind_label(ErrorKind::TimedOut), "timed_out");
-        assert_eq!(
-            kind_label(ErrorKind::AddrNotAvailable),
-            "addr_not_available"
-        );
-        assert_eq!(kind_label(ErrorKind::Other), "other");
-    }
 
     #[test]
     fn tokens_round_trip_key_and_generation() {

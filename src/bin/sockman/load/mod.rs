@@ -64,6 +64,7 @@ mod protocol;
 mod report;
 mod schedule;
 mod source;
+mod stats;
 #[cfg(test)]
 mod tests;
 

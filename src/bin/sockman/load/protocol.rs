@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
-use super::engine::Stats;
 use super::pattern::{seed_for, Pattern};
 use super::schedule::Schedule;
+use super::stats::Stats;
 use super::Mode;
 
 /// The one loop-wide receive buffer; also the longest write. 256 KiB lets a streaming
