@@ -484,21 +484,13 @@ impl<'a> Engine<'a> {
         while self.params.t0 + s.global_due(self.next_j) <= now {
             let key = s.conn_of(self.next_j);
             self.next_j += 1;
-            let Engine {
-                slots,
-                params,
-                pattern,
-                ..
-            } = self;
-            let Some(conn) = slots[key].conn.as_mut() else {
-                continue;
-            };
-            if conn.phase != Phase::Open {
-                continue;
+            let open = self.slots[key]
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.phase == Phase::Open);
+            if open {
+                self.issue_and_flush(key, now, |conn, p| conn.issue_due(key, p, now));
             }
-            conn.issue_due(key, params, now);
-            let result = conn.flush(pattern, params);
-            self.settle(key, result, now);
         }
     }
 
@@ -710,6 +702,17 @@ impl<'a> Engine<'a> {
     fn connected(&mut self, key: usize, now: Instant) {
         self.n_connecting -= 1;
         self.stats.connected += 1;
+        self.issue_and_flush(key, now, |conn, p| conn.start(key, p, now));
+    }
+
+    /// Lets the connection in slot `key` issue messages (`issue`: [`Conn::start`] or
+    /// [`Conn::issue_due`]), writes them and settles the outcome; nothing for an empty slot.
+    fn issue_and_flush(
+        &mut self,
+        key: usize,
+        now: Instant,
+        issue: impl FnOnce(&mut Conn, &Params),
+    ) {
         let Engine {
             slots,
             params,
@@ -719,7 +722,7 @@ impl<'a> Engine<'a> {
         let Some(conn) = slots[key].conn.as_mut() else {
             return;
         };
-        conn.start(key, params, now);
+        issue(conn, params);
         let result = conn.flush(pattern, params);
         self.settle(key, result, now);
     }
