@@ -1,6 +1,6 @@
 //! The generator's event loop: one mio `Poll`, one slot per connection (a worker, in churn).
 //!
-//! One turn: read the clock; open connections while fewer than [`MAX_UNCONFIRMED`] are
+//! One turn: read the clock; open connections while fewer than [`MAX_UNCONFIRMED`](super::MAX_UNCONFIRMED) are
 //! unconfirmed; expire connects older than [`CONNECT_TIMEOUT`]; fire due scheduled messages
 //! (`--rate`); move between phases (setup, window, end); print progress; poll until the nearest
 //! of those deadlines (not at all while connections wait in the ready queue); dispatch the
@@ -12,36 +12,29 @@
 //! `live`, `n_connecting` and `n_held` count those slots by phase, `n_unconfirmed` those that
 //! have not received a byte yet; a slot's `gen` changes on every close, and tokens carry it, so
 //! an event for a connection that is gone (its slot maybe reused in the same batch) is dropped.
+//!
+//! This module owns the engine's state, the turn, its deadlines, the progress line and the
+//! report; [`lifecycle`] opens, ends and closes connections (and drains them at the end), and
+//! [`events`] handles readiness events and the ready queue.
+
+mod events;
+mod lifecycle;
 
 use std::collections::VecDeque;
-use std::io::{self, ErrorKind, Read};
-use std::net::SocketAddr;
+use std::io::{self, ErrorKind};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use mio::event::Event;
-use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token};
-use socket2::{Domain, Protocol, Socket, Type};
+use mio::{Events, Poll, Token};
 
 use super::pattern::Pattern;
 use super::procfs::{self, ServerSample};
-use super::protocol::{stream_chunk, Conn, End, Params, Phase, IO_CHUNK};
+use super::protocol::{stream_chunk, Conn, Params, Phase, IO_CHUNK};
 use super::report::{Latency, Report};
 use super::schedule::Schedule;
 use super::source::Sources;
 use super::stats::{kind_label, Stats};
-use super::{LoadConfig, LoadError, Mode, CONNECT_TIMEOUT, IDLE_SETUP_TIMEOUT, MAX_UNCONFIRMED};
-
-/// Linux `EINPROGRESS`: what a nonblocking connect returns while under way. Written out because
-/// the crate has no libc and `ErrorKind::InProgress` is not stable yet (rust#130840); MIPS
-/// numbers its errnos differently.
-#[cfg(any(target_arch = "mips", target_arch = "mips64"))]
-const EINPROGRESS: i32 = 150;
-/// Linux `EINPROGRESS`: what a nonblocking connect returns while under way. Written out because
-/// the crate has no libc and `ErrorKind::InProgress` is not stable yet (rust#130840).
-#[cfg(not(any(target_arch = "mips", target_arch = "mips64")))]
-const EINPROGRESS: i32 = 115;
+use super::{LoadConfig, LoadError, Mode, CONNECT_TIMEOUT, IDLE_SETUP_TIMEOUT};
 
 /// Events taken per poll.
 const EVENTS_CAPACITY: usize = 1024;
@@ -49,13 +42,6 @@ const EVENTS_CAPACITY: usize = 1024;
 /// Descriptors kept free beyond the connections: the poller, `/proc` reads, stdio, and the
 /// odd descriptor a caller (a bench) opens meanwhile.
 const FD_MARGIN: u64 = 32;
-
-/// Churn: pause before a worker whose connect failed tries again, so a refusing or
-/// port-exhausted host costs counted errors, not a busy loop.
-const RETRY_DELAY: Duration = Duration::from_millis(10);
-
-/// Longest wait, after the run, for servers to close their side (see `Engine::drain`).
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest single poll, so the loop re-checks its deadlines at least this often.
 const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
@@ -76,14 +62,6 @@ struct Slot {
     gen: u32,
     /// The connection, if open or connecting.
     conn: Option<Conn>,
-}
-
-/// Whether an error means the server closed or reset the connection.
-fn is_server_close(kind: ErrorKind) -> bool {
-    matches!(
-        kind,
-        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
-    )
 }
 
 /// Token for `key` in its current generation. Keys fit in 32 bits (connections are bounded by
@@ -124,14 +102,14 @@ struct Engine<'a> {
     stats: Stats,
     /// Slots waiting to (re)connect, in order.
     to_open: VecDeque<usize>,
-    /// Churn: slots waiting out [`RETRY_DELAY`] after a failed connect (due times ascend).
+    /// Churn: slots waiting out [`RETRY_DELAY`](lifecycle::RETRY_DELAY) after a failed connect (due times ascend).
     retry: VecDeque<(Instant, usize)>,
     /// Connects in progress, oldest first: (key, gen, started). Entries whose slot moved on
     /// are dropped lazily from the front.
     connecting: VecDeque<(usize, u32, Instant)>,
     n_connecting: usize,
     /// Connections connecting or connected without a byte echoed yet: not known to be
-    /// accepted by the server (see [`MAX_UNCONFIRMED`]).
+    /// accepted by the server (see [`MAX_UNCONFIRMED`](super::MAX_UNCONFIRMED)).
     n_unconfirmed: usize,
     live: usize,
     n_held: usize,
@@ -331,143 +309,6 @@ impl<'a> Engine<'a> {
         })
     }
 
-    /// Moves churn workers whose retry delay has passed back to the open queue.
-    fn retry_due(&mut self, now: Instant) {
-        while let Some(&(due, key)) = self.retry.front() {
-            if due > now {
-                break;
-            }
-            self.retry.pop_front();
-            self.to_open.push_back(key);
-        }
-    }
-
-    /// Starts connects from the queue while fewer than [`MAX_UNCONFIRMED`] are unconfirmed.
-    fn open_pending(&mut self, now: Instant) {
-        if !self.params.may_issue(now) {
-            self.to_open.clear();
-            return;
-        }
-        while self.n_unconfirmed < MAX_UNCONFIRMED {
-            let Some(key) = self.to_open.pop_front() else {
-                break;
-            };
-            self.open(key, now);
-        }
-    }
-
-    /// Starts one nonblocking connect in slot `key`.
-    fn open(&mut self, key: usize, now: Instant) {
-        debug_assert!(self.slots[key].conn.is_none(), "slot {key} is busy");
-        let gen = self.slots[key].gen;
-        let stream = self.new_stream().and_then(|mut stream| {
-            self.poll
-                .registry()
-                .register(
-                    &mut stream,
-                    token(key, gen),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-                .map(|()| stream)
-        });
-        match stream {
-            Ok(stream) => {
-                self.slots[key].conn = Some(Conn::connecting(stream, key, &self.params, now));
-                self.live += 1;
-                self.n_connecting += 1;
-                self.n_unconfirmed += 1;
-                self.connecting.push_back((key, gen, now));
-            }
-            Err(e) => self.connect_failed(key, e.kind(), now),
-        }
-    }
-
-    /// A nonblocking socket with TCP_NODELAY, bound to the next source address if any, whose
-    /// connect is under way.
-    fn new_stream(&mut self) -> io::Result<TcpStream> {
-        let addr: SocketAddr = self.cfg.connect;
-        let socket = Socket::new(
-            Domain::for_address(addr),
-            Type::STREAM.nonblocking(),
-            Some(Protocol::TCP),
-        )?;
-        // Small messages must leave at once; Nagle would hold a pipeline's second message.
-        socket.set_tcp_nodelay(true)?;
-        self.sources.bind_next(&socket)?;
-        match socket.connect(&addr.into()) {
-            Ok(()) => {}
-            Err(e)
-                if e.raw_os_error() == Some(EINPROGRESS) || e.kind() == ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-        Ok(TcpStream::from_std(socket.into()))
-    }
-
-    /// Counts a connect that failed in slot `key` (already empty or about to be closed by the
-    /// caller) and, in churn, schedules the worker's retry.
-    fn connect_failed(&mut self, key: usize, kind: ErrorKind, now: Instant) {
-        self.stats.error(&kind_label(kind));
-        if kind == ErrorKind::ConnectionRefused && self.stats.connected == 0 {
-            self.refused_early = true;
-        }
-        self.close(key);
-        if self.params.mode == Mode::Churn {
-            self.retry.push_back((now + RETRY_DELAY, key));
-        }
-    }
-
-    /// Fails connects in progress for longer than [`CONNECT_TIMEOUT`].
-    fn expire_connects(&mut self, now: Instant) {
-        while let Some(&(key, gen, since)) = self.connecting.front() {
-            let slot = &self.slots[key];
-            let still = slot.gen == gen
-                && slot
-                    .conn
-                    .as_ref()
-                    .is_some_and(|c| c.phase == Phase::Connecting);
-            if still {
-                if now < since + CONNECT_TIMEOUT {
-                    break;
-                }
-                self.connect_failed(key, ErrorKind::TimedOut, now);
-            }
-            self.connecting.pop_front();
-        }
-    }
-
-    /// Before the first connection succeeds: refused means nothing listens; no success within
-    /// [`CONNECT_TIMEOUT`] means nothing answers.
-    fn check_reachable(&self, now: Instant) -> Result<(), LoadError> {
-        let addr = self.cfg.connect;
-        if self.refused_early {
-            return Err(LoadError::Unreachable {
-                addr,
-                reason: "connection refused".into(),
-            });
-        }
-        if now >= self.params.t0 + CONNECT_TIMEOUT {
-            let errors: Vec<String> = self
-                .stats
-                .errors
-                .iter()
-                .map(|(k, n)| format!("{k}={n}"))
-                .collect();
-            let detail = if errors.is_empty() {
-                String::new()
-            } else {
-                format!("; errors: {}", errors.join(" "))
-            };
-            return Err(LoadError::Unreachable {
-                addr,
-                reason: format!(
-                    "no connection completed within {} s{detail}",
-                    CONNECT_TIMEOUT.as_secs()
-                ),
-            });
-        }
-        Ok(())
-    }
-
     /// `--rate`: lets every connection with a message due by `now` send it.
     fn fire_schedule(&mut self, now: Instant) {
         let Some(s) = self.params.schedule else {
@@ -584,259 +425,6 @@ impl<'a> Engine<'a> {
         timeout
     }
 
-    /// Handles one event; events for closed or reused slots are skipped.
-    fn dispatch(&mut self, event: &Event, now: Instant) {
-        let (key, gen) = split_token(event.token());
-        let Engine { slots, buf, .. } = self;
-        let Some(slot) = slots.get_mut(key) else {
-            return;
-        };
-        if slot.gen != gen {
-            return;
-        }
-        let Some(conn) = slot.conn.as_mut() else {
-            return;
-        };
-        if event.is_writable() {
-            conn.write_blocked = false;
-        }
-        if conn.phase == Phase::Connecting {
-            let signalled = event.is_writable()
-                || event.is_error()
-                || event.is_read_closed()
-                || event.is_write_closed();
-            if !signalled {
-                return;
-            }
-            match finish_connect(&conn.stream) {
-                Ok(false) => {}
-                Ok(true) => self.connected(key, now),
-                Err(kind) => self.connect_failed(key, kind, now),
-            }
-            return;
-        }
-        if conn.phase == Phase::Draining {
-            if drain_read(&mut conn.stream, buf) {
-                self.close(key);
-            }
-            return;
-        }
-        self.work(key, now, true);
-    }
-
-    /// Reads (if `read`) and writes on the open or held connection in slot `key`, each up to
-    /// its budget; ends the connection or queues it for more as the outcome says.
-    fn work(&mut self, key: usize, now: Instant, read: bool) {
-        let Engine {
-            slots,
-            params,
-            pattern,
-            buf,
-            stats,
-            ..
-        } = self;
-        let Some(conn) = slots[key].conn.as_mut() else {
-            return;
-        };
-        let was_held = conn.phase == Phase::Held;
-        let was_confirmed = conn.recv > 0;
-        let result = if read {
-            conn.read(key, buf, pattern, params, stats, now)
-        } else {
-            Ok(())
-        };
-        let result = result.and_then(|()| conn.flush(pattern, params));
-        // Counted before `end`, so that closing the connection right after balances.
-        if !was_held && conn.phase == Phase::Held {
-            self.n_held += 1;
-        }
-        if !was_confirmed && conn.recv > 0 {
-            self.n_unconfirmed -= 1;
-        }
-        self.settle(key, result, now);
-    }
-
-    /// After work on slot `key`: ends the connection on an error, or queues it in `ready`
-    /// when it stopped at a budget with work left (no readiness edge will come for that).
-    fn settle(&mut self, key: usize, result: Result<(), End>, now: Instant) {
-        if let Err(end) = result {
-            self.end(key, end, now);
-            return;
-        }
-        let slot = &mut self.slots[key];
-        if let Some(conn) = slot.conn.as_mut() {
-            if conn.has_more() && !conn.queued {
-                conn.queued = true;
-                self.ready.push_back((key, slot.gen));
-            }
-        }
-    }
-
-    /// Resumes, once each, the connections queued in `ready` before this call, with the clock
-    /// read per connection; stops at the window's end (the loop ends then).
-    fn resume_ready(&mut self) {
-        for _ in 0..self.ready.len() {
-            let now = Instant::now();
-            if self.params.past_end(now) {
-                return;
-            }
-            let Some((key, gen)) = self.ready.pop_front() else {
-                return;
-            };
-            let slot = &mut self.slots[key];
-            if slot.gen != gen {
-                continue;
-            }
-            let Some(conn) = slot.conn.as_mut() else {
-                continue;
-            };
-            conn.queued = false;
-            if matches!(conn.phase, Phase::Open | Phase::Held) {
-                let read = conn.read_more;
-                self.work(key, now, read);
-            }
-        }
-    }
-
-    /// A connect in slot `key` completed: start the mode's traffic.
-    fn connected(&mut self, key: usize, now: Instant) {
-        self.n_connecting -= 1;
-        self.stats.connected += 1;
-        self.issue_and_flush(key, now, |conn, p| conn.start(key, p, now));
-    }
-
-    /// Lets the connection in slot `key` issue messages (`issue`: [`Conn::start`] or
-    /// [`Conn::issue_due`]), writes them and settles the outcome; nothing for an empty slot.
-    fn issue_and_flush(
-        &mut self,
-        key: usize,
-        now: Instant,
-        issue: impl FnOnce(&mut Conn, &Params),
-    ) {
-        let Engine {
-            slots,
-            params,
-            pattern,
-            ..
-        } = self;
-        let Some(conn) = slots[key].conn.as_mut() else {
-            return;
-        };
-        issue(conn, params);
-        let result = conn.flush(pattern, params);
-        self.settle(key, result, now);
-    }
-
-    /// Ends the connection in slot `key` for `why`, counting it; churn starts the next cycle.
-    fn end(&mut self, key: usize, why: End, now: Instant) {
-        match &why {
-            End::Eof { owed } => {
-                self.stats.closed_by_server += 1;
-                if *owed {
-                    self.stats.error("server_closed");
-                }
-            }
-            End::Io(kind) => {
-                if is_server_close(*kind) {
-                    self.stats.closed_by_server += 1;
-                }
-                self.stats.error(&kind_label(*kind));
-            }
-            End::Mismatch => self.stats.error("mismatch"),
-            End::CycleDone => {}
-        }
-        self.close(key);
-        if self.params.mode == Mode::Churn {
-            if why == End::CycleDone {
-                self.to_open.push_back(key);
-            } else {
-                self.retry.push_back((now + RETRY_DELAY, key));
-            }
-        }
-    }
-
-    /// Ends the run politely: FIN on every connection, then read and discard until the server
-    /// closes too, for at most [`DRAIN_TIMEOUT`].
-    ///
-    /// Closing a socket with unread echo in its receive queue sends an RST instead of a FIN;
-    /// a server still writing then gets EPIPE or, without SIGPIPE ignored, dies (epoll_echo
-    /// does). A drained close shows the server an ordinary end of stream.
-    fn drain(&mut self, events: &mut Events) {
-        for key in 0..self.slots.len() {
-            let Some(conn) = self.slots[key].conn.as_mut() else {
-                continue;
-            };
-            // With a preamble (a PROXY header), a connection that has not sent all of it gets
-            // it out first: a server that requires the header would otherwise count the FIN
-            // as a connection that never sent one. A connect still in progress just closes
-            // (the write fails; nothing reached the server), as it does without a preamble.
-            let connecting_bare =
-                conn.phase == Phase::Connecting && self.params.preamble.is_empty();
-            if connecting_bare || !conn.finish_preamble(&self.params) {
-                self.close(key);
-                continue;
-            }
-            if conn.stream.shutdown(std::net::Shutdown::Write).is_err() {
-                self.close(key);
-                continue;
-            }
-            match conn.phase {
-                Phase::Held => self.n_held -= 1,
-                Phase::Open | Phase::Connecting => {}
-                Phase::Draining => {
-                    debug_assert!(false, "slot {key} in {:?} at drain", conn.phase);
-                }
-            }
-            conn.phase = Phase::Draining;
-            self.n_draining += 1;
-            // Data may already be waiting, with its edge consumed: read it now.
-            if drain_read(&mut conn.stream, &mut self.buf) {
-                self.close(key);
-            }
-        }
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        while self.n_draining > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                log::debug!(
-                    "load: {} connections not closed by the server",
-                    self.n_draining
-                );
-                break;
-            }
-            let timeout = deadline.saturating_duration_since(now).min(MAX_POLL_WAIT);
-            match self.poll.poll(events, Some(timeout)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-            for event in events.iter() {
-                self.dispatch(event, now);
-            }
-        }
-    }
-
-    /// The one close path: deregister, drop (closes the fd), bump the generation, fix counts.
-    fn close(&mut self, key: usize) {
-        let slot = &mut self.slots[key];
-        slot.gen = slot.gen.wrapping_add(1);
-        let Some(mut conn) = slot.conn.take() else {
-            return;
-        };
-        // Failure only means the fd is already gone from the poller; the drop closes it.
-        let _ = self.poll.registry().deregister(&mut conn.stream);
-        self.live -= 1;
-        if conn.recv == 0 {
-            self.n_unconfirmed -= 1;
-        }
-        match conn.phase {
-            Phase::Connecting => self.n_connecting -= 1,
-            Phase::Held => self.n_held -= 1,
-            Phase::Draining => self.n_draining -= 1,
-            Phase::Open => {}
-        }
-    }
-
     /// The report from the counters.
     fn report(&self, outcome: &Outcome, rss_start: Option<u64>) -> Report {
         let cfg = self.cfg;
@@ -904,35 +492,6 @@ impl<'a> Engine<'a> {
             server_rss_start_bytes: rss_start,
             server_rss_bytes: outcome.rss_end,
         }
-    }
-}
-
-/// Reads and discards until the socket would block; `true` when the connection is finished
-/// (end of stream or an error).
-fn drain_read(stream: &mut TcpStream, buf: &mut [u8]) -> bool {
-    loop {
-        match stream.read(buf) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(_) => return true,
-        }
-    }
-}
-
-/// Whether a connect signalled by an event has completed: `Ok(true)` connected, `Ok(false)`
-/// still in progress (a spurious event), `Err` failed. mio's contract: check `take_error`,
-/// then `peer_addr` (NotConnected means not yet).
-fn finish_connect(stream: &TcpStream) -> Result<bool, ErrorKind> {
-    match stream.take_error() {
-        Ok(Some(e)) | Err(e) => return Err(e.kind()),
-        Ok(None) => {}
-    }
-    match stream.peer_addr() {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == ErrorKind::NotConnected => Ok(false),
-        Err(e) => Err(e.kind()),
     }
 }
 
