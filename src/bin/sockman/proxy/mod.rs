@@ -105,6 +105,69 @@ struct Counters {
     bytes_down: AtomicU64,
 }
 
+/// The per-upstream families of `/metrics`, in their order there: the name after
+/// `sockman_upstream_`, the type, the help text, and the [`Counters`] field summed over the
+/// workers (one sample per upstream).
+const UPSTREAM_FAMILIES: [(&str, &str, &str, fn(&Counters) -> &AtomicU64); 7] = [
+    (
+        "dials_total",
+        "counter",
+        "Dials started to this upstream.",
+        |c| &c.dials,
+    ),
+    (
+        "dial_failures_total",
+        "counter",
+        "Dials to this upstream that failed (refused, unreachable, timed out, at the cap).",
+        |c| &c.dial_failures,
+    ),
+    (
+        "marked_down_total",
+        "counter",
+        "Times a worker skipped this upstream after its dials failed in a row.",
+        |c| &c.marked_down,
+    ),
+    (
+        "sessions_active",
+        "gauge",
+        "Sessions through this upstream now.",
+        |c| &c.active,
+    ),
+    (
+        "sessions_total",
+        "counter",
+        "Sessions through this upstream.",
+        |c| &c.sessions,
+    ),
+    (
+        "sent_bytes_total",
+        "counter",
+        "Bytes relayed from clients to this upstream.",
+        |c| &c.bytes_up,
+    ),
+    (
+        "received_bytes_total",
+        "counter",
+        "Bytes relayed from this upstream to clients.",
+        |c| &c.bytes_down,
+    ),
+];
+
+/// The proxy-wide counters of `/metrics`, after the upstream families: the name after
+/// `sockman_proxy_`, the help text, and the [`WorkerStats`] field summed over the workers.
+const PROXY_TOTALS: [(&str, &str, fn(&WorkerStats) -> &AtomicU64); 2] = [
+    (
+        "no_upstream_total",
+        "Clients closed because no dial succeeded.",
+        |w| &w.no_upstream,
+    ),
+    (
+        "skipped_total",
+        "Dials that skipped an upstream marked down.",
+        |w| &w.skipped,
+    ),
+];
+
 /// One worker's counters, on cache lines of their own.
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -562,72 +625,26 @@ impl Handler for Proxy {
 
     fn write_metrics(&self, out: &mut String) {
         let stats = &self.stats;
-        let mut family =
-            |name: &str, kind: &str, help: &str, field: fn(&Counters) -> &AtomicU64| {
+        for (name, kind, help, field) in UPSTREAM_FAMILIES {
+            let _ = writeln!(
+                out,
+                "# HELP sockman_upstream_{name} {help}\n# TYPE sockman_upstream_{name} {kind}"
+            );
+            for (i, addr) in stats.addrs.iter().enumerate() {
                 let _ = writeln!(
                     out,
-                    "# HELP sockman_upstream_{name} {help}\n# TYPE sockman_upstream_{name} {kind}"
+                    "sockman_upstream_{name}{{upstream=\"{addr}\"}} {}",
+                    stats.upstream(i, field)
                 );
-                for (i, addr) in stats.addrs.iter().enumerate() {
-                    let _ = writeln!(
-                        out,
-                        "sockman_upstream_{name}{{upstream=\"{addr}\"}} {}",
-                        stats.upstream(i, field)
-                    );
-                }
-            };
-        family(
-            "dials_total",
-            "counter",
-            "Dials started to this upstream.",
-            |c| &c.dials,
-        );
-        family(
-            "dial_failures_total",
-            "counter",
-            "Dials to this upstream that failed (refused, unreachable, timed out, at the cap).",
-            |c| &c.dial_failures,
-        );
-        family(
-            "marked_down_total",
-            "counter",
-            "Times a worker skipped this upstream after its dials failed in a row.",
-            |c| &c.marked_down,
-        );
-        family(
-            "sessions_active",
-            "gauge",
-            "Sessions through this upstream now.",
-            |c| &c.active,
-        );
-        family(
-            "sessions_total",
-            "counter",
-            "Sessions through this upstream.",
-            |c| &c.sessions,
-        );
-        family(
-            "sent_bytes_total",
-            "counter",
-            "Bytes relayed from clients to this upstream.",
-            |c| &c.bytes_up,
-        );
-        family(
-            "received_bytes_total",
-            "counter",
-            "Bytes relayed from this upstream to clients.",
-            |c| &c.bytes_down,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP sockman_proxy_no_upstream_total Clients closed because no dial succeeded.\n# TYPE sockman_proxy_no_upstream_total counter\nsockman_proxy_no_upstream_total {}",
-            stats.worker_sum(|w| &w.no_upstream)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP sockman_proxy_skipped_total Dials that skipped an upstream marked down.\n# TYPE sockman_proxy_skipped_total counter\nsockman_proxy_skipped_total {}",
-            stats.worker_sum(|w| &w.skipped)
-        );
+            }
+        }
+        for (name, help, field) in PROXY_TOTALS {
+            let _ = writeln!(
+                out,
+                "# HELP sockman_proxy_{name} {help}\n# TYPE sockman_proxy_{name} counter\nsockman_proxy_{name} {}",
+                stats.worker_sum(field)
+            );
+        }
     }
 }
 
