@@ -228,6 +228,19 @@ impl Stats {
     }
 }
 
+/// Whether an upstream side that closed before it connected failed its dial (and the client
+/// should try the next upstream), rather than being abandoned by the proxy.
+fn is_dial_failure(reason: CloseReason) -> bool {
+    matches!(
+        reason,
+        CloseReason::ConnectRefused
+            | CloseReason::ConnectTimeout
+            | CloseReason::Unreachable
+            | CloseReason::Reset
+            | CloseReason::Io(_)
+    )
+}
+
 /// One side of a session: the handler state of each connection.
 #[derive(Debug)]
 pub(crate) enum Side {
@@ -392,6 +405,42 @@ impl Proxy {
         }
     }
 
+    /// The dial of `client`'s upstream `index` failed for `reason`: counts it against that
+    /// upstream and dials the next one, or closes the client when its tries are spent.
+    fn redial(
+        &mut self,
+        ctx: &mut Context<'_, Side>,
+        client: ConnId,
+        index: u16,
+        reason: CloseReason,
+    ) {
+        self.dial_failed(index as usize, ctx.now());
+        let tries = match ctx.conn(client).as_ref().and_then(|c| c.state()) {
+            Some(Side::Client { tries, .. }) => *tries,
+            _ => return, // the client is gone too
+        };
+        let mut tries = tries;
+        let next = self.dial(ctx, client, &mut tries);
+        let Some(mut c) = ctx.conn(client) else {
+            return;
+        };
+        if let Some(Side::Client {
+            upstream,
+            index,
+            tries: t,
+        }) = c.state_mut()
+        {
+            *t = tries;
+            *upstream = next.map_or(ConnId::NONE, |n| n.0);
+            *index = next.map_or(0, |n| n.1);
+        }
+        if next.is_none() {
+            debug!("client {client}: no upstream after {tries} dials ({reason})");
+            self.my().no_upstream.fetch_add(1, Relaxed);
+            c.close();
+        }
+    }
+
     /// The PROXY protocol header for a session from `client` to `local` (our listener).
     pub(crate) fn proxy_header(
         version: ProxyVersion,
@@ -496,10 +545,11 @@ impl Handler for Proxy {
             return ctx.close();
         };
         let c = self.counters(side.index());
-        match side {
-            Side::Client { .. } => c.bytes_up.fetch_add(data.len() as u64, Relaxed),
-            Side::Upstream { .. } => c.bytes_down.fetch_add(data.len() as u64, Relaxed),
+        let relayed = match side {
+            Side::Client { .. } => &c.bytes_up,
+            Side::Upstream { .. } => &c.bytes_down,
         };
+        relayed.fetch_add(data.len() as u64, Relaxed);
         match ctx.send(peer, data) {
             Ok(()) => {
                 // Backpressure: the peer has output pending; read this side again once it
@@ -550,71 +600,34 @@ impl Handler for Proxy {
                 client,
                 index,
                 connected: false,
-            } => {
-                // A dial the proxy itself abandoned (its client went first, or the server
-                // stops) is no failure of the upstream: neither counted nor retried; a client
-                // still there (none is, today) goes with it.
-                if !matches!(
-                    reason,
-                    CloseReason::ConnectRefused
-                        | CloseReason::ConnectTimeout
-                        | CloseReason::Unreachable
-                        | CloseReason::Reset
-                        | CloseReason::Io(_)
-                ) {
-                    if let Some(mut c) = ctx.conn(client) {
-                        c.close();
-                    }
-                    return;
-                }
-                // A dial that failed: try the next upstream, or give up on the client.
-                self.dial_failed(index as usize, ctx.now());
-                let tries = match ctx.conn(client).as_ref().and_then(|c| c.state()) {
-                    Some(Side::Client { tries, .. }) => *tries,
-                    _ => return, // the client is gone too
-                };
-                let mut tries = tries;
-                let next = self.dial(ctx, client, &mut tries);
-                let Some(mut c) = ctx.conn(client) else {
-                    return;
-                };
-                if let Some(Side::Client {
-                    upstream,
-                    index,
-                    tries: t,
-                }) = c.state_mut()
-                {
-                    *t = tries;
-                    *upstream = next.map_or(ConnId::NONE, |n| n.0);
-                    *index = next.map_or(0, |n| n.1);
-                }
-                if next.is_none() {
-                    debug!("client {client}: no upstream after {tries} dials ({reason})");
-                    self.my().no_upstream.fetch_add(1, Relaxed);
-                    c.close();
-                }
+            } if is_dial_failure(reason) => {
+                // The client stays: it dials the next upstream, or is given up on.
+                return self.redial(ctx, client, index, reason);
             }
-            Side::Upstream { client, index, .. } => {
+            // A dial the proxy itself abandoned (its client went first, or the server stops) is
+            // no failure of the upstream: neither counted nor retried.
+            Side::Upstream {
+                connected: false, ..
+            } => {}
+            Side::Upstream { index, .. } => {
                 self.counters(index as usize).active.fetch_sub(1, Relaxed);
-                if let Some(mut c) = ctx.conn(client) {
-                    c.close();
-                }
             }
-            Side::Client { upstream, .. } => {
-                if let Some(mut u) = ctx.conn(upstream) {
-                    u.close();
-                }
-            }
+            Side::Client { .. } => {}
+        }
+        // One lifecycle: the other side goes too (after an abandoned dial, a client still there:
+        // none is, today).
+        if let Some(mut peer) = side.peer().and_then(|peer| ctx.conn(peer)) {
+            peer.close();
         }
     }
 
     fn describe(&self, side: &Side, out: &mut String) {
-        let (name, peer) = match side {
-            Side::Client { .. } => ("client", side.peer()),
-            Side::Upstream { client, .. } => ("upstream", Some(*client)),
+        let name = match side {
+            Side::Client { .. } => "client",
+            Side::Upstream { .. } => "upstream",
         };
         let _ = write!(out, " side={name}");
-        if let Some(peer) = peer {
+        if let Some(peer) = side.peer() {
             let _ = write!(
                 out,
                 " pair={peer} upstream={}",
