@@ -241,6 +241,10 @@ fn is_dial_failure(reason: CloseReason) -> bool {
     )
 }
 
+/// A client's `(upstream, index)` while it has no upstream: after its last dial failed, or
+/// when every try did.
+const NO_UPSTREAM: (ConnId, u16) = (ConnId::NONE, 0);
+
 /// One side of a session: the handler state of each connection.
 #[derive(Debug)]
 pub(crate) enum Side {
@@ -431,8 +435,7 @@ impl Proxy {
         }) = c.state_mut()
         {
             *t = tries;
-            *upstream = next.map_or(ConnId::NONE, |n| n.0);
-            *index = next.map_or(0, |n| n.1);
+            (*upstream, *index) = next.unwrap_or(NO_UPSTREAM);
         }
         if next.is_none() {
             debug!("client {client}: no upstream after {tries} dials ({reason})");
@@ -487,21 +490,15 @@ impl Handler for Proxy {
             c.pause_reading();
         }
         let mut tries = 0;
-        match self.dial(ctx, client, &mut tries) {
-            Some((upstream, index)) => Side::Client {
-                upstream,
-                index,
-                tries,
-            },
-            None => {
-                self.my().no_upstream.fetch_add(1, Relaxed);
-                ctx.close();
-                Side::Client {
-                    upstream: ConnId::NONE,
-                    index: 0,
-                    tries,
-                }
-            }
+        let (upstream, index) = self.dial(ctx, client, &mut tries).unwrap_or_else(|| {
+            self.my().no_upstream.fetch_add(1, Relaxed);
+            ctx.close();
+            NO_UPSTREAM
+        });
+        Side::Client {
+            upstream,
+            index,
+            tries,
         }
     }
 
