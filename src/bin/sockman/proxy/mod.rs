@@ -347,7 +347,7 @@ impl Proxy {
             self.next = self.next.wrapping_add(1);
             match self.upstreams[i].down_until {
                 Some(until) if until > now => {
-                    self.stats.workers[self.me].skipped.fetch_add(1, Relaxed);
+                    self.my().skipped.fetch_add(1, Relaxed);
                 }
                 _ => return i,
             }
@@ -391,21 +391,18 @@ impl Proxy {
         None
     }
 
+    /// Counts a failed dial to upstream `i`; `max_fails` in a row mark it down for `down_for`.
     fn dial_failed(&mut self, i: usize, now: Instant) {
-        self.stats.workers[self.me].upstreams[i]
-            .dial_failures
-            .fetch_add(1, Relaxed);
+        self.counters(i).dial_failures.fetch_add(1, Relaxed);
         let up = &mut self.upstreams[i];
         up.fails_in_a_row += 1;
         if up.fails_in_a_row >= self.max_fails && up.down_until.is_none_or(|t| t <= now) {
             up.down_until = Some(now + self.down_for);
-            self.stats.workers[self.me].upstreams[i]
-                .marked_down
-                .fetch_add(1, Relaxed);
             warn!(
                 "upstream {} failed {} dials in a row: skipped for {:?}",
                 up.addr, up.fails_in_a_row, self.down_for
             );
+            self.counters(i).marked_down.fetch_add(1, Relaxed);
         }
     }
 
