@@ -11,10 +11,10 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
+use super::mode::Mode;
 use super::pattern::{seed_for, Pattern};
 use super::schedule::Schedule;
 use super::stats::Stats;
-use super::Mode;
 
 /// The one loop-wide receive buffer; also the longest write. 256 KiB lets a streaming
 /// connection move a large part of a socket buffer per syscall.

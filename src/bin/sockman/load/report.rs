@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
-use super::Mode;
+use super::mode::Mode;
 
 /// Latency percentiles of the messages completed in the measured window, in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -15,9 +15,10 @@ use mio::{Events, Interest};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{token, Engine, MAX_POLL_WAIT};
+use crate::load::mode::Mode;
 use crate::load::protocol::{Conn, End, Phase};
 use crate::load::stats::kind_label;
-use crate::load::{LoadError, Mode, CONNECT_TIMEOUT, MAX_UNCONFIRMED};
+use crate::load::{LoadError, CONNECT_TIMEOUT, MAX_UNCONFIRMED};
 
 /// Linux `EINPROGRESS`: what a nonblocking connect returns while under way. Written out because
 /// the crate has no libc and `ErrorKind::InProgress` is not stable yet (rust#130840); MIPS

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use mio::{Events, Poll, Token};
 
+use super::mode::Mode;
 use super::pattern::Pattern;
 use super::procfs::{self, ServerSample};
 use super::protocol::{stream_chunk, Conn, Params, Phase, IO_CHUNK};
@@ -34,7 +35,7 @@ use super::report::{Latency, Report};
 use super::schedule::Schedule;
 use super::source::Sources;
 use super::stats::{kind_label, Stats};
-use super::{LoadConfig, LoadError, Mode, CONNECT_TIMEOUT, IDLE_SETUP_TIMEOUT};
+use super::{LoadConfig, LoadError, CONNECT_TIMEOUT, IDLE_SETUP_TIMEOUT};
 
 /// Events taken per poll.
 const EVENTS_CAPACITY: usize = 1024;
