@@ -26,67 +26,88 @@ pub(super) struct Counters {
     pub(super) bytes_down: AtomicU64,
 }
 
-/// The per-upstream families of `/metrics`, in their order there: the name after
-/// `sockman_upstream_`, the type, the help text, and the [`Counters`] field summed over the
-/// workers (one sample per upstream).
-const UPSTREAM_FAMILIES: [(&str, &str, &str, fn(&Counters) -> &AtomicU64); 7] = [
-    (
-        "dials_total",
-        "counter",
-        "Dials started to this upstream.",
-        |c| &c.dials,
-    ),
-    (
-        "dial_failures_total",
-        "counter",
-        "Dials to this upstream that failed (refused, unreachable, timed out, at the cap).",
-        |c| &c.dial_failures,
-    ),
-    (
-        "marked_down_total",
-        "counter",
-        "Times a worker skipped this upstream after its dials failed in a row.",
-        |c| &c.marked_down,
-    ),
-    (
-        "sessions_active",
-        "gauge",
-        "Sessions through this upstream now.",
-        |c| &c.active,
-    ),
-    (
-        "sessions_total",
-        "counter",
-        "Sessions through this upstream.",
-        |c| &c.sessions,
-    ),
-    (
-        "sent_bytes_total",
-        "counter",
-        "Bytes relayed from clients to this upstream.",
-        |c| &c.bytes_up,
-    ),
-    (
-        "received_bytes_total",
-        "counter",
-        "Bytes relayed from this upstream to clients.",
-        |c| &c.bytes_down,
-    ),
+/// One metric family of `/metrics` that sums a counter over the workers.
+struct Family<T> {
+    /// The whole name, as it stands in `/metrics`.
+    name: &'static str,
+    /// The Prometheus type: `counter` or `gauge`.
+    kind: &'static str,
+    help: &'static str,
+    /// The counter, in a [`Counters`] (one sample per upstream) or a [`WorkerStats`].
+    field: fn(&T) -> &AtomicU64,
+}
+
+impl<T> Family<T> {
+    /// Writes the family's `# HELP` and `# TYPE` lines, which go before its samples.
+    fn write_header(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP {} {}\n# TYPE {} {}",
+            self.name, self.help, self.name, self.kind
+        );
+    }
+}
+
+/// The per-upstream families of `/metrics`, in their order there.
+const UPSTREAM_FAMILIES: [Family<Counters>; 7] = [
+    Family {
+        name: "sockman_upstream_dials_total",
+        kind: "counter",
+        help: "Dials started to this upstream.",
+        field: |c| &c.dials,
+    },
+    Family {
+        name: "sockman_upstream_dial_failures_total",
+        kind: "counter",
+        help: "Dials to this upstream that failed (refused, unreachable, timed out, at the cap).",
+        field: |c| &c.dial_failures,
+    },
+    Family {
+        name: "sockman_upstream_marked_down_total",
+        kind: "counter",
+        help: "Times a worker skipped this upstream after its dials failed in a row.",
+        field: |c| &c.marked_down,
+    },
+    Family {
+        name: "sockman_upstream_sessions_active",
+        kind: "gauge",
+        help: "Sessions through this upstream now.",
+        field: |c| &c.active,
+    },
+    Family {
+        name: "sockman_upstream_sessions_total",
+        kind: "counter",
+        help: "Sessions through this upstream.",
+        field: |c| &c.sessions,
+    },
+    Family {
+        name: "sockman_upstream_sent_bytes_total",
+        kind: "counter",
+        help: "Bytes relayed from clients to this upstream.",
+        field: |c| &c.bytes_up,
+    },
+    Family {
+        name: "sockman_upstream_received_bytes_total",
+        kind: "counter",
+        help: "Bytes relayed from this upstream to clients.",
+        field: |c| &c.bytes_down,
+    },
 ];
 
-/// The proxy-wide counters of `/metrics`, after the upstream families: the name after
-/// `sockman_proxy_`, the help text, and the [`WorkerStats`] field summed over the workers.
-const PROXY_TOTALS: [(&str, &str, fn(&WorkerStats) -> &AtomicU64); 2] = [
-    (
-        "no_upstream_total",
-        "Clients closed because no dial succeeded.",
-        |w| &w.no_upstream,
-    ),
-    (
-        "skipped_total",
-        "Dials that skipped an upstream marked down.",
-        |w| &w.skipped,
-    ),
+/// The proxy-wide counters of `/metrics`, after the upstream families.
+const PROXY_TOTALS: [Family<WorkerStats>; 2] = [
+    Family {
+        name: "sockman_proxy_no_upstream_total",
+        kind: "counter",
+        help: "Clients closed because no dial succeeded.",
+        field: |w| &w.no_upstream,
+    },
+    Family {
+        name: "sockman_proxy_skipped_total",
+        kind: "counter",
+        help: "Dials that skipped an upstream marked down.",
+        field: |w| &w.skipped,
+    },
 ];
 
 /// One worker's counters, on cache lines of their own.
@@ -157,25 +178,20 @@ impl Stats {
 
     /// The proxy's families of `/metrics`, each counter summed over the workers.
     pub(super) fn write_metrics(&self, out: &mut String) {
-        for (name, kind, help, field) in UPSTREAM_FAMILIES {
-            let _ = writeln!(
-                out,
-                "# HELP sockman_upstream_{name} {help}\n# TYPE sockman_upstream_{name} {kind}"
-            );
+        for family in &UPSTREAM_FAMILIES {
+            family.write_header(out);
             for (i, addr) in self.addrs.iter().enumerate() {
                 let _ = writeln!(
                     out,
-                    "sockman_upstream_{name}{{upstream=\"{addr}\"}} {}",
-                    self.upstream(i, field)
+                    "{}{{upstream=\"{addr}\"}} {}",
+                    family.name,
+                    self.upstream(i, family.field)
                 );
             }
         }
-        for (name, help, field) in PROXY_TOTALS {
-            let _ = writeln!(
-                out,
-                "# HELP sockman_proxy_{name} {help}\n# TYPE sockman_proxy_{name} counter\nsockman_proxy_{name} {}",
-                self.worker_sum(field)
-            );
+        for family in &PROXY_TOTALS {
+            family.write_header(out);
+            let _ = writeln!(out, "{} {}", family.name, self.worker_sum(family.field));
         }
     }
 }
