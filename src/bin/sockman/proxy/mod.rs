@@ -11,8 +11,9 @@
 //!   every upstream is down. A completed dial clears it.
 //! - **Relay with backpressure**: bytes read on one side are written straight to the other; a
 //!   side is not read while its peer has output pending (write watermarks of zero: any pending
-//!   output pauses the source, [`Handler::on_drained`](sockman::Handler::on_drained) resumes it), so a session holds at most
-//!   one pending cap per direction, whatever the speeds of its ends.
+//!   output pauses the source, [`Handler::on_drained`](sockman::Handler::on_drained) resumes
+//!   it), so a session holds at most one pending cap per direction, whatever the speeds of its
+//!   ends.
 //! - **Half-close**: a FIN from one side becomes `shutdown(Write)` on the other once what is
 //!   pending is flushed; the session ends when both sides have sent their FIN.
 //! - **One lifecycle**: when either side closes (reset, error, idle with its peer idle too,

@@ -32,7 +32,7 @@ const EINPROGRESS: i32 = 115;
 
 /// Churn: pause before a worker whose connect failed tries again, so a refusing or
 /// port-exhausted host costs counted errors, not a busy loop.
-const RETRY_DELAY: Duration = Duration::from_millis(10);
+pub(super) const RETRY_DELAY: Duration = Duration::from_millis(10);
 
 /// Longest wait, after the run, for servers to close their side (see `Engine::drain`).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);

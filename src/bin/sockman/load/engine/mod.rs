@@ -1,8 +1,9 @@
 //! The generator's event loop: one mio `Poll`, one slot per connection (a worker, in churn).
 //!
-//! One turn: read the clock; open connections while fewer than [`MAX_UNCONFIRMED`](super::MAX_UNCONFIRMED) are
-//! unconfirmed; expire connects older than [`CONNECT_TIMEOUT`]; fire due scheduled messages
-//! (`--rate`); move between phases (setup, window, end); print progress; poll until the nearest
+//! One turn: read the clock; open connections while fewer than
+//! [`MAX_UNCONFIRMED`](super::MAX_UNCONFIRMED) are unconfirmed; expire connects older than
+//! [`CONNECT_TIMEOUT`]; fire due scheduled messages (`--rate`); move between phases (setup,
+//! window, end); print progress; poll until the nearest
 //! of those deadlines (not at all while connections wait in the ready queue); dispatch the
 //! events, reading the clock per event (none after the window's end); then resume the ready
 //! queue: connections that stopped at a read or write budget of [`protocol`](super::protocol),
@@ -103,7 +104,8 @@ struct Engine<'a> {
     stats: Stats,
     /// Slots waiting to (re)connect, in order.
     to_open: VecDeque<usize>,
-    /// Churn: slots waiting out [`RETRY_DELAY`](lifecycle::RETRY_DELAY) after a failed connect (due times ascend).
+    /// Churn: slots waiting out [`RETRY_DELAY`](lifecycle::RETRY_DELAY) after a failed connect
+    /// (due times ascend).
     retry: VecDeque<(Instant, usize)>,
     /// Connects in progress, oldest first: (key, gen, started). Entries whose slot moved on
     /// are dropped lazily from the front.
