@@ -58,12 +58,14 @@
 //! ```
 
 mod engine;
+mod mode;
 mod pattern;
 mod procfs;
 mod protocol;
 mod report;
 mod schedule;
 mod source;
+mod stats;
 #[cfg(test)]
 mod tests;
 
@@ -74,6 +76,7 @@ use std::time::Duration;
 
 use crate::units::{parse_duration, parse_size};
 
+pub use mode::Mode;
 pub use report::Report;
 
 /// How long one connect may take before it counts as a `timed_out` error; also how long the
@@ -100,40 +103,6 @@ pub const MAX_DEPTH: usize = 65_536;
 /// Upper bound on `--size` (64 MiB). A message must fit through the echo server's buffers and
 /// come back within the run; a larger one (say `100GB`) would only ever report 0 operations.
 pub const MAX_SIZE: usize = 64 << 20;
-
-/// The kind of load to generate; see the [module docs](self) for what each one measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
-    /// Send `size` bytes, wait for all of them back, verify, repeat.
-    Pingpong,
-    /// Keep `depth` messages of `size` bytes in flight per connection.
-    Pipeline,
-    /// Write as fast as the socket takes and read the echo concurrently (MB/s).
-    Stream,
-    /// Open the connections, check each echoes once, hold them for `duration`.
-    Idle,
-    /// Connect, one echo, close, as fast as possible (connections/s).
-    Churn,
-}
-
-impl Mode {
-    /// The lower-case name used on the command line and in JSON.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Pingpong => "pingpong",
-            Mode::Pipeline => "pipeline",
-            Mode::Stream => "stream",
-            Mode::Idle => "idle",
-            Mode::Churn => "churn",
-        }
-    }
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Command-line flags of `sockman load` (each also readable from a `SOCKMAN_LOAD_*` variable).
 #[derive(Debug, Clone, clap::Args)]

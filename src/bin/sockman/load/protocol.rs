@@ -11,10 +11,10 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
-use super::engine::Stats;
+use super::mode::Mode;
 use super::pattern::{seed_for, Pattern};
 use super::schedule::Schedule;
-use super::Mode;
+use super::stats::Stats;
 
 /// The one loop-wide receive buffer; also the longest write. 256 KiB lets a streaming
 /// connection move a large part of a socket buffer per syscall.

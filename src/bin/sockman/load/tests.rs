@@ -214,11 +214,16 @@ impl TestServer {
         }
     }
 
-    /// Stops the server, waits for every connection thread, and returns how many connections
-    /// ended uncleanly.
-    fn finish(mut self) -> usize {
+    /// Stops the server, waits for every connection thread, and asserts that every connection
+    /// ended cleanly (none with a reset or an error).
+    #[track_caller]
+    fn assert_clean_finish(mut self) {
         self.stop_and_join();
-        self.unclean.load(Ordering::SeqCst)
+        assert_eq!(
+            self.unclean.load(Ordering::SeqCst),
+            0,
+            "connections ended with a reset or an error"
+        );
     }
 
     fn stop_and_join(&mut self) {
@@ -347,11 +352,7 @@ fn stream_with_small_writes_ends_on_time_and_counts() {
     // busy machine; far below the seconds the old behaviour overran by.
     let bound = cfg.warmup + cfg.duration + Duration::from_millis(1500);
     assert!(took < bound, "took {took:?}, bound {bound:?}");
-    assert_eq!(
-        server.finish(),
-        0,
-        "connections ended with a reset or an error"
-    );
+    server.assert_clean_finish();
 }
 
 #[test]
@@ -364,11 +365,7 @@ fn the_end_of_a_run_is_a_clean_close_even_with_echo_in_flight() {
     let r = run(&cfg).expect("run");
     assert!(r.ops > 0 && r.errors.is_empty(), "{r}");
     // Closing with unread echo would reset the connection under the server's feet.
-    assert_eq!(
-        server.finish(),
-        0,
-        "connections ended with a reset or an error"
-    );
+    server.assert_clean_finish();
 }
 
 #[test]

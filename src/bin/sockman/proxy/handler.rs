@@ -1,0 +1,444 @@
+//! The proxy handler ([`Proxy`]): a session's two sides ([`Side`]), dialing the upstreams
+//! round robin with passive health, relaying with backpressure, half-close, and closing both
+//! sides as one; see the [module docs](super) for the lifecycle.
+//!
+//! Owns the PROXY protocol header `--send-proxy` writes ([`Proxy::proxy_header`], also what
+//! `sockman load --send-proxy` sends).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+use log::{debug, warn};
+use sockman::{CloseReason, ConnId, Context, DialFailure, Eof, Handler, Idle, SendError};
+
+use super::stats::{Counters, Stats, WorkerStats};
+
+/// The PROXY protocol version `--send-proxy` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ProxyVersion {
+    /// The text header (`PROXY TCP4 src dst sport dport\r\n`).
+    V1,
+    /// The binary header.
+    V2,
+}
+
+/// One upstream, as one worker sees it (passive health is each worker's own judgement).
+#[derive(Debug)]
+struct Upstream {
+    addr: SocketAddr,
+    /// Dials that failed since the last one that completed.
+    fails_in_a_row: u32,
+    /// Skipped until then (passive health).
+    down_until: Option<Instant>,
+}
+
+/// Whether an upstream side that closed before it connected failed its dial (and the client
+/// should try the next upstream), rather than being abandoned by the proxy.
+fn is_dial_failure(reason: CloseReason) -> bool {
+    matches!(
+        reason,
+        CloseReason::ConnectRefused
+            | CloseReason::ConnectTimeout
+            | CloseReason::Unreachable
+            | CloseReason::Reset
+            | CloseReason::Io(_)
+    )
+}
+
+/// A client's `(upstream, index)` while it has no upstream: after its last dial failed, or
+/// when every try did.
+const NO_UPSTREAM: (ConnId, u16) = (ConnId::NONE, 0);
+
+/// One side of a session: the handler state of each connection.
+#[derive(Debug)]
+pub(crate) enum Side {
+    /// The accepted connection. `upstream` is [`ConnId::NONE`] only between a failed dial and
+    /// the next (not an `Option`: a session's two sides fit 12 bytes each this way).
+    Client {
+        upstream: ConnId,
+        index: u16,
+        tries: u8,
+    },
+    /// The dialed connection.
+    Upstream {
+        client: ConnId,
+        index: u16,
+        connected: bool,
+    },
+}
+
+impl Side {
+    fn peer(&self) -> Option<ConnId> {
+        match *self {
+            Side::Client { upstream, .. } => (upstream != ConnId::NONE).then_some(upstream),
+            Side::Upstream { client, .. } => Some(client),
+        }
+    }
+
+    fn index(&self) -> usize {
+        match *self {
+            Side::Client { index, .. } | Side::Upstream { index, .. } => index as usize,
+        }
+    }
+}
+
+/// The proxy handler.
+#[derive(Debug)]
+pub(crate) struct Proxy {
+    upstreams: Vec<Upstream>,
+    /// Round-robin position.
+    next: usize,
+    /// Dials per client.
+    tries: usize,
+    max_fails: u32,
+    down_for: Duration,
+    send_proxy: Option<ProxyVersion>,
+    /// Both sides idle this long closes the session (the core's idle timeout).
+    idle_timeout: Duration,
+    /// The counters of every worker, and this one's index there.
+    stats: Arc<Stats>,
+    me: usize,
+}
+
+impl Proxy {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        upstreams: &[SocketAddr],
+        tries: Option<usize>,
+        max_fails: u32,
+        down_for: Duration,
+        send_proxy: Option<ProxyVersion>,
+        idle_timeout: Duration,
+        stats: Arc<Stats>,
+        me: usize,
+    ) -> Proxy {
+        Proxy {
+            upstreams: upstreams
+                .iter()
+                .map(|&addr| Upstream {
+                    addr,
+                    fails_in_a_row: 0,
+                    down_until: None,
+                })
+                .collect(),
+            next: 0,
+            tries: tries.unwrap_or(upstreams.len()).clamp(1, u8::MAX as usize),
+            max_fails: max_fails.max(1),
+            down_for,
+            send_proxy,
+            idle_timeout,
+            stats,
+            me,
+        }
+    }
+
+    /// This worker's counters.
+    fn my(&self) -> &WorkerStats {
+        self.stats.worker(self.me)
+    }
+
+    /// This worker's counters of upstream `i`.
+    fn counters(&self, i: usize) -> &Counters {
+        &self.my().upstreams[i]
+    }
+
+    /// The next upstream to dial: round robin over those not marked down (over all of them when
+    /// every one is down: a proxy that refuses everything helps nobody).
+    fn pick(&mut self, now: Instant) -> usize {
+        let n = self.upstreams.len();
+        for _ in 0..n {
+            let i = self.next % n;
+            self.next = self.next.wrapping_add(1);
+            match self.upstreams[i].down_until {
+                Some(until) if until > now => {
+                    self.my().skipped.fetch_add(1, Relaxed);
+                }
+                _ => return i,
+            }
+        }
+        let i = self.next % n;
+        self.next = self.next.wrapping_add(1);
+        i
+    }
+
+    /// Dials for `client` until one dial starts or `tries` runs out; returns the upstream's id
+    /// and index.
+    fn dial(
+        &mut self,
+        ctx: &mut Context<'_, Side>,
+        client: ConnId,
+        tries: &mut u8,
+    ) -> Option<(ConnId, u16)> {
+        while (*tries as usize) < self.tries {
+            *tries += 1;
+            let i = self.pick(ctx.now());
+            self.counters(i).dials.fetch_add(1, Relaxed);
+            let addr = self.upstreams[i].addr;
+            let state = Side::Upstream {
+                client,
+                index: i as u16,
+                connected: false,
+            };
+            match ctx.connect(addr, state) {
+                Ok(id) => return Some((id, i as u16)),
+                Err(e) => {
+                    debug!("{e}");
+                    // Only the upstream's own failures count against its health: at the
+                    // connection cap or stopping, another upstream would fare no better.
+                    match e.failure {
+                        DialFailure::Socket(_) => self.dial_failed(i, ctx.now()),
+                        _ => return None,
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Counts a failed dial to upstream `i`; `max_fails` in a row mark it down for `down_for`.
+    fn dial_failed(&mut self, i: usize, now: Instant) {
+        self.counters(i).dial_failures.fetch_add(1, Relaxed);
+        let up = &mut self.upstreams[i];
+        up.fails_in_a_row += 1;
+        if up.fails_in_a_row >= self.max_fails && up.down_until.is_none_or(|t| t <= now) {
+            up.down_until = Some(now + self.down_for);
+            warn!(
+                "upstream {} failed {} dials in a row: skipped for {:?}",
+                up.addr, up.fails_in_a_row, self.down_for
+            );
+            self.counters(i).marked_down.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The dial of `client`'s upstream `index` failed for `reason`: counts it against that
+    /// upstream and dials the next one, or closes the client when its tries are spent.
+    fn redial(
+        &mut self,
+        ctx: &mut Context<'_, Side>,
+        client: ConnId,
+        index: u16,
+        reason: CloseReason,
+    ) {
+        self.dial_failed(index as usize, ctx.now());
+        let tries = match ctx.conn(client).as_ref().and_then(|c| c.state()) {
+            Some(Side::Client { tries, .. }) => *tries,
+            _ => return, // the client is gone too
+        };
+        let mut tries = tries;
+        let next = self.dial(ctx, client, &mut tries);
+        let Some(mut c) = ctx.conn(client) else {
+            return;
+        };
+        if let Some(Side::Client {
+            upstream,
+            index,
+            tries: t,
+        }) = c.state_mut()
+        {
+            *t = tries;
+            (*upstream, *index) = next.unwrap_or(NO_UPSTREAM);
+        }
+        if next.is_none() {
+            debug!("client {client}: no upstream after {tries} dials ({reason})");
+            self.my().no_upstream.fetch_add(1, Relaxed);
+            c.close();
+        }
+    }
+
+    /// The PROXY protocol header for a session from `client` to `local` (our listener).
+    pub(crate) fn proxy_header(
+        version: ProxyVersion,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Vec<u8> {
+        match version {
+            ProxyVersion::V1 => {
+                let addrs = match (client, local) {
+                    (SocketAddr::V4(c), SocketAddr::V4(l)) => {
+                        ppp::v1::Addresses::new_tcp4(*c.ip(), *l.ip(), c.port(), l.port())
+                    }
+                    (SocketAddr::V6(c), SocketAddr::V6(l)) => {
+                        ppp::v1::Addresses::new_tcp6(*c.ip(), *l.ip(), c.port(), l.port())
+                    }
+                    _ => ppp::v1::Addresses::Unknown,
+                };
+                addrs.to_string().into_bytes()
+            }
+            ProxyVersion::V2 => {
+                use ppp::v2::{Builder, Command, Protocol, Version};
+                let addrs: ppp::v2::Addresses = match (client, local) {
+                    (SocketAddr::V4(_), SocketAddr::V4(_))
+                    | (SocketAddr::V6(_), SocketAddr::V6(_)) => (client, local).into(),
+                    _ => ppp::v2::Addresses::Unspecified,
+                };
+                Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, addrs)
+                    .build()
+                    .unwrap_or_default()
+            }
+        }
+    }
+}
+
+impl Handler for Proxy {
+    type Conn = Side;
+    /// Each side is paused explicitly while its *peer* has output pending.
+    const PAUSE_READING_WHILE_PENDING: bool = false;
+
+    fn on_open(&mut self, ctx: &mut Context<'_, Side>) -> Side {
+        let client = ctx.id();
+        // Not read until the upstream is connected: no byte goes to a dial that fails.
+        if let Some(mut c) = ctx.conn(client) {
+            c.pause_reading();
+        }
+        let mut tries = 0;
+        let (upstream, index) = self.dial(ctx, client, &mut tries).unwrap_or_else(|| {
+            self.my().no_upstream.fetch_add(1, Relaxed);
+            ctx.close();
+            NO_UPSTREAM
+        });
+        Side::Client {
+            upstream,
+            index,
+            tries,
+        }
+    }
+
+    fn on_connected(&mut self, side: &mut Side, ctx: &mut Context<'_, Side>) {
+        let Side::Upstream {
+            client,
+            index,
+            connected,
+        } = side
+        else {
+            return;
+        };
+        *connected = true;
+        // A session is idle only when both sides are: the client side's idle deadline asks
+        // (`on_idle`), so the upstream side needs none of its own (one wheel entry less).
+        let me = ctx.id();
+        if let Some(mut u) = ctx.conn(me) {
+            u.set_idle_timeout(false);
+        }
+        let up = &mut self.upstreams[*index as usize];
+        up.fails_in_a_row = 0;
+        up.down_until = None;
+        let c = self.counters(*index as usize);
+        c.active.fetch_add(1, Relaxed);
+        c.sessions.fetch_add(1, Relaxed);
+        let Some(mut c) = ctx.conn(*client) else {
+            return ctx.close(); // the client left while we dialed
+        };
+        let header = self.send_proxy.and_then(|v| {
+            let local = c.local_addr().ok()?;
+            Some(Proxy::proxy_header(v, c.peer(), local))
+        });
+        c.resume_reading();
+        if let Some(header) = header {
+            ctx.write(&header);
+        }
+    }
+
+    fn on_data(&mut self, side: &mut Side, ctx: &mut Context<'_, Side>, data: &[u8]) {
+        let Some(peer) = side.peer() else {
+            return ctx.close();
+        };
+        let c = self.counters(side.index());
+        let relayed = match side {
+            Side::Client { .. } => &c.bytes_up,
+            Side::Upstream { .. } => &c.bytes_down,
+        };
+        relayed.fetch_add(data.len() as u64, Relaxed);
+        match ctx.send(peer, data) {
+            Ok(()) => {
+                // Backpressure: the peer has output pending; read this side again once it
+                // drained (`on_drained` of the peer).
+                if ctx.conn(peer).is_some_and(|p| !p.is_writable()) {
+                    let me = ctx.id();
+                    if let Some(mut c) = ctx.conn(me) {
+                        c.pause_reading();
+                    }
+                }
+            }
+            Err(SendError::Gone | SendError::Refused) => ctx.close(),
+        }
+    }
+
+    fn on_drained(&mut self, side: &mut Side, ctx: &mut Context<'_, Side>) {
+        if let Some(mut p) = side.peer().and_then(|peer| ctx.conn(peer)) {
+            p.resume_reading();
+        }
+    }
+
+    fn on_eof(&mut self, side: &mut Side, ctx: &mut Context<'_, Side>) -> Eof {
+        let Some(mut peer) = side.peer().and_then(|peer| ctx.conn(peer)) else {
+            return Eof::Close;
+        };
+        if peer.is_eof() {
+            // Both directions are done: close both (each after its pending output).
+            peer.close();
+            Eof::Close
+        } else {
+            // Pass the FIN on; this side stays open to carry the other direction.
+            peer.shutdown_write();
+            Eof::KeepOpen
+        }
+    }
+
+    fn on_idle(&mut self, side: &mut Side, ctx: &mut Context<'_, Side>) -> Idle {
+        // A session is idle only when both of its sides are.
+        match side.peer().and_then(|peer| ctx.conn(peer)) {
+            Some(p) if p.idle() < self.idle_timeout => Idle::Keep,
+            _ => Idle::Close,
+        }
+    }
+
+    fn on_close(&mut self, side: Side, ctx: &mut Context<'_, Side>, reason: CloseReason) {
+        match side {
+            Side::Upstream {
+                client,
+                index,
+                connected: false,
+            } if is_dial_failure(reason) => {
+                // The client stays: it dials the next upstream, or is given up on.
+                return self.redial(ctx, client, index, reason);
+            }
+            // A dial the proxy itself abandoned (its client went first, or the server stops) is
+            // no failure of the upstream: neither counted nor retried.
+            Side::Upstream {
+                connected: false, ..
+            } => {}
+            Side::Upstream { index, .. } => {
+                self.counters(index as usize).active.fetch_sub(1, Relaxed);
+            }
+            Side::Client { .. } => {}
+        }
+        // One lifecycle: the other side goes too (after an abandoned dial, a client still there:
+        // none is, today).
+        if let Some(mut peer) = side.peer().and_then(|peer| ctx.conn(peer)) {
+            peer.close();
+        }
+    }
+
+    fn describe(&self, side: &Side, out: &mut String) {
+        let name = match side {
+            Side::Client { .. } => "client",
+            Side::Upstream { .. } => "upstream",
+        };
+        let _ = write!(out, " side={name}");
+        if let Some(peer) = side.peer() {
+            let _ = write!(
+                out,
+                " pair={peer} upstream={}",
+                self.upstreams[side.index()].addr
+            );
+        }
+    }
+
+    fn write_metrics(&self, out: &mut String) {
+        self.stats.write_metrics(out);
+    }
+}

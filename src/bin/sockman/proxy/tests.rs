@@ -1,0 +1,145 @@
+//! The proxy's unit tests: the size of a session's state, the idle close of a session (time
+//! stepped with `turn_at`), and the PROXY headers.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use sockman::{CloseReason, Config, Handler};
+
+use super::handler::{Proxy, ProxyVersion, Side};
+use super::stats::Stats;
+
+#[test]
+fn a_sessions_state_is_small() {
+    // Each of a session's two connections carries one; with a slab entry and no buffer,
+    // an idle session is meant to cost at most 256 B in all (BENCHMARKS.md).
+    assert!(
+        std::mem::size_of::<Side>() <= 12,
+        "{}",
+        std::mem::size_of::<Side>()
+    );
+    assert_eq!(
+        std::mem::size_of::<Option<Side>>(),
+        std::mem::size_of::<Side>()
+    );
+}
+
+/// Turns `server` at `now` until `done`, within a wall-clock bound that only keeps a broken
+/// run from hanging (time itself is stepped, not waited for).
+#[track_caller]
+fn turn_until_at<H: Handler>(
+    server: &mut sockman::Server<H>,
+    now: Instant,
+    what: &str,
+    mut done: impl FnMut(&mut sockman::Server<H>) -> bool,
+) {
+    let bound = Instant::now() + Duration::from_secs(10);
+    while !done(server) {
+        assert!(Instant::now() < bound, "no {what}: {}", server.metrics());
+        server
+            .turn_at(now, Some(Duration::from_millis(10)))
+            .unwrap();
+    }
+}
+
+/// One nonblocking read: `Some(n)` bytes (0 = EOF), `None` = nothing yet.
+fn try_read(s: &mut std::net::TcpStream) -> Option<usize> {
+    use std::io::Read;
+    match s.read(&mut [0; 64]) {
+        Ok(n) => Some(n),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        Err(e) => panic!("read: {e}"),
+    }
+}
+
+#[test]
+fn a_session_closes_when_both_sides_are_idle_not_while_the_upstream_talks() {
+    use std::io::Write;
+    let idle = Duration::from_millis(500);
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    upstream.set_nonblocking(true).unwrap();
+    let up = upstream.local_addr().unwrap();
+    let config = Config {
+        listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+        idle_timeout: idle,
+        tick: Duration::from_millis(10),
+        ..Config::default()
+    };
+    let stats = Stats::new(&[up], 1);
+    let proxy = Proxy::new(
+        &[up],
+        None,
+        3,
+        Duration::from_secs(10),
+        None,
+        idle,
+        stats,
+        0,
+    );
+    let mut server = sockman::Server::bind(config, proxy).unwrap();
+    let t0 = server.now();
+    let mut client = std::net::TcpStream::connect(server.local_addrs()[0]).unwrap();
+    client.set_nonblocking(true).unwrap();
+    let mut pusher = None;
+    turn_until_at(&mut server, t0, "upstream connect", |_| {
+        pusher = upstream.accept().ok().map(|(s, _)| s);
+        pusher.is_some()
+    });
+    let mut pusher = pusher.unwrap();
+    // The client never sends; the upstream pushes a byte every 400 ms for 1.6 s (over
+    // three idle timeouts): the session is not idle while one side talks.
+    let mut last = t0;
+    for i in 1..=4 {
+        last = t0 + Duration::from_millis(400) * i;
+        pusher.write_all(b"p").unwrap();
+        turn_until_at(&mut server, last, "the push relayed", |_| {
+            try_read(&mut client) == Some(1)
+        });
+    }
+    // Both sides silent: still open just before the idle timeout...
+    for _ in 0..3 {
+        server
+            .turn_at(
+                last + idle - Duration::from_millis(10),
+                Some(Duration::ZERO),
+            )
+            .unwrap();
+    }
+    assert_eq!(try_read(&mut client), None, "closed early");
+    assert_eq!(server.metrics().closed_total(), 0, "{}", server.metrics());
+    // ...and closed, both sides, once it has passed (the deadline's tick rounding: +2 ticks).
+    turn_until_at(
+        &mut server,
+        last + idle + Duration::from_millis(20),
+        "the close",
+        |s| s.metrics().closed_total() == 2,
+    );
+    let m = server.metrics();
+    assert_eq!(m.closed_by(CloseReason::IdleTimeout), 1, "{m}");
+    assert_eq!(m.closed_dialed[CloseReason::Handler.index()], 1, "{m}");
+    let bound = Instant::now() + Duration::from_secs(10);
+    loop {
+        match try_read(&mut client) {
+            Some(0) => break,
+            Some(n) => panic!("{n} more bytes after the pushes"),
+            None => assert!(Instant::now() < bound, "no EOF"),
+        }
+        server
+            .turn_at(
+                last + idle + Duration::from_millis(20),
+                Some(Duration::from_millis(10)),
+            )
+            .unwrap();
+    }
+}
+
+#[test]
+fn proxy_headers_name_the_client_and_the_listener() {
+    let c: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+    let l: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+    let v1 = Proxy::proxy_header(ProxyVersion::V1, c, l);
+    assert_eq!(v1, b"PROXY TCP4 192.0.2.1 127.0.0.1 4000 7000\r\n");
+    let v2 = Proxy::proxy_header(ProxyVersion::V2, c, l);
+    assert_eq!(&v2[..12], b"\r\n\r\n\0\r\nQUIT\n");
+    assert_eq!(v2.len(), 16 + 12);
+}
