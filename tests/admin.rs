@@ -7,8 +7,6 @@
 //! No `fd_check_interval` here: the test process holds every other test's sockets too.
 #![cfg(feature = "admin")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::collections::BTreeSet;
@@ -20,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use prometheus_parse::{LineInfo, Scrape, Value};
 use sockman::{Config, Echo, Server};
+use util::http;
 use util::{close_gracefully, connect, echo, local_config, Running};
 
 /// Starts an echo server with the admin endpoint on 127.0.0.1:0, running on its own thread.
@@ -58,7 +57,7 @@ fn start_with_admin(config: Config) -> (Running, SocketAddr) {
 /// would silently skip) and parsed with `prometheus-parse`.
 #[track_caller]
 fn scrape(admin: SocketAddr) -> Scrape {
-    let r = ops::get(admin, "/metrics");
+    let r = http::get(admin, "/metrics");
     assert_eq!(r.status, 200, "{r:?}");
     assert!(
         r.head
@@ -154,7 +153,7 @@ fn lifetimes(scrape: &Scrape) -> Vec<(f64, f64)> {
 /// `/connections` as (peer, line) per connection.
 #[track_caller]
 fn connections(admin: SocketAddr, query: &str) -> Vec<(SocketAddr, String)> {
-    let r = ops::get(admin, &format!("/connections{query}"));
+    let r = http::get(admin, &format!("/connections{query}"));
     assert_eq!(r.status, 200, "{r:?}");
     r.body
         .lines()
@@ -296,10 +295,10 @@ fn get_at(
     now: Instant,
     admin: SocketAddr,
     target: &str,
-) -> ops::Response {
+) -> http::Response {
     let target = target.to_string();
     util::turn_while_at(server, now, "an admin answer", move || {
-        ops::get(admin, &target)
+        http::get(admin, &target)
     })
 }
 
@@ -472,8 +471,8 @@ fn a_silent_admin_connection_is_closed_after_the_admin_timeout() {
 #[test]
 fn bad_requests_get_an_answer_and_a_close_and_data_connections_are_undisturbed() {
     let (server, admin) = start_with_admin(local_config());
-    assert_eq!(ops::get(admin, "/health").status, 200);
-    assert_eq!(ops::get(admin, "/health").body, "ok\n");
+    assert_eq!(http::get(admin, "/health").status, 200);
+    assert_eq!(http::get(admin, "/health").body, "ok\n");
 
     // A data connection echoing without pause on another thread for the whole test.
     let stop = Arc::new(AtomicBool::new(false));
@@ -505,7 +504,7 @@ fn bad_requests_get_an_answer_and_a_close_and_data_connections_are_undisturbed()
         b"GET /metrics HTTP/9\r\n\r\n",
     ];
     for req in malformed {
-        let r = ops::http_raw(admin, req);
+        let r = http::raw(admin, req);
         assert_eq!(
             r.status,
             400,
@@ -517,18 +516,18 @@ fn bad_requests_get_an_answer_and_a_close_and_data_connections_are_undisturbed()
     }
 
     // Unknown path.
-    let r = ops::get(admin, "/nope");
+    let r = http::get(admin, "/nope");
     assert_eq!(r.status, 404, "{r:?}");
     // Over 8 KiB of headers: 431.
     let big = format!(
         "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Padding: {}\r\n\r\n",
         "a".repeat(9 * 1024)
     );
-    let r = ops::http_raw(admin, big.as_bytes());
+    let r = http::raw(admin, big.as_bytes());
     assert_eq!(r.status, 431, "{r:?}");
     // More headers than the parser takes: 431 as well.
     let many: String = (0..40).map(|i| format!("X-H{i}: v\r\n")).collect();
-    let r = ops::http_raw(
+    let r = http::raw(
         admin,
         format!("GET /health HTTP/1.1\r\n{many}\r\n").as_bytes(),
     );
@@ -546,7 +545,7 @@ fn bad_requests_get_an_answer_and_a_close_and_data_connections_are_undisturbed()
     );
 
     // The endpoint still answers, and the data connection never noticed.
-    assert_eq!(ops::get(admin, "/health").status, 200);
+    assert_eq!(http::get(admin, "/health").status, 200);
     stop.store(true, Ordering::Release);
     let (data, rounds) = pinger.join().expect("the data connection failed");
     assert!(rounds > 0, "the data connection never echoed");

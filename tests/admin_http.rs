@@ -2,14 +2,13 @@
 //! `Allow`, and a health probe that gets in while silent sockets hold every admin slot.
 #![cfg(feature = "admin")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 
 use sockman::{Config, Echo};
+use util::http;
 use util::local_config;
 
 /// An echo server with the admin endpoint, running on its own thread; returns it and the admin
@@ -56,14 +55,14 @@ fn head_answers_the_get_head_without_a_body() {
     assert!(body.is_empty(), "a HEAD answer has no body: {raw:?}");
     // The Content-Length the GET has ("ok\n").
     assert!(head.lines().any(|l| l == "Content-Length: 3"), "{raw:?}");
-    assert_eq!(ops::get(admin, "/health").body, "ok\n");
+    assert_eq!(http::get(admin, "/health").body, "ok\n");
     server.stop();
 }
 
 #[test]
 fn a_refused_method_is_told_which_are_allowed() {
     let (server, admin) = start();
-    let r = ops::http_raw(
+    let r = http::raw(
         admin,
         b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
     );
@@ -84,11 +83,11 @@ fn a_health_probe_gets_in_while_silent_sockets_hold_every_admin_slot() {
     let silent: Vec<_> = (0..16).map(|_| util::connect(admin)).collect();
     // The probe: before the fix it was accepted and closed at once (no answer) because every
     // slot was taken. Now the oldest silent connection makes room.
-    let r = ops::get(admin, "/health");
+    let r = http::get(admin, "/health");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body, "ok\n");
     // And again, with the slots still held by the remaining silent sockets.
-    let r = ops::get(admin, "/health");
+    let r = http::get(admin, "/health");
     assert_eq!(r.status, 200, "{r:?}");
     drop(silent);
     server.stop();

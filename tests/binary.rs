@@ -2,16 +2,16 @@
 //! `/proc/PID/fd` of the child, where nothing else runs), idle closes, SIGTERM, and clear errors.
 #![cfg(feature = "cli")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ops::is_stats;
-use util::{close_gracefully, connect, expect_closed, fd_count, stat, Bin};
+use util::child::{admin_addr_in, is_stats, Bin};
+use util::http;
+use util::procfs::fd_count;
+use util::{close_gracefully, connect, expect_closed, stat};
 
 #[test]
 fn serve_echoes_releases_every_fd_closes_idle_and_stops_on_sigterm() {
@@ -137,10 +137,10 @@ fn samples_with_fin<const N: usize>(admin: SocketAddr, names: [&str; N]) -> [i64
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .expect("write the HTTP request");
     stream.shutdown(std::net::Shutdown::Write).unwrap();
-    let r = ops::read_response(&mut stream);
+    let r = http::read_response(&mut stream);
     assert_eq!(r.status, 200, "{r:?}");
     names.map(|name| {
-        ops::sample(&r.body, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{}", r.body))
+        http::sample(&r.body, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{}", r.body))
     })
 }
 
@@ -207,7 +207,7 @@ fn the_leak_self_check_matches_the_childs_fds_and_finds_none_unaccounted() {
         "100ms",
     ]);
     let addr = bin.wait_listening();
-    let admin = ops::admin_addr_in(bin.log.last().unwrap());
+    let admin = admin_addr_in(bin.log.last().unwrap());
     // After the first stats line everything that lives for the whole run is set up.
     bin.wait_line("first stats line", is_stats);
     let pid = bin.pid();

@@ -8,8 +8,6 @@
 //! tests/drain_ticks.rs.
 #![cfg(feature = "cli")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::io::{self, Read, Write};
@@ -19,7 +17,9 @@ use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use util::{assert_same, connect, expect_closed, pattern, read_exactly, stat, Bin};
+use util::child::{admin_addr_in, is_stats, Bin};
+use util::http;
+use util::{assert_same, connect, expect_closed, pattern, read_exactly, stat};
 
 const STREAMING: usize = 50;
 const IDLE: usize = 20;
@@ -156,10 +156,10 @@ fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
         "100ms",
     ]);
     let addr = bin.wait_listening();
-    let admin = ops::admin_addr_in(bin.log.last().unwrap());
+    let admin = admin_addr_in(bin.log.last().unwrap());
     // The first stats line comes from the loop: by then the signal handlers are installed.
-    bin.wait_line("first stats line", ops::is_stats);
-    assert_eq!(ops::get(admin, "/health").status, 200);
+    bin.wait_line("first stats line", is_stats);
+    assert_eq!(http::get(admin, "/health").status, 200);
 
     // 20 idle clients (each echoes one byte, then stays silent)...
     let idlers: Vec<Idler> = (0..IDLE).map(|_| idle_client(addr)).collect();
@@ -171,7 +171,7 @@ fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
         .collect();
     started.wait();
     let line = bin.wait_line("stats line with every client", |l| {
-        ops::is_stats(l) && stat(l, "active") == Some((STREAMING + IDLE) as u64)
+        is_stats(l) && stat(l, "active") == Some((STREAMING + IDLE) as u64)
     });
     assert_eq!(stat(&line, "closed"), Some(0), "{line}");
 
@@ -191,7 +191,7 @@ fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
     }
     // ...and the admin endpoint stays up and reports it (the streams keep the drain going until
     // they are told to stop below, so this cannot come too late).
-    let health = ops::get(admin, "/health");
+    let health = http::get(admin, "/health");
     assert_eq!(health.status, 503, "{health:?}");
 
     // The idle clients are closed by the drain while the streams go on. The exact drain-idle
@@ -289,7 +289,7 @@ fn a_second_sigterm_during_a_drain_stops_at_once() {
         "100ms",
     ]);
     let addr = bin.wait_listening();
-    bin.wait_line("first stats line", ops::is_stats);
+    bin.wait_line("first stats line", is_stats);
     let mut client = connect(addr);
     util::echo(&mut client, b"before");
 
@@ -342,7 +342,7 @@ fn the_drain_deadline_force_closes_what_is_left_and_still_exits_0() {
         "100ms",
     ]);
     let addr = bin.wait_listening();
-    bin.wait_line("first stats line", ops::is_stats);
+    bin.wait_line("first stats line", is_stats);
     let mut client = connect(addr);
     util::echo(&mut client, b"open through the drain");
 
@@ -389,7 +389,7 @@ fn connections_queued_in_the_backlog_at_the_signal_are_served_not_reset() {
         "100ms",
     ]);
     let addr = bin.wait_listening();
-    bin.wait_line("first stats line", ops::is_stats);
+    bin.wait_line("first stats line", is_stats);
     // Freeze the server, queue connections in its backlog (the kernel completes them), queue
     // SIGTERM, then let it run. Those clients connected before the drain: they must be served,
     // not reset by the listener's close. More than one turn's accept budget (128) are queued, so

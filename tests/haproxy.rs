@@ -9,8 +9,6 @@
 //! from sleeps.
 #![cfg(feature = "cli")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::collections::BTreeSet;
@@ -22,8 +20,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ops::admin_addr_in;
-use util::{connect_from, echo, stat, Bin, IO_TIMEOUT, WAIT};
+use util::child::{admin_addr_in, Bin};
+use util::http;
+use util::{connect_from, echo, stat, IO_TIMEOUT, WAIT};
 
 const SKIPPED: &str = "SKIPPED: haproxy is not installed (apt-get install haproxy)";
 
@@ -106,14 +105,14 @@ impl Instance {
     /// `sockman_accepted_total` in its `/metrics`.
     #[track_caller]
     fn accepted(&self) -> u64 {
-        let [n] = ops::samples(self.admin, ["sockman_accepted_total"]);
+        let [n] = http::samples(self.admin, ["sockman_accepted_total"]);
         n as u64
     }
 
     /// The `peer=` field of every line of its `/connections`.
     #[track_caller]
     fn peers(&self) -> Vec<SocketAddr> {
-        let r = ops::get(self.admin, "/connections");
+        let r = http::get(self.admin, "/connections");
         assert_eq!(r.status, 200, "{r:?}");
         r.body
             .lines()
@@ -457,9 +456,9 @@ fn behind_haproxy_a_lame_duck_drain_fails_no_client_or_skipped() {
     a.bin.wait_line("the lame-duck line", |l| {
         l.contains("draining in 2s: /readyz fails now")
     });
-    let r = ops::get(a.admin, "/readyz");
+    let r = http::get(a.admin, "/readyz");
     assert_eq!(r.status, 503, "{r:?}");
-    assert_eq!(ops::get(a.admin, "/livez").status, 200);
+    assert_eq!(http::get(a.admin, "/livez").status, 200);
     h.wait_server("a", "DOWN from its failing /readyz", |s| {
         s.status == "DOWN" && s.check == "L7STS"
     });

@@ -8,8 +8,6 @@
 //! printed with `eprintln!` (`cargo test --test limits -- --nocapture`) for BENCHMARKS.md.
 #![cfg(feature = "cli")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::io::{self, Read, Write};
@@ -18,7 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use util::{close_gracefully, connect, connect_from, echo, expect_closed, fd_count, stat, Bin};
+use util::child::{is_stats, Bin};
+use util::procfs::{self, fd_count};
+use util::{close_gracefully, connect, connect_from, echo, expect_closed, stat};
 
 /// The open-file limit the tests impose (soft and hard).
 const NOFILE: u64 = 64;
@@ -155,7 +155,7 @@ fn open_many(addr: SocketAddr) -> (Vec<TcpStream>, usize, Duration) {
 /// must be closed by the server within 1 s (not left hanging); returns the slowest close too.
 #[track_caller]
 fn cpu_while_saturated(pid: u32, addr: SocketAddr) -> (f64, Duration, usize) {
-    let cpu0 = ops::cpu_time(pid);
+    let cpu0 = procfs::cpu_time(pid);
     let t0 = Instant::now();
     let mut slowest = Duration::ZERO;
     let mut attempts = 0;
@@ -170,7 +170,7 @@ fn cpu_while_saturated(pid: u32, addr: SocketAddr) -> (f64, Duration, usize) {
         // Pacing: a steady trickle of connects keeps the listener busy without being load.
         std::thread::sleep(Duration::from_millis(10));
     }
-    let cpu = ops::cpu_time(pid) - cpu0;
+    let cpu = procfs::cpu_time(pid) - cpu0;
     let share = cpu.as_secs_f64() / t0.elapsed().as_secs_f64();
     assert!(
         slowest < Duration::from_secs(1),
@@ -220,7 +220,7 @@ fn assert_recovers(
     );
     close_gracefully(s);
     let pid = bin.pid();
-    wait_fds_back(pid, baseline, || bin.wait_line("stats line", ops::is_stats));
+    wait_fds_back(pid, baseline, || bin.wait_line("stats line", is_stats));
     (freed, recovered)
 }
 
@@ -249,7 +249,7 @@ fn at_the_cap_from_a_low_fd_limit_overflow_is_closed_promptly_without_spinning()
     // One fd per listener is kept back besides FD_RESERVE.
     assert_eq!(cap, NOFILE - sockman::FD_RESERVE - 1, "{line}");
     let pid = bin.pid();
-    bin.wait_line("first stats line", ops::is_stats);
+    bin.wait_line("first stats line", is_stats);
     let baseline = fd_count(pid);
 
     // 200 connections against a cap of 32: the first 32 echo, the rest are closed at once.
@@ -258,7 +258,7 @@ fn at_the_cap_from_a_low_fd_limit_overflow_is_closed_promptly_without_spinning()
     assert_eq!(closed as u64, CLIENTS as u64 - cap);
     let full = CLIENTS as u64 - cap;
     bin.wait_line("stats line with the rejects", |l| {
-        ops::is_stats(l) && stat(l, "full") == Some(full)
+        is_stats(l) && stat(l, "full") == Some(full)
     });
     for (i, s) in accepted.iter_mut().enumerate() {
         echo(s, format!("still served {i}").as_bytes());
@@ -272,7 +272,7 @@ fn at_the_cap_from_a_low_fd_limit_overflow_is_closed_promptly_without_spinning()
         cpu * 100.0
     );
     let line = bin.wait_line("stats line with every reject", |l| {
-        ops::is_stats(l) && stat(l, "full") == Some(full + attempts as u64)
+        is_stats(l) && stat(l, "full") == Some(full + attempts as u64)
     });
     assert_eq!(stat(&line, "active"), Some(cap), "{line}");
     assert_eq!(stat(&line, "closed"), Some(0), "{line}");
@@ -310,7 +310,7 @@ fn emfile_after_lowering_the_limit_sheds_pauses_once_and_recovers() {
         "0",
     ]);
     let addr = bin.wait_listening();
-    bin.wait_line("first stats line", ops::is_stats);
+    bin.wait_line("first stats line", is_stats);
     let pid = bin.pid();
     let baseline = fd_count(pid);
 
@@ -356,7 +356,7 @@ fn emfile_after_lowering_the_limit_sheds_pauses_once_and_recovers() {
         cpu * 100.0
     );
     let line = bin.wait_line("stats line with every shed", |l| {
-        ops::is_stats(l) && stat(l, "shed") == Some((CLIENTS - room + attempts) as u64)
+        is_stats(l) && stat(l, "shed") == Some((CLIENTS - room + attempts) as u64)
     });
     let emfile = stat(&line, "emfile").unwrap_or(0);
     assert!(emfile > 1, "{line}");
@@ -437,7 +437,7 @@ fn max_connections_rejects_the_51st() {
     let mut extra = connect(addr);
     expect_closed(&mut extra);
     let line = bin.wait_line("stats line with the reject", |l| {
-        ops::is_stats(l) && stat(l, "full") == Some(1)
+        is_stats(l) && stat(l, "full") == Some(1)
     });
     assert_eq!(stat(&line, "rejected"), Some(1), "{line}");
     assert_eq!(stat(&line, "active"), Some(50), "{line}");
@@ -476,7 +476,7 @@ fn evict_idle_makes_room_by_closing_the_longest_idle() {
     echo(&mut newcomer, b"newcomer");
     expect_closed(&mut clients[0]);
     let line = bin.wait_line("stats line with the eviction", |l| {
-        ops::is_stats(l) && stat(l, "evicted") == Some(1)
+        is_stats(l) && stat(l, "evicted") == Some(1)
     });
     assert_eq!(stat(&line, "active"), Some(50), "{line}");
     assert_eq!(stat(&line, "accepted"), Some(51), "{line}");
@@ -504,7 +504,7 @@ fn evict_idle_rejects_when_none_is_idle_long_enough() {
     let mut extra = connect(addr);
     expect_closed(&mut extra);
     let line = bin.wait_line("stats line with the reject", |l| {
-        ops::is_stats(l) && stat(l, "full") == Some(1)
+        is_stats(l) && stat(l, "full") == Some(1)
     });
     assert_eq!(stat(&line, "active"), Some(50), "{line}");
     assert_eq!(stat(&line, "closed"), Some(0), "nothing evicted: {line}");
@@ -531,7 +531,7 @@ fn max_per_ip_rejects_the_4th_from_one_address_but_not_another() {
     let mut other = connect_from([127, 0, 0, 2], addr);
     echo(&mut other, b"from 127.0.0.2");
     let line = bin.wait_line("stats line with the per-IP reject", |l| {
-        ops::is_stats(l) && stat(l, "per_ip") == Some(1) && stat(l, "active") == Some(4)
+        is_stats(l) && stat(l, "per_ip") == Some(1) && stat(l, "active") == Some(4)
     });
     assert_eq!(stat(&line, "rejected"), Some(1), "{line}");
     for s in &mut from_one {
@@ -549,7 +549,7 @@ fn max_per_ip_rejects_the_4th_from_one_address_but_not_another() {
 fn a_connect_flood_does_not_delay_an_established_connection() {
     let _serial = timing_lock();
     let (mut bin, addr) = serve(&[]);
-    bin.wait_line("first stats line", ops::is_stats);
+    bin.wait_line("first stats line", is_stats);
     let mut established = connect(addr);
     echo(&mut established, b"warm up");
 
@@ -599,8 +599,8 @@ fn a_connect_flood_does_not_delay_an_established_connection() {
     stop.store(true, Ordering::Release);
     let (ok, failed, flood_time) = flood.join().unwrap();
     latencies.sort();
-    let p50 = ops::quantile(&latencies, 0.50);
-    let p99 = ops::quantile(&latencies, 0.99);
+    let p50 = util::quantile(&latencies, 0.50);
+    let p99 = util::quantile(&latencies, 0.99);
     let max = *latencies.last().unwrap();
     let rate = ok as f64 / flood_time.as_secs_f64();
     eprintln!(
@@ -617,7 +617,7 @@ fn a_connect_flood_does_not_delay_an_established_connection() {
     echo(&mut established, b"still here");
     close_gracefully(established);
     let line = bin.wait_line("stats line after the flood", |l| {
-        ops::is_stats(l) && stat(l, "active") == Some(0) && stat(l, "accepted") >= Some(ok / 2)
+        is_stats(l) && stat(l, "active") == Some(0) && stat(l, "accepted") >= Some(ok / 2)
     });
     assert!(stat(&line, "peer_closed").unwrap_or(0) >= 1, "{line}");
     bin.signal("TERM");

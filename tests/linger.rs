@@ -4,8 +4,6 @@
 //! side, and reads and discards until the peer's EOF (or a deadline or byte cap).
 #![cfg(feature = "admin")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::io::{self, Read, Write};

@@ -8,8 +8,6 @@
 //! own process.
 #![cfg(feature = "cli")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod proxy_util;
 mod util;
 
@@ -22,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use proxy_util::{accept_within, read_to_eof, rss_kib, serve_child, Proxy};
 use sockman::CloseReason;
+use util::child::is_stats;
 use util::{assert_same, connect, expect_closed, pattern, stat};
 
 const KIB: usize = 1 << 10;
@@ -222,7 +221,7 @@ fn a_refused_upstream_closes_the_client_promptly_and_counts_it() {
     let line = proxy
         .bin
         .wait_line("a stats line counting the refusals", |l| {
-            ops::is_stats(l) && stat(l, "no_upstream") == Some(CLIENTS as u64)
+            is_stats(l) && stat(l, "no_upstream") == Some(CLIENTS as u64)
         });
     assert_eq!(stat(&line, "dial_failures"), Some(CLIENTS as u64), "{line}");
     assert_eq!(stat(&line, "sessions"), Some(0), "{line}");

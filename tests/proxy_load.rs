@@ -5,8 +5,6 @@
 //! against neither the test process nor the proxy.
 #![cfg(feature = "cli")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod proxy_util;
 mod util;
 
@@ -17,7 +15,9 @@ use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use proxy_util::{serve_child, Proxy};
-use util::{connect, fd_count, read_exactly};
+use util::child::is_stats;
+use util::procfs::fd_count;
+use util::{connect, read_exactly};
 
 /// The tests here run one at a time: each wants both cores and thousands of sockets.
 fn one_at_a_time() -> MutexGuard<'static, ()> {
@@ -51,7 +51,7 @@ fn five_thousand_idle_sessions_are_held_then_all_released() {
     let (_serve, up) = serve_child(&[]);
     let mut proxy = Proxy::spawn(up, &["--fd-check-interval", "200ms"]);
     // After the first stats line everything that lives for the whole run is set up.
-    proxy.bin.wait_line("first stats line", ops::is_stats);
+    proxy.bin.wait_line("first stats line", is_stats);
     let pid = proxy.bin.pid();
     let baseline = fd_count(pid);
 
@@ -154,7 +154,7 @@ fn fifty_thousand_churned_sessions_leave_no_fd_behind() {
     let _one = one_at_a_time();
     let (_serve, up) = serve_child(&[]);
     let mut proxy = Proxy::spawn(up, &["--fd-check-interval", "200ms"]);
-    proxy.bin.wait_line("first stats line", ops::is_stats);
+    proxy.bin.wait_line("first stats line", is_stats);
     let pid = proxy.bin.pid();
     let baseline = fd_count(pid);
 

@@ -2,8 +2,6 @@
 //! `fc67ed6` (the reshaped loop, lingering, dialing, PROXY headers, workers, the admin side).
 //! Every test here FAILS on the reviewed code; its doc comment names the code at fault.
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::io::{ErrorKind, Read, Write};
@@ -13,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sockman::{Config, Context, Echo, Handler, ProxyProtocol, Server};
+use util::http;
 use util::{bind, connect, local_config, turn_until, turn_until_at};
 
 /// Reads until EOF or until `timeout` passes while the server is turned by `turn`; returns
@@ -367,7 +366,7 @@ fn accept_and_read(listener: &std::net::TcpListener, want: usize) -> Vec<u8> {
 fn sockman_proxy_behind_a_balancer_sends_its_proxy_header_first() {
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let up = upstream.local_addr().unwrap().to_string();
-    let mut bin = util::Bin::spawn(&[
+    let mut bin = util::child::Bin::spawn(&[
         "proxy",
         "--listen",
         "127.0.0.1:0",
@@ -404,7 +403,7 @@ fn sockman_proxy_behind_a_balancer_keeps_the_first_bytes_across_a_dial_retry() {
     }; // closed: connects are refused
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let ups = format!("{refused},{}", upstream.local_addr().unwrap());
-    let mut bin = util::Bin::spawn(&[
+    let mut bin = util::child::Bin::spawn(&[
         "proxy",
         "--listen",
         "127.0.0.1:0",
@@ -543,11 +542,11 @@ fn livez_does_not_fail_for_a_worker_that_finished_its_drain() {
     let running = workers.start().unwrap();
     let _on_worker_0 = client_on_worker(addr, 0); // the others are dropped (closed)
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(ops::get(admin, "/livez").status, 200);
+    assert_eq!(http::get(admin, "/livez").status, 200);
     running.handle().drain(Duration::from_secs(30));
     // Worker 1 has nothing left: it ends; worker 0 serves its one connection.
     std::thread::sleep(Duration::from_millis(5500));
-    let r = ops::get(admin, "/livez");
+    let r = http::get(admin, "/livez");
     running.handle().shutdown();
     assert_eq!(
         r.status, 200,
@@ -577,9 +576,9 @@ fn concurrent_connections_requests_each_get_every_workers_lines() {
     std::thread::sleep(Duration::from_millis(100));
     on_1.write_all(b"sleep").unwrap(); // worker 1 is busy for 500 ms
     std::thread::sleep(Duration::from_millis(50));
-    let a = std::thread::spawn(move || ops::get(admin, "/connections"));
+    let a = std::thread::spawn(move || http::get(admin, "/connections"));
     std::thread::sleep(Duration::from_millis(50));
-    let b = std::thread::spawn(move || ops::get(admin, "/connections"));
+    let b = std::thread::spawn(move || http::get(admin, "/connections"));
     let (a, b) = (a.join().unwrap(), b.join().unwrap());
     running.handle().shutdown();
     for (name, r) in [("first", &a), ("second", &b)] {

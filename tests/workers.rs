@@ -4,14 +4,13 @@
 //! others with an error naming it.
 #![cfg(feature = "admin")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use sockman::{Config, Context, Echo, Error, Handler, Workers};
+use util::http;
 use util::{connect, echo, local_config};
 
 fn admin_config() -> Config {
@@ -47,7 +46,7 @@ fn connections_spread_over_workers_and_the_admin_sees_all_of_them() {
     // Published at most once per tick: wait until the totals show all 200.
     let deadline = std::time::Instant::now() + util::WAIT;
     let body = loop {
-        let body = ops::get(admin, "/metrics").body;
+        let body = http::get(admin, "/metrics").body;
         if value(&body, "sockman_connections_active", "") == Some(200) {
             break body;
         }
@@ -68,17 +67,20 @@ fn connections_spread_over_workers_and_the_admin_sees_all_of_them() {
         Some(0)
     );
     // /connections gathers both workers' lines, each tagged with its worker.
-    let lines = ops::get(admin, "/connections?limit=1000").body;
+    let lines = http::get(admin, "/connections?limit=1000").body;
     let tagged = |w: &str| lines.lines().filter(|l| l.contains(w)).count() as u64;
     assert_eq!(lines.lines().count(), 200, "{lines}");
     assert_eq!(tagged(" worker=0"), w0);
     assert_eq!(tagged(" worker=1"), w1);
     assert_eq!(
-        ops::get(admin, "/connections?limit=7").body.lines().count(),
+        http::get(admin, "/connections?limit=7")
+            .body
+            .lines()
+            .count(),
         7
     );
-    assert_eq!(ops::get(admin, "/livez").status, 200);
-    assert_eq!(ops::get(admin, "/readyz").status, 200);
+    assert_eq!(http::get(admin, "/livez").status, 200);
+    assert_eq!(http::get(admin, "/readyz").status, 200);
     // A drain drains every worker.
     running.handle().drain(Duration::from_secs(5));
     drop(clients);

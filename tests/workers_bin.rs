@@ -3,16 +3,15 @@
 //! handshake the kernel already completed on either worker's `SO_REUSEPORT` listener.
 #![cfg(feature = "cli")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use ops::{admin_addr_in, is_stats};
-use util::{connect, echo, stat, Bin, WAIT};
+use util::child::{admin_addr_in, is_stats, Bin};
+use util::http;
+use util::{connect, echo, stat, WAIT};
 
 /// The value of the sample `name` with exactly the labels `labels` (e.g. `worker="1"`), or the
 /// unlabelled one for `""`.
@@ -80,7 +79,7 @@ fn two_workers_metrics_have_a_total_and_per_worker_series_that_add_up() {
     // the per-worker series add up to it in one scrape.
     let deadline = Instant::now() + WAIT;
     let (w0, w1) = loop {
-        let body = ops::get(admin, "/metrics").body;
+        let body = http::get(admin, "/metrics").body;
         let total = value(&body, "sockman_accepted_total", "");
         let w0 = value(&body, "sockman_accepted_total", "worker=\"0\"");
         let w1 = value(&body, "sockman_accepted_total", "worker=\"1\"");

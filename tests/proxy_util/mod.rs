@@ -1,5 +1,5 @@
 //! Helpers shared by `proxy.rs` and `proxy_load.rs` (included with `mod proxy_util;` beside
-//! `mod util;` and `#[path = "util/ops.rs"] mod ops;`): a `sockman proxy` child with its
+//! `mod util;`): a `sockman proxy` child with its
 //! addresses, `/metrics` scrapes of it, a `sockman serve` child as upstream, and small socket
 //! and `/proc` helpers. Every wait is bounded in time and count.
 #![allow(dead_code)]
@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use sockman::CloseReason;
 
-use crate::ops;
-use crate::util::{self, Bin};
+use crate::util::child::{admin_addr_in, Bin};
+use crate::util::{self, http};
 
 /// A `sockman proxy` child in front of one upstream, with its data and admin addresses.
 pub struct Proxy {
@@ -53,7 +53,7 @@ impl Proxy {
         args.extend_from_slice(extra);
         let mut bin = spawn(&args);
         let addr = bin.wait_listening();
-        let admin = ops::admin_addr_in(bin.log.last().unwrap());
+        let admin = admin_addr_in(bin.log.last().unwrap());
         Proxy {
             bin,
             addr,
@@ -73,7 +73,7 @@ impl Proxy {
     /// One `GET /metrics` (must answer 200).
     #[track_caller]
     pub fn scrape(&self) -> Scrape {
-        let r = ops::get(self.admin, "/metrics");
+        let r = http::get(self.admin, "/metrics");
         assert_eq!(r.status, 200, "{r:?}");
         Scrape(r.body)
     }
@@ -126,7 +126,7 @@ impl Scrape {
     /// The value of the sample `name` (labels included, e.g. `sockman_closed_total{reason="reset"}`).
     #[track_caller]
     pub fn get(&self, name: &str) -> i64 {
-        ops::sample(&self.0, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{self}"))
+        http::sample(&self.0, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{self}"))
     }
 
     /// `sockman_closed_total{reason=...}`: closes of both sides.

@@ -1,0 +1,41 @@
+//! What `/proc` says about a process (the `sockman` child, never the test process itself: a test
+//! thread shares its process with every other test of its file).
+
+use std::time::Duration;
+
+/// Open descriptors of process `pid` (from `/proc/PID/fd`). Only meaningful for a child
+/// process: a test thread shares its process with every other test of its file.
+#[track_caller]
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("cannot list /proc/{pid}/fd: {e}"))
+        .count()
+}
+
+/// CPU time (user + system, all threads) of process `pid` so far, from `/proc/PID/stat`.
+#[track_caller]
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/stat: {e}"));
+    // The command name (field 2) may contain spaces and parentheses: fields follow the last ')'.
+    let after = &stat[stat.rfind(')').expect("no ')' in /proc/PID/stat") + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // fields[0] is field 3 (state); utime is field 14, stime field 15.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_nanos(ticks * 1_000_000_000 / clock_ticks_per_second())
+}
+
+/// `sysconf(_SC_CLK_TCK)` via `getconf`, 100 (Linux's USER_HZ everywhere) if that fails.
+pub fn clock_ticks_per_second() -> u64 {
+    static TCK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(100)
+    })
+}
