@@ -8,7 +8,6 @@
 //! own process.
 #![cfg(feature = "cli")]
 
-mod proxy_util;
 mod util;
 
 use std::io::{self, Read, Write};
@@ -18,10 +17,11 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use proxy_util::{accept_within, read_to_eof, rss_kib, serve_child, Proxy};
 use sockman::CloseReason;
 use util::child::is_stats;
-use util::{assert_same, connect, expect_closed, pattern, stat};
+use util::procfs::rss_kib;
+use util::proxy::{serve_child, Proxy};
+use util::{accept_within, assert_same, connect, expect_closed, pattern, read_to_eof, stat};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;

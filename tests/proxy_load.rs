@@ -5,7 +5,6 @@
 //! against neither the test process nor the proxy.
 #![cfg(feature = "cli")]
 
-mod proxy_util;
 mod util;
 
 use std::io::{Read, Write};
@@ -14,9 +13,9 @@ use std::process::{Command, Stdio};
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use proxy_util::{serve_child, Proxy};
 use util::child::is_stats;
 use util::procfs::fd_count;
+use util::proxy::{serve_child, Proxy};
 use util::{connect, read_exactly};
 
 /// The tests here run one at a time: each wants both cores and thousands of sockets.

@@ -2,8 +2,9 @@
 //! `mod util;`: in-process servers (on a thread, or owned and turned by the test, on the real
 //! clock or at virtual times with `turn_at`), clients with a read timeout as a safety net, and
 //! byte patterns; by topic in the submodules: [`child`] (the `sockman` binary as a child and its
-//! log lines), [`http`] (the admin endpoint's HTTP client and `/metrics` samples) and [`procfs`]
-//! (a child's descriptors and CPU time).
+//! log lines), [`proxy`] (a `sockman proxy` child and its `/metrics`), [`http`] (the admin
+//! endpoint's HTTP client and `/metrics` samples) and [`procfs`] (a child's descriptors, memory
+//! and CPU time).
 //!
 //! Every wait here is bounded in time and count; a timeout fails the test with what was seen.
 //! Each test file uses a subset of these helpers.
@@ -13,9 +14,11 @@
 pub mod child;
 pub mod http;
 pub mod procfs;
+#[cfg(feature = "cli")]
+pub mod proxy;
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -289,6 +292,45 @@ pub fn connect_from(ip: [u8; 4], addr: SocketAddr) -> TcpStream {
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     stream
+}
+
+/// Accepts one connection on `listener`, waiting at most `within` (`SO_RCVTIMEO` bounds a
+/// blocking `accept` on Linux); the stream gets [`IO_TIMEOUT`] on reads and writes.
+#[track_caller]
+pub fn accept_within(listener: &TcpListener, within: Duration) -> TcpStream {
+    socket2::SockRef::from(listener)
+        .set_read_timeout(Some(within))
+        .unwrap();
+    let (stream, _) = listener
+        .accept()
+        .unwrap_or_else(|e| panic!("no connection to accept in {within:?}: {e}"));
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream
+}
+
+/// Reads until EOF (bounded by the stream's read timeout per read and by `max` bytes in all).
+pub fn read_to_eof(stream: &mut TcpStream, max: usize) -> io::Result<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("after {} bytes: {e}", got.len()),
+                ))
+            }
+        }
+        if got.len() > max {
+            return Err(io::Error::other(format!(
+                "more than {max} bytes before EOF"
+            )));
+        }
+    }
 }
 
 /// `len` bytes of a pattern that differs per `seed` and does not repeat every 256 bytes, so a
