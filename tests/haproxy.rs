@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use util::child::{admin_addr_in, Bin};
 use util::http;
-use util::{connect_from, echo, stat, IO_TIMEOUT, WAIT};
+use util::{connect_from, echo, stat, TempDir, IO_TIMEOUT, WAIT};
 
 const SKIPPED: &str = "SKIPPED: haproxy is not installed (apt-get install haproxy)";
 
@@ -48,28 +48,6 @@ fn haproxy_or_skip() -> Option<PathBuf> {
         let _ = writeln!(io::stderr(), "{SKIPPED}");
     }
     found
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("sockman-haproxy-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// One `sockman serve --proxy-protocol v2 --admin` instance.
@@ -144,8 +122,8 @@ impl Haproxy {
     /// answers and every server has passed a health check.
     #[track_caller]
     fn start(binary: &Path, servers: &[(&str, &Instance)]) -> Haproxy {
-        let dir = TempDir::new("cfg");
-        let stats = dir.0.join("stats.sock");
+        let dir = TempDir::new("haproxy-cfg");
+        let stats = dir.path().join("stats.sock");
         // A free port for the frontend: the kernel picks it, HAProxy binds it right after.
         let frontend = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -177,7 +155,7 @@ impl Haproxy {
                 inst.admin.port()
             ));
         }
-        let path = dir.0.join("haproxy.cfg");
+        let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, &cfg).unwrap();
         let mut child = Command::new(binary)
             .arg("-db")

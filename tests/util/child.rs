@@ -61,8 +61,10 @@ impl Bin {
         Bin::from_command(command)
     }
 
+    /// Spawns `command` with `RUST_LOG=info` and a piped stderr: the binary itself, or a program
+    /// that execs it and so keeps the PID sockman runs with (`prlimit`, `sh -c 'exec ...'`).
     #[track_caller]
-    fn from_command(mut command: std::process::Command) -> Bin {
+    pub fn from_command(mut command: std::process::Command) -> Bin {
         use std::io::BufRead;
         use std::process::Stdio;
         let mut child = command
@@ -71,7 +73,7 @@ impl Bin {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn the sockman binary");
+            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
