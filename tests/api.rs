@@ -11,40 +11,9 @@ use std::time::{Duration, Instant};
 use sockman::{
     CloseReason, Config, ConnId, Context, Eof, Handler, Idle, RemoteError, SendError, Server,
 };
-use util::{connect, local_config, read_exactly};
+use util::{connect, local_config, read_exactly, step, turn_until_at};
 
 const TICK: Duration = Duration::from_millis(10);
-
-/// Turns `server` at the fixed virtual time `now` (waiting at most 20 ms of real time per turn
-/// for socket events) until `done` holds; bounded in turns and real time.
-#[track_caller]
-fn turn_until_at<H: Handler>(
-    server: &mut Server<H>,
-    now: Instant,
-    what: &str,
-    mut done: impl FnMut(&mut Server<H>) -> bool,
-) {
-    let deadline = Instant::now() + util::WAIT;
-    for _ in 0..10_000 {
-        if done(server) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {}",
-            server.metrics()
-        );
-        server
-            .turn_at(now, Some(Duration::from_millis(20)))
-            .unwrap();
-    }
-    panic!("{what}: not reached: {}", server.metrics());
-}
-
-/// One turn at virtual time `now` that waits for nothing.
-fn step<H: Handler>(server: &mut Server<H>, now: Instant) {
-    server.turn_at(now, Some(Duration::ZERO)).unwrap();
-}
 
 fn config() -> Config {
     Config {

@@ -9,36 +9,12 @@ mod util;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use sockman::{CloseReason, Config, Context, Echo, Handler, ProxyProtocol, RejectReason, Server};
-use util::{connect, local_config, read_exactly};
+use sockman::{CloseReason, Config, Context, Echo, Handler, ProxyProtocol, RejectReason};
+use util::{connect, local_config, read_exactly, step, turn_until_at};
 
 const TICK: Duration = Duration::from_millis(10);
-
-#[track_caller]
-fn turn_until_at<H: Handler>(
-    server: &mut Server<H>,
-    now: Instant,
-    what: &str,
-    mut done: impl FnMut(&Server<H>) -> bool,
-) {
-    let deadline = Instant::now() + util::WAIT;
-    while !done(server) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {}",
-            server.metrics()
-        );
-        server
-            .turn_at(now, Some(Duration::from_millis(20)))
-            .unwrap();
-    }
-}
-
-fn step<H: Handler>(server: &mut Server<H>, now: Instant) {
-    server.turn_at(now, Some(Duration::ZERO)).unwrap();
-}
 
 /// Writes back `peer=<address the handler sees>\n` once, then echoes.
 #[derive(Default)]

@@ -9,31 +9,11 @@ mod dial;
 mod util;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dial::{Dial, Dialer};
 use sockman::{CloseReason, Config, DialFailure, Handler, Server};
-
-/// Turns at the fixed virtual time `now` until `done` holds (bounded in turns and real time).
-#[track_caller]
-fn turn_until_at<H: Handler>(
-    server: &mut Server<H>,
-    now: Instant,
-    what: &str,
-    mut done: impl FnMut(&Server<H>) -> bool,
-) {
-    let deadline = Instant::now() + util::WAIT;
-    while !done(server) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {}",
-            server.metrics()
-        );
-        server
-            .turn_at(now, Some(Duration::from_millis(20)))
-            .unwrap();
-    }
-}
+use util::{step, turn_until_at};
 
 fn dial(server: &mut Server<Dialer>, addr: SocketAddr, target: usize) {
     let started = server.now();
@@ -129,15 +109,11 @@ fn a_dial_that_never_completes_ends_at_the_connect_timeout_tick() {
         client.turn_at(t0, Some(Duration::from_millis(10))).unwrap();
     }
     // 300 ms is 30 ticks, and a deadline is stamp + timeout + 1 tick: open at 300 ms...
-    client
-        .turn_at(t0 + Duration::from_millis(300), Some(Duration::ZERO))
-        .unwrap();
+    step(&mut client, t0 + Duration::from_millis(300));
     assert!(client.handler().ended.is_empty(), "{}", client.metrics());
     assert_eq!(client.metrics().connecting, 20);
     // ...closed by the next tick after it.
-    client
-        .turn_at(t0 + Duration::from_millis(310), Some(Duration::ZERO))
-        .unwrap();
+    step(&mut client, t0 + Duration::from_millis(310));
     assert_eq!(client.handler().ended.len(), 20, "{}", client.metrics());
     assert_eq!(reasons(&client, 2), vec![CloseReason::ConnectTimeout]);
     for (_, _, age) in &client.handler().ended {
@@ -207,13 +183,9 @@ fn an_idle_dialed_connection_closes_at_its_idle_timeout() {
     turn_until_at(&mut client, t0, "the handshake", |s| {
         s.metrics().connected == 1
     });
-    client
-        .turn_at(t0 + Duration::from_millis(500), Some(Duration::ZERO))
-        .unwrap();
+    step(&mut client, t0 + Duration::from_millis(500));
     assert!(client.handler().closed.is_empty());
-    client
-        .turn_at(t0 + Duration::from_millis(510), Some(Duration::ZERO))
-        .unwrap();
+    step(&mut client, t0 + Duration::from_millis(510));
     assert_eq!(client.handler().closed, vec![CloseReason::IdleTimeout]);
     assert_eq!(
         client.metrics().closed_dialed[CloseReason::IdleTimeout.index()],

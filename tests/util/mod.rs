@@ -103,23 +103,12 @@ pub fn bind<H: Handler>(config: Config, handler: H) -> (Server<H>, SocketAddr) {
 pub fn turn_until<H: Handler>(
     server: &mut Server<H>,
     what: &str,
-    mut done: impl FnMut(&Server<H>) -> bool,
+    done: impl FnMut(&Server<H>) -> bool,
 ) {
-    let deadline = Instant::now() + WAIT;
-    for _ in 0..100_000 {
-        if done(server) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {}",
-            server.metrics()
-        );
-        server
-            .turn(Some(Duration::from_millis(20)))
+    turn_loop(server, what, "", done, |s| {
+        s.turn(Some(Duration::from_millis(20)))
             .expect("turn failed");
-    }
-    panic!("{what}: not reached in 100000 turns: {}", server.metrics());
+    });
 }
 
 /// How long one turn at a fixed virtual time waits for real socket events (an accept, bytes to
@@ -136,7 +125,22 @@ pub fn turn_until_at<H: Handler>(
     server: &mut Server<H>,
     now: Instant,
     what: &str,
+    done: impl FnMut(&Server<H>) -> bool,
+) {
+    turn_loop(server, what, " (at a fixed virtual time)", done, |s| {
+        s.turn_at(now, Some(EVENT_WAIT)).expect("turn_at failed");
+    });
+}
+
+/// The loop of [`turn_until`] and [`turn_until_at`]: `done` before every `turn`, bounded by
+/// [`WAIT`] and 100 000 turns.
+#[track_caller]
+fn turn_loop<H: Handler>(
+    server: &mut Server<H>,
+    what: &str,
+    how: &str,
     mut done: impl FnMut(&Server<H>) -> bool,
+    mut turn: impl FnMut(&mut Server<H>),
 ) {
     let deadline = Instant::now() + WAIT;
     for _ in 0..100_000 {
@@ -145,12 +149,10 @@ pub fn turn_until_at<H: Handler>(
         }
         assert!(
             Instant::now() < deadline,
-            "timed out waiting for {what} (at a fixed virtual time): {}",
+            "timed out waiting for {what}{how}: {}",
             server.metrics()
         );
-        server
-            .turn_at(now, Some(EVENT_WAIT))
-            .expect("turn_at failed");
+        turn(server);
     }
     panic!("{what}: not reached in 100000 turns: {}", server.metrics());
 }
@@ -178,10 +180,16 @@ pub fn turn_while_at<H: Handler, T: Send + 'static>(
 
 /// One turn at the virtual time `now` that does not wait for events: what is due by `now` fires.
 #[track_caller]
-pub fn step_to<H: Handler>(server: &mut Server<H>, now: Instant) {
+pub fn step<H: Handler>(server: &mut Server<H>, now: Instant) {
     server
         .turn_at(now, Some(Duration::ZERO))
         .expect("turn_at failed");
+}
+
+/// [`step`], and asserts that the server's time moved to `now`.
+#[track_caller]
+pub fn step_to<H: Handler>(server: &mut Server<H>, now: Instant) {
+    step(server, now);
     assert_eq!(
         server.now(),
         now,
