@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use util::child::{admin_addr_in, Bin};
+use util::child::Bin;
 use util::http;
 use util::{connect_from, echo, stat, TempDir, IO_TIMEOUT, WAIT};
 
@@ -60,23 +60,13 @@ struct Instance {
 impl Instance {
     #[track_caller]
     fn spawn(extra: &[&str]) -> Instance {
-        let mut args = vec![
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--proxy-protocol",
-            "v2",
-            "--admin",
-            "127.0.0.1:0",
-            "--stats-interval",
-            "100ms",
-        ];
-        args.extend_from_slice(extra);
-        let mut bin = Bin::spawn(&args);
-        let line = bin.wait_line("listening line", |l| l.contains("listening on "));
-        let admin = admin_addr_in(&line);
-        let rest = line.split("listening on ").nth(1).unwrap();
-        let addr = rest.split([' ', ',']).next().unwrap().parse().unwrap();
+        let (bin, addr, admin) = Bin::serve_with_admin(
+            &[
+                &["--proxy-protocol", "v2", "--stats-interval", "100ms"],
+                extra,
+            ]
+            .concat(),
+        );
         Instance { bin, addr, admin }
     }
 
@@ -341,9 +331,7 @@ fn behind_haproxy_clients_keep_their_addresses_and_a_killed_instance_fails_over_
     }
     drop(h);
     let mut b = b;
-    b.bin.signal("TERM");
-    let status = b.bin.wait_exit();
-    assert!(status.success(), "exit {status}; log:\n{}", b.bin.log());
+    b.bin.terminate();
     assert_eq!(stat(b.bin.final_line(), "accepted"), Some(before + 10));
 }
 
@@ -445,9 +433,8 @@ fn behind_haproxy_a_lame_duck_drain_fails_no_client_or_skipped() {
         down_after < Duration::from_secs(2),
         "HAProxy marked the instance down only after the delay ({down_after:?}): the test proves nothing"
     );
-    let status = a.bin.wait_exit();
+    a.bin.wait_success();
     let drained_after = sigterm.elapsed();
-    assert!(status.success(), "exit {status}; log:\n{}", a.bin.log());
     assert!(
         drained_after >= Duration::from_secs(2),
         "exited {drained_after:?} after SIGTERM, before the 2 s drain delay"
@@ -501,6 +488,5 @@ fn behind_haproxy_a_lame_duck_drain_fails_no_client_or_skipped() {
     }
     drop(h);
     let mut b = b;
-    b.bin.signal("TERM");
-    assert!(b.bin.wait_exit().success(), "log:\n{}", b.bin.log());
+    b.bin.terminate();
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use util::child::{is_stats, Bin};
+use util::child::{is_stats, listening_addr_in, Bin};
 use util::procfs::{self, fd_count};
 use util::{close_gracefully, connect, connect_from, echo, expect_closed, stat};
 
@@ -238,18 +238,13 @@ fn at_the_cap_from_a_low_fd_limit_overflow_is_closed_promptly_without_spinning()
         ],
     );
     let line = bin.wait_line("listening line", |l| l.contains("listening on "));
-    let addr: SocketAddr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split([' ', ',']).next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let addr = listening_addr_in(&line);
     assert_eq!(stat(&line, "fd_limit"), Some(NOFILE), "{line}");
     let cap = stat(&line, "max_connections").unwrap_or_else(|| panic!("no cap in {line:?}"));
     // One fd per listener is kept back besides FD_RESERVE.
     assert_eq!(cap, NOFILE - sockman::FD_RESERVE - 1, "{line}");
     let pid = bin.pid();
-    bin.wait_line("first stats line", is_stats);
+    bin.wait_first_stats();
     let baseline = fd_count(pid);
 
     // 200 connections against a cap of 32: the first 32 echo, the rest are closed at once.
@@ -291,8 +286,7 @@ fn at_the_cap_from_a_low_fd_limit_overflow_is_closed_promptly_without_spinning()
          at-cap rejects within {slowest_reject:?}; freed fd -> echo {freed:?}; echo after load {recovered:?}",
         cpu * 100.0
     );
-    bin.signal("TERM");
-    assert!(bin.wait_exit().success(), "log:\n{}", bin.log());
+    bin.terminate();
     let last = bin.final_line();
     assert_eq!(stat(last, "active"), Some(0), "{last}");
 }
@@ -300,17 +294,8 @@ fn at_the_cap_from_a_low_fd_limit_overflow_is_closed_promptly_without_spinning()
 #[test]
 fn emfile_after_lowering_the_limit_sheds_pauses_once_and_recovers() {
     let _serial = timing_lock();
-    let mut bin = Bin::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--stats-interval",
-        "100ms",
-        "--fd-check-interval",
-        "0",
-    ]);
-    let addr = bin.wait_listening();
-    bin.wait_line("first stats line", is_stats);
+    let (mut bin, addr) = serve(&["--fd-check-interval", "0"]);
+    bin.wait_first_stats();
     let pid = bin.pid();
     let baseline = fd_count(pid);
 
@@ -399,23 +384,13 @@ fn emfile_after_lowering_the_limit_sheds_pauses_once_and_recovers() {
         stat(&bin.log[0], "max_connections").unwrap_or(0),
         cpu * 100.0
     );
-    bin.signal("TERM");
-    assert!(bin.wait_exit().success(), "log:\n{}", bin.log());
+    bin.terminate();
 }
 
 /// Spawns `sockman serve` on 127.0.0.1:0 with stats every 100 ms and `extra` flags.
+#[track_caller]
 fn serve(extra: &[&str]) -> (Bin, SocketAddr) {
-    let mut args = vec![
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--stats-interval",
-        "100ms",
-    ];
-    args.extend_from_slice(extra);
-    let mut bin = Bin::spawn(&args);
-    let addr = bin.wait_listening();
-    (bin, addr)
+    Bin::serve(&[&["--stats-interval", "100ms"], extra].concat())
 }
 
 /// `n` connections, each echoed once (so each is admitted when this returns).
@@ -449,8 +424,7 @@ fn max_connections_rejects_the_51st() {
     close_gracefully(clients.pop().unwrap());
     clients.extend(open_echoing(addr, 1));
     drop(clients);
-    bin.signal("TERM");
-    assert!(bin.wait_exit().success(), "log:\n{}", bin.log());
+    bin.terminate();
 }
 
 /// The `--on-full evict-idle` wiring on the binary: the least recently active connection makes
@@ -486,8 +460,7 @@ fn evict_idle_makes_room_by_closing_the_longest_idle() {
         echo(s, b"still here");
     }
     echo(&mut newcomer, b"still here");
-    bin.signal("TERM");
-    assert!(bin.wait_exit().success(), "log:\n{}", bin.log());
+    bin.terminate();
 }
 
 #[test]
@@ -512,8 +485,7 @@ fn evict_idle_rejects_when_none_is_idle_long_enough() {
     for s in &mut clients {
         echo(s, b"still here");
     }
-    bin.signal("TERM");
-    assert!(bin.wait_exit().success(), "log:\n{}", bin.log());
+    bin.terminate();
 }
 
 #[test]
@@ -541,15 +513,14 @@ fn max_per_ip_rejects_the_4th_from_one_address_but_not_another() {
     close_gracefully(from_one.pop().unwrap());
     let mut again = connect_from([127, 0, 0, 1], addr);
     echo(&mut again, b"room again");
-    bin.signal("TERM");
-    assert!(bin.wait_exit().success(), "log:\n{}", bin.log());
+    bin.terminate();
 }
 
 #[test]
 fn a_connect_flood_does_not_delay_an_established_connection() {
     let _serial = timing_lock();
     let (mut bin, addr) = serve(&[]);
-    bin.wait_line("first stats line", is_stats);
+    bin.wait_first_stats();
     let mut established = connect(addr);
     echo(&mut established, b"warm up");
 
@@ -620,6 +591,5 @@ fn a_connect_flood_does_not_delay_an_established_connection() {
         is_stats(l) && stat(l, "active") == Some(0) && stat(l, "accepted") >= Some(ok / 2)
     });
     assert!(stat(&line, "peer_closed").unwrap_or(0) >= 1, "{line}");
-    bin.signal("TERM");
-    assert!(bin.wait_exit().success(), "log:\n{}", bin.log());
+    bin.terminate();
 }

@@ -692,12 +692,7 @@ fn sigterm_lets_an_open_session_finish_its_exchange_and_refuses_new_ones() {
     let got = echoed.join().unwrap().expect("reading the echo until EOF");
     assert_same(&got, &data);
 
-    let status = proxy.bin.wait_exit();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        proxy.bin.log()
-    );
+    proxy.bin.wait_success();
     let took = signalled.elapsed();
     assert!(
         took < Duration::from_secs(2),

@@ -13,7 +13,6 @@ use std::process::{Command, Stdio};
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use util::child::is_stats;
 use util::procfs::fd_count;
 use util::proxy::{serve_child, Proxy};
 use util::{connect, read_exactly};
@@ -50,7 +49,7 @@ fn five_thousand_idle_sessions_are_held_then_all_released() {
     let (_serve, up) = serve_child(&[]);
     let mut proxy = Proxy::spawn(up, &["--fd-check-interval", "200ms"]);
     // After the first stats line everything that lives for the whole run is set up.
-    proxy.bin.wait_line("first stats line", is_stats);
+    proxy.bin.wait_first_stats();
     let pid = proxy.bin.pid();
     let baseline = fd_count(pid);
 
@@ -153,7 +152,7 @@ fn fifty_thousand_churned_sessions_leave_no_fd_behind() {
     let _one = one_at_a_time();
     let (_serve, up) = serve_child(&[]);
     let mut proxy = Proxy::spawn(up, &["--fd-check-interval", "200ms"]);
-    proxy.bin.wait_line("first stats line", is_stats);
+    proxy.bin.wait_first_stats();
     let pid = proxy.bin.pid();
     let baseline = fd_count(pid);
 

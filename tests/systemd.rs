@@ -142,8 +142,7 @@ fn activated_service_serves_the_inherited_socket_and_notifies(workers: &str) {
     service.signal("TERM");
     notify.wait_for("STOPPING=1");
     drop(clients);
-    let status = service.wait_exit();
-    assert!(status.success(), "exit {status}; log:\n{}", service.log());
+    service.wait_success();
     let log = service.log();
     let last = service
         .log

@@ -9,7 +9,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use util::child::{admin_addr_in, is_stats, Bin};
+use util::child::{is_stats, Bin};
 use util::http;
 use util::{connect, echo, stat, WAIT};
 
@@ -28,26 +28,10 @@ fn value(body: &str, name: &str, labels: &str) -> Option<u64> {
 
 /// Spawns `sockman serve --workers 2` on 127.0.0.1:0 with an admin endpoint and `extra`
 /// flags; returns it with its data and admin addresses once it is listening.
+#[track_caller]
 fn spawn_two_workers(extra: &[&str]) -> (Bin, SocketAddr, SocketAddr) {
-    let mut args = vec![
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--admin",
-        "127.0.0.1:0",
-        "--stats-interval",
-        "100ms",
-    ];
-    args.extend_from_slice(extra);
-    let mut bin = Bin::spawn(&args);
-    let line = bin.wait_line("listening line with the admin address", |l| {
-        l.contains("listening on ") && l.contains("admin=")
-    });
-    let admin = admin_addr_in(&line);
-    let rest = line.split("listening on ").nth(1).unwrap();
-    let addr: SocketAddr = rest.split([' ', ',']).next().unwrap().parse().unwrap();
+    let (mut bin, addr, admin) =
+        Bin::serve_with_admin(&[&["--workers", "2", "--stats-interval", "100ms"], extra].concat());
     bin.wait_line("the workers line", |l| l.contains("2 workers on "));
     (bin, addr, admin)
 }
@@ -114,9 +98,7 @@ fn two_workers_metrics_have_a_total_and_per_worker_series_that_add_up() {
     bin.wait_line("stats line with every close", |l| {
         is_stats(l) && stat(l, "active") == Some(0) && stat(l, "peer_closed") == Some(200)
     });
-    bin.signal("TERM");
-    let status = bin.wait_exit();
-    assert!(status.success(), "exit {status}; log:\n{}", bin.log());
+    bin.terminate();
     let last = bin.final_line();
     assert_eq!(stat(last, "accepted"), Some(200), "{last}");
     assert_eq!(stat(last, "peer_closed"), Some(200), "{last}");
@@ -140,7 +122,7 @@ enum Outcome {
 fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
     const N: usize = 200;
     let (mut bin, addr, _admin) = spawn_two_workers(&["--drain-timeout", "10s"]);
-    bin.wait_line("first stats line", is_stats);
+    bin.wait_first_stats();
     // Every thread of the process stops: nothing accepts, the kernel completes the handshakes
     // and queues them on the two workers' listeners.
     bin.signal("STOP");
@@ -207,8 +189,7 @@ fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
             other => panic!("expected EOF after the echo, got {other:?}"),
         }
     }
-    let status = bin.wait_exit();
-    assert!(status.success(), "exit {status}; log:\n{}", bin.log());
+    bin.wait_success();
     let last = bin.final_line();
     assert_eq!(stat(last, "accepted"), Some(N as u64), "{last}");
     assert_eq!(stat(last, "reset").unwrap_or(0), 0, "{last}");

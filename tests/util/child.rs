@@ -16,6 +16,18 @@ pub fn is_stats(line: &str) -> bool {
     line.contains(" stats active=")
 }
 
+/// The (first) listening address in a `listening on ADDR[,ADDR...][,admin=...] ...` line.
+#[track_caller]
+pub fn listening_addr_in(line: &str) -> SocketAddr {
+    let rest = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no listening address in {line:?}"));
+    let addr = rest.split([' ', ',']).next().unwrap();
+    addr.parse()
+        .unwrap_or_else(|e| panic!("cannot parse the address in {line:?}: {e}"))
+}
+
 /// The admin address in a `listening on ADDR,admin=http://HOST:PORT ...` line.
 #[track_caller]
 pub fn admin_addr_in(line: &str) -> SocketAddr {
@@ -48,10 +60,33 @@ impl Bin {
         Bin::from_command(command)
     }
 
+    /// Spawns `sockman serve --listen 127.0.0.1:0 EXTRA...` and waits for its listening line;
+    /// returns it with its address.
+    #[track_caller]
+    pub fn serve(extra: &[&str]) -> (Bin, SocketAddr) {
+        let mut bin = Bin::spawn(&[&["serve", "--listen", "127.0.0.1:0"], extra].concat());
+        let addr = bin.wait_listening();
+        (bin, addr)
+    }
+
+    /// Spawns `sockman serve --listen 127.0.0.1:0 --admin 127.0.0.1:0 EXTRA...` and waits for
+    /// its listening line; returns it with its data and admin addresses.
+    #[track_caller]
+    pub fn serve_with_admin(extra: &[&str]) -> (Bin, SocketAddr, SocketAddr) {
+        let mut bin = Bin::spawn(
+            &[
+                &["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+                extra,
+            ]
+            .concat(),
+        );
+        let (addr, admin) = bin.wait_listening_with_admin();
+        (bin, addr, admin)
+    }
+
     /// Spawns `sockman ARGS` under `prlimit --nofile=N:N` (util-linux; prlimit execs the binary,
     /// so the PID is sockman's).
     #[track_caller]
-    #[allow(dead_code)]
     pub fn spawn_limited(nofile: u64, args: &[&str]) -> Bin {
         let mut command = std::process::Command::new("prlimit");
         command
@@ -139,10 +174,24 @@ impl Bin {
     #[track_caller]
     pub fn wait_listening(&mut self) -> SocketAddr {
         let line = self.wait_line("listening line", |l| l.contains("listening on "));
-        let rest = line.split("listening on ").nth(1).unwrap();
-        let addr = rest.split([' ', ',']).next().unwrap();
-        addr.parse()
-            .unwrap_or_else(|e| panic!("cannot parse the address in {line:?}: {e}"))
+        listening_addr_in(&line)
+    }
+
+    /// The listening and admin addresses from the `listening on ADDR,admin=http://...` line (with
+    /// `--workers`, the first worker's: it serves the admin endpoint).
+    #[track_caller]
+    pub fn wait_listening_with_admin(&mut self) -> (SocketAddr, SocketAddr) {
+        let line = self.wait_line("listening line with the admin address", |l| {
+            l.contains("listening on ") && l.contains("admin=")
+        });
+        (listening_addr_in(&line), admin_addr_in(&line))
+    }
+
+    /// Waits for the first stats line: it comes from the loop, so by then everything that lives
+    /// for the whole run (the signal handlers, ...) is set up. Returns it.
+    #[track_caller]
+    pub fn wait_first_stats(&mut self) -> String {
+        self.wait_line("first stats line", is_stats)
     }
 
     /// Waits for stderr to close and the child to exit (after [`WAIT`]: kills it and fails).
@@ -160,6 +209,36 @@ impl Bin {
         }
         // stderr is closed: the process is exiting (or has exited) now.
         self.child.wait().expect("wait for sockman")
+    }
+
+    /// [`Bin::wait_exit`], and asserts that sockman exited with status 0 (else fails with its
+    /// log).
+    #[track_caller]
+    pub fn wait_success(&mut self) {
+        let status = self.wait_exit();
+        assert!(
+            status.success(),
+            "exit status {status}; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// [`Bin::wait_exit`], and asserts that sockman failed (a nonzero exit status) without a
+    /// panic, as a clear error should; returns its log.
+    #[track_caller]
+    pub fn wait_failure(&mut self) -> String {
+        let status = self.wait_exit();
+        let log = self.log();
+        assert!(!status.success(), "exit status {status}; stderr:\n{log}");
+        assert!(!log.contains("panicked"), "stderr:\n{log}");
+        log
+    }
+
+    /// SIGTERM, then [`Bin::wait_success`]: the drain ends and sockman exits 0.
+    #[track_caller]
+    pub fn terminate(&mut self) {
+        self.signal("TERM");
+        self.wait_success();
     }
 
     /// Sends a signal (e.g. `TERM`) with `kill(1)`.

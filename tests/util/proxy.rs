@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use sockman::CloseReason;
 
-use super::child::{admin_addr_in, Bin};
+use super::child::Bin;
 use super::{http, WAIT};
 
 /// A `sockman proxy` child in front of one upstream, with its data and admin addresses.
@@ -49,8 +49,7 @@ impl Proxy {
         ];
         args.extend_from_slice(extra);
         let mut bin = spawn(&args);
-        let addr = bin.wait_listening();
-        let admin = admin_addr_in(bin.log.last().unwrap());
+        let (addr, admin) = bin.wait_listening_with_admin();
         Proxy {
             bin,
             addr,
@@ -175,9 +174,5 @@ impl fmt::Display for Scrape {
 /// A `sockman serve` (echo) child on a port of its own, and its address.
 #[track_caller]
 pub fn serve_child(extra: &[&str]) -> (Bin, SocketAddr) {
-    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--stats-interval", "0"];
-    args.extend_from_slice(extra);
-    let mut bin = Bin::spawn(&args);
-    let addr = bin.wait_listening();
-    (bin, addr)
+    Bin::serve(&[&["--stats-interval", "0"], extra].concat())
 }
