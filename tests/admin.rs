@@ -19,39 +19,7 @@ use std::time::{Duration, Instant};
 use prometheus_parse::{LineInfo, Scrape, Value};
 use sockman::{Config, Echo, Server};
 use util::http;
-use util::{close_gracefully, connect, echo, local_config, Running};
-
-/// Starts an echo server with the admin endpoint on 127.0.0.1:0, running on its own thread.
-/// Returns it (stopped with [`Running::stop`]) and the admin address.
-#[track_caller]
-fn start_with_admin(config: Config) -> (Running, SocketAddr) {
-    let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        ..config
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name("server".into())
-        .spawn(move || {
-            let server = Server::bind(config, Echo).expect("bind the test server");
-            let admin = server.admin_addr().expect("the admin endpoint is on");
-            tx.send((server.local_addrs()[0], admin, server.handle()))
-                .expect("the test thread went away");
-            server.run().expect("the server loop failed")
-        })
-        .expect("spawn the server thread");
-    let (addr, admin, handle) = rx
-        .recv_timeout(util::WAIT)
-        .expect("the server did not start (see its panic above)");
-    (
-        Running {
-            addr,
-            handle,
-            thread,
-        },
-        admin,
-    )
-}
+use util::{bind_with_admin, close_gracefully, connect, echo, local_config, start_with_admin};
 
 /// `/metrics`, checked line by line (every line a comment, a sample or empty: nothing the parser
 /// would silently skip) and parsed with `prometheus-parse`.
@@ -179,7 +147,7 @@ fn ping(stream: &mut TcpStream, seed: u64) {
 
 #[test]
 fn metrics_parse_and_counters_move_as_connections_open_and_close() {
-    let (server, admin) = start_with_admin(local_config());
+    let (server, admin) = start_with_admin(local_config(), Echo);
 
     let s = scrape(admin);
     for (name, counter) in [
@@ -261,19 +229,6 @@ fn metrics_parse_and_counters_move_as_connections_open_and_close() {
     assert_eq!(m.closed_total(), 3, "{m}");
 }
 
-/// Binds an echo server with the admin endpoint on 127.0.0.1:0, to be turned by the test at
-/// virtual times; returns it, its data address and the admin address.
-#[track_caller]
-fn bind_with_admin(config: Config) -> (Server<Echo>, SocketAddr, SocketAddr) {
-    let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        ..config
-    };
-    let (server, addr) = util::bind(config, Echo);
-    let admin = server.admin_addr().expect("the admin endpoint is on");
-    (server, addr, admin)
-}
-
 /// [`connections`] while the test turns `server` at the virtual time `now`.
 #[track_caller]
 fn connections_at(
@@ -327,7 +282,7 @@ fn close_gracefully_at(server: &mut Server<Echo>, now: Instant, stream: TcpStrea
 /// ticks, so they are asserted exactly.
 #[test]
 fn connections_lists_exactly_the_open_ones_and_sorts_by_idle() {
-    let (mut server, addr, admin) = bind_with_admin(local_config());
+    let (mut server, addr, admin) = bind_with_admin(local_config(), Echo);
     let t0 = server.now();
     assert!(
         connections_at(&mut server, t0, admin, "").is_empty(),
@@ -433,10 +388,13 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 #[test]
 fn a_silent_admin_connection_is_closed_after_the_admin_timeout() {
     const TICK: Duration = Duration::from_millis(10);
-    let (mut server, _addr, admin) = bind_with_admin(Config {
-        tick: TICK,
-        ..local_config()
-    });
+    let (mut server, _addr, admin) = bind_with_admin(
+        Config {
+            tick: TICK,
+            ..local_config()
+        },
+        Echo,
+    );
     let t0 = server.now();
     assert_eq!(
         server.poll_delay(t0),
@@ -470,7 +428,7 @@ fn a_silent_admin_connection_is_closed_after_the_admin_timeout() {
 
 #[test]
 fn bad_requests_get_an_answer_and_a_close_and_data_connections_are_undisturbed() {
-    let (server, admin) = start_with_admin(local_config());
+    let (server, admin) = start_with_admin(local_config(), Echo);
     assert_eq!(http::get(admin, "/health").status, 200);
     assert_eq!(http::get(admin, "/health").body, "ok\n");
 

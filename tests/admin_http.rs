@@ -5,44 +5,14 @@
 mod util;
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 
-use sockman::{Config, Echo};
+use sockman::Echo;
 use util::http;
-use util::local_config;
-
-/// An echo server with the admin endpoint, running on its own thread; returns it and the admin
-/// address.
-fn start() -> (util::Running, SocketAddr) {
-    let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        ..local_config()
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let thread = std::thread::spawn(move || {
-        let server = sockman::Server::bind(config, Echo).unwrap();
-        tx.send((
-            server.local_addrs()[0],
-            server.admin_addr().unwrap(),
-            server.handle(),
-        ))
-        .unwrap();
-        server.run().unwrap()
-    });
-    let (addr, admin, handle) = rx.recv_timeout(util::WAIT).unwrap();
-    (
-        util::Running {
-            addr,
-            handle,
-            thread,
-        },
-        admin,
-    )
-}
+use util::{local_config, start_with_admin};
 
 #[test]
 fn head_answers_the_get_head_without_a_body() {
-    let (server, admin) = start();
+    let (server, admin) = start_with_admin(local_config(), Echo);
     // Read raw: a HEAD answer's Content-Length describes the GET's body, which is not sent.
     let mut stream = util::connect(admin);
     stream
@@ -61,7 +31,7 @@ fn head_answers_the_get_head_without_a_body() {
 
 #[test]
 fn a_refused_method_is_told_which_are_allowed() {
-    let (server, admin) = start();
+    let (server, admin) = start_with_admin(local_config(), Echo);
     let r = http::raw(
         admin,
         b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
@@ -76,7 +46,7 @@ fn a_refused_method_is_told_which_are_allowed() {
 
 #[test]
 fn a_health_probe_gets_in_while_silent_sockets_hold_every_admin_slot() {
-    let (server, admin) = start();
+    let (server, admin) = start_with_admin(local_config(), Echo);
     // Sixteen connections that never send a byte (an attacker, or a broken client) take every
     // admin slot. Their handshakes complete before the probe's, so the backlog hands them to
     // the server first.

@@ -7,7 +7,7 @@
 mod util;
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -95,22 +95,8 @@ fn handler_close_delivers_the_whole_reply_while_the_peer_keeps_sending() {
 fn admin_reply_is_whole_when_the_client_sends_more_after_its_request() {
     // Enough connections for a /connections answer far larger than the client's small receive
     // buffer, so most of it is still queued on the server side when the answer is complete.
-    let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        ..local_config()
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let thread = std::thread::spawn(move || {
-        let server = sockman::Server::bind(config, Echo).unwrap();
-        tx.send((
-            server.local_addrs()[0],
-            server.admin_addr().unwrap(),
-            server.handle(),
-        ))
-        .unwrap();
-        server.run().unwrap()
-    });
-    let (addr, admin, handle) = rx.recv_timeout(util::WAIT).unwrap();
+    let (server, admin) = util::start_with_admin(local_config(), Echo);
+    let addr = server.addr;
     let mut held = Vec::new();
     for _ in 0..400 {
         let mut c = connect(addr);
@@ -145,6 +131,6 @@ fn admin_reply_is_whole_when_the_client_sends_more_after_its_request() {
     assert_eq!(body.len(), len, "the body was cut short");
     assert_eq!(body.lines().count(), 400, "one line per connection");
     drop(held);
-    handle.shutdown();
-    thread.join().unwrap();
+    server.handle.shutdown();
+    server.thread.join().unwrap();
 }

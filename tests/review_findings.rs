@@ -531,11 +531,10 @@ fn a_workers_last_changes_in_a_tick_are_published() {
 #[cfg(feature = "admin")]
 #[test]
 fn livez_does_not_fail_for_a_worker_that_finished_its_drain() {
-    let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+    let config = util::with_admin(Config {
         drain_idle: Duration::from_secs(60),
         ..local_config()
-    };
+    });
     let workers = sockman::Workers::bind(config, 2, |i| WhichWorker { i: i as u8 }).unwrap();
     let addr = workers.local_addrs()[0];
     let admin = workers.admin_addr().unwrap();
@@ -563,10 +562,7 @@ fn livez_does_not_fail_for_a_worker_that_finished_its_drain() {
 #[cfg(feature = "admin")]
 #[test]
 fn concurrent_connections_requests_each_get_every_workers_lines() {
-    let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        ..local_config()
-    };
+    let config = util::with_admin(local_config());
     let workers = sockman::Workers::bind(config, 2, |i| WhichWorker { i: i as u8 }).unwrap();
     let addr = workers.local_addrs()[0];
     let admin = workers.admin_addr().unwrap();

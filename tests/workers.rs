@@ -6,19 +6,11 @@
 
 mod util;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use sockman::{Config, Context, Echo, Error, Handler, Workers};
+use sockman::{Context, Echo, Error, Handler, Workers};
 use util::http;
-use util::{connect, echo, local_config};
-
-fn admin_config() -> Config {
-    Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        ..local_config()
-    }
-}
+use util::{connect, echo, local_config, with_admin};
 
 /// The value of the sample `name` with exactly the labels `labels` (e.g. `worker="1"`), or the
 /// unlabelled one for `""`.
@@ -35,7 +27,7 @@ fn value(body: &str, name: &str, labels: &str) -> Option<u64> {
 
 #[test]
 fn connections_spread_over_workers_and_the_admin_sees_all_of_them() {
-    let workers = Workers::bind(admin_config(), 2, |_| Echo).unwrap();
+    let workers = Workers::bind(with_admin(local_config()), 2, |_| Echo).unwrap();
     let addr = workers.local_addrs()[0];
     let admin = workers.admin_addr().unwrap();
     let running = workers.start().unwrap();

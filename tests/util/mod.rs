@@ -40,10 +40,20 @@ pub fn local_config() -> Config {
     }
 }
 
+/// `config` with the admin endpoint on 127.0.0.1 at a port the kernel picks.
+pub fn with_admin(config: Config) -> Config {
+    Config {
+        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..config
+    }
+}
+
 /// A server running `run()` on its own thread.
 #[derive(Debug)]
 pub struct Running {
     pub addr: SocketAddr,
+    /// The admin endpoint's address, if it is on.
+    pub admin: Option<SocketAddr>,
     pub handle: Handle,
     pub thread: JoinHandle<Metrics>,
 }
@@ -73,19 +83,36 @@ where
         .name("server".into())
         .spawn(move || {
             let server = Server::bind(config, handler).expect("bind the test server");
-            tx.send((server.local_addrs()[0], server.handle()))
-                .expect("the test thread went away");
+            tx.send((
+                server.local_addrs()[0],
+                server.admin_addr(),
+                server.handle(),
+            ))
+            .expect("the test thread went away");
             server.run().expect("the server loop failed")
         })
         .expect("spawn the server thread");
-    let (addr, handle) = rx
+    let (addr, admin, handle) = rx
         .recv_timeout(WAIT)
         .expect("the server did not start (see its panic above)");
     Running {
         addr,
+        admin,
         handle,
         thread,
     }
+}
+
+/// [`start`] with the admin endpoint on (see [`with_admin`]); returns the server and the admin
+/// address.
+#[track_caller]
+pub fn start_with_admin<H>(config: Config, handler: H) -> (Running, SocketAddr)
+where
+    H: Handler + Send + 'static,
+{
+    let server = start(with_admin(config), handler);
+    let admin = server.admin.expect("the admin endpoint is on");
+    (server, admin)
 }
 
 /// Binds a server to be turned by the test itself; returns it and its address.
@@ -94,6 +121,18 @@ pub fn bind<H: Handler>(config: Config, handler: H) -> (Server<H>, SocketAddr) {
     let server = Server::bind(config, handler).expect("bind the test server");
     let addr = server.local_addrs()[0];
     (server, addr)
+}
+
+/// [`bind`] with the admin endpoint on (see [`with_admin`]); returns the server, its data
+/// address and the admin address.
+#[track_caller]
+pub fn bind_with_admin<H: Handler>(
+    config: Config,
+    handler: H,
+) -> (Server<H>, SocketAddr, SocketAddr) {
+    let (server, addr) = bind(with_admin(config), handler);
+    let admin = server.admin_addr().expect("the admin endpoint is on");
+    (server, addr, admin)
 }
 
 /// Turns `server` (at most 20 ms per turn) until `done` holds. `done` runs before every turn, so
