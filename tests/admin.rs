@@ -118,23 +118,6 @@ fn lifetimes(scrape: &Scrape) -> Vec<(f64, f64)> {
     buckets
 }
 
-/// `/connections` as (peer, line) per connection.
-#[track_caller]
-fn connections(admin: SocketAddr, query: &str) -> Vec<(SocketAddr, String)> {
-    let r = http::get(admin, &format!("/connections{query}"));
-    assert_eq!(r.status, 200, "{r:?}");
-    r.body
-        .lines()
-        .map(|line| {
-            let peer = line
-                .split_whitespace()
-                .find_map(|f| f.strip_prefix("peer="))
-                .unwrap_or_else(|| panic!("no peer= in {line:?}"));
-            (peer.parse().unwrap(), line.to_string())
-        })
-        .collect()
-}
-
 fn field(line: &str, key: &str) -> u64 {
     util::stat(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
@@ -229,7 +212,7 @@ fn metrics_parse_and_counters_move_as_connections_open_and_close() {
     assert_eq!(m.closed_total(), 3, "{m}");
 }
 
-/// [`connections`] while the test turns `server` at the virtual time `now`.
+/// [`http::connections`] while the test turns `server` at the virtual time `now`.
 #[track_caller]
 fn connections_at(
     server: &mut Server<Echo>,
@@ -239,7 +222,7 @@ fn connections_at(
 ) -> Vec<(SocketAddr, String)> {
     let query = query.to_string();
     util::turn_while_at(server, now, "a /connections answer", move || {
-        connections(admin, &query)
+        http::connections(admin, &query)
     })
 }
 

@@ -80,19 +80,9 @@ impl Instance {
     /// The `peer=` field of every line of its `/connections`.
     #[track_caller]
     fn peers(&self) -> Vec<SocketAddr> {
-        let r = http::get(self.admin, "/connections");
-        assert_eq!(r.status, 200, "{r:?}");
-        r.body
-            .lines()
-            .map(|l| {
-                let field = l
-                    .split_whitespace()
-                    .find_map(|f| f.strip_prefix("peer="))
-                    .unwrap_or_else(|| panic!("no peer= in {l:?}"));
-                field
-                    .parse()
-                    .unwrap_or_else(|e| panic!("bad peer in {l:?}: {e}"))
-            })
+        http::connections(self.admin, "")
+            .into_iter()
+            .map(|(peer, _)| peer)
             .collect()
     }
 }

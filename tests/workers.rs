@@ -12,19 +12,6 @@ use sockman::{Context, Echo, Error, Handler, Workers};
 use util::http;
 use util::{connect, echo, local_config, with_admin};
 
-/// The value of the sample `name` with exactly the labels `labels` (e.g. `worker="1"`), or the
-/// unlabelled one for `""`.
-fn value(body: &str, name: &str, labels: &str) -> Option<u64> {
-    let key = if labels.is_empty() {
-        format!("{name} ")
-    } else {
-        format!("{name}{{{labels}}} ")
-    };
-    body.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .map(|v| v.trim().parse().unwrap())
-}
-
 #[test]
 fn connections_spread_over_workers_and_the_admin_sees_all_of_them() {
     let workers = Workers::bind(with_admin(local_config()), 2, |_| Echo).unwrap();
@@ -39,19 +26,19 @@ fn connections_spread_over_workers_and_the_admin_sees_all_of_them() {
     let deadline = std::time::Instant::now() + util::WAIT;
     let body = loop {
         let body = http::get(admin, "/metrics").body;
-        if value(&body, "sockman_connections_active", "") == Some(200) {
+        if http::value(&body, "sockman_connections_active", "") == Some(200) {
             break body;
         }
         assert!(std::time::Instant::now() < deadline, "{body}");
         std::thread::yield_now();
     };
-    let w0 = value(&body, "sockman_connections_active", "worker=\"0\"").unwrap();
-    let w1 = value(&body, "sockman_connections_active", "worker=\"1\"").unwrap();
+    let w0 = http::value(&body, "sockman_connections_active", "worker=\"0\"").unwrap();
+    let w1 = http::value(&body, "sockman_connections_active", "worker=\"1\"").unwrap();
     assert_eq!(w0 + w1, 200);
     // 200 connections from 200 source ports: the kernel's hash uses both sockets.
     assert!(w0 > 0 && w1 > 0, "{w0} and {w1}");
     assert_eq!(
-        value(
+        http::value(
             &body,
             "sockman_closed_total",
             "worker=\"1\",reason=\"reset\""

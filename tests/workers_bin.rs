@@ -13,19 +13,6 @@ use util::child::{is_stats, Bin};
 use util::http;
 use util::{connect, echo, stat, WAIT};
 
-/// The value of the sample `name` with exactly the labels `labels` (e.g. `worker="1"`), or the
-/// unlabelled one for `""`.
-fn value(body: &str, name: &str, labels: &str) -> Option<u64> {
-    let key = if labels.is_empty() {
-        format!("{name} ")
-    } else {
-        format!("{name}{{{labels}}} ")
-    };
-    body.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .map(|v| v.trim().parse().unwrap())
-}
-
 /// Spawns `sockman serve --workers 2` on 127.0.0.1:0 with an admin endpoint and `extra`
 /// flags; returns it with its data and admin addresses once it is listening.
 #[track_caller]
@@ -64,16 +51,16 @@ fn two_workers_metrics_have_a_total_and_per_worker_series_that_add_up() {
     let deadline = Instant::now() + WAIT;
     let (w0, w1) = loop {
         let body = http::get(admin, "/metrics").body;
-        let total = value(&body, "sockman_accepted_total", "");
-        let w0 = value(&body, "sockman_accepted_total", "worker=\"0\"");
-        let w1 = value(&body, "sockman_accepted_total", "worker=\"1\"");
+        let total = http::value(&body, "sockman_accepted_total", "");
+        let w0 = http::value(&body, "sockman_accepted_total", "worker=\"0\"");
+        let w1 = http::value(&body, "sockman_accepted_total", "worker=\"1\"");
         assert!(
             total.is_some() && w0.is_some() && w1.is_some(),
             "no total or per-worker sockman_accepted_total in /metrics:\n{body}"
         );
         if total == Some(200) && w0.unwrap() + w1.unwrap() == 200 {
             assert_eq!(
-                value(&body, "sockman_connections_active", ""),
+                http::value(&body, "sockman_connections_active", ""),
                 Some(200),
                 "{body}"
             );

@@ -101,6 +101,18 @@ pub fn sample(body: &str, name: &str) -> Option<i64> {
     })
 }
 
+/// The value of the sample `name` with exactly the labels `labels` (e.g. `worker="1"`), or the
+/// unlabelled one for `""`.
+#[track_caller]
+pub fn value(body: &str, name: &str, labels: &str) -> Option<u64> {
+    let key = if labels.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    sample(body, &key).map(|v| u64::try_from(v).unwrap_or_else(|e| panic!("{key} {v}: {e}")))
+}
+
 /// `GET /metrics` (must answer 200) and the unlabelled samples `names`, in order; fails naming
 /// any that is missing.
 #[track_caller]
@@ -110,4 +122,24 @@ pub fn samples<const N: usize>(admin: SocketAddr, names: [&str; N]) -> [i64; N] 
     names.map(|name| {
         sample(&r.body, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{}", r.body))
     })
+}
+
+/// `GET /connections{query}` (must answer 200) as (peer, line) per connection.
+#[track_caller]
+pub fn connections(admin: SocketAddr, query: &str) -> Vec<(SocketAddr, String)> {
+    let r = get(admin, &format!("/connections{query}"));
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body
+        .lines()
+        .map(|line| {
+            let peer = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("peer="))
+                .unwrap_or_else(|| panic!("no peer= in {line:?}"));
+            let peer = peer
+                .parse()
+                .unwrap_or_else(|e| panic!("bad peer in {line:?}: {e}"));
+            (peer, line.to_string())
+        })
+        .collect()
 }
