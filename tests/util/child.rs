@@ -19,25 +19,25 @@ pub fn is_stats(line: &str) -> bool {
 /// The (first) listening address in a `listening on ADDR[,ADDR...][,admin=...] ...` line.
 #[track_caller]
 pub fn listening_addr_in(line: &str) -> SocketAddr {
-    let rest = line
-        .split("listening on ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no listening address in {line:?}"));
-    let addr = rest.split([' ', ',']).next().unwrap();
-    addr.parse()
-        .unwrap_or_else(|e| panic!("cannot parse the address in {line:?}: {e}"))
+    addr_after(line, "listening on ", &[' ', ','])
 }
 
 /// The admin address in a `listening on ADDR,admin=http://HOST:PORT ...` line.
 #[track_caller]
 pub fn admin_addr_in(line: &str) -> SocketAddr {
+    addr_after(line, "admin=http://", &[' ', ',', '/'])
+}
+
+/// The address that follows `marker` in `line`, up to the first of `ends`.
+#[track_caller]
+fn addr_after(line: &str, marker: &str, ends: &[char]) -> SocketAddr {
     let rest = line
-        .split("admin=http://")
+        .split(marker)
         .nth(1)
-        .unwrap_or_else(|| panic!("no admin address in {line:?}"));
-    let addr = rest.split([' ', ',', '/']).next().unwrap();
+        .unwrap_or_else(|| panic!("no {marker:?} in {line:?}"));
+    let addr = rest.split(ends).next().unwrap();
     addr.parse()
-        .unwrap_or_else(|e| panic!("cannot parse the admin address in {line:?}: {e}"))
+        .unwrap_or_else(|e| panic!("cannot parse the address after {marker:?} in {line:?}: {e}"))
 }
 
 /// The `sockman` binary running as a child, with its stderr (the log) read line by line on a

@@ -298,45 +298,42 @@ pub fn stop<H: Handler>(server: &mut Server<H>) -> Metrics {
 /// Connects with [`IO_TIMEOUT`] on reads and writes.
 #[track_caller]
 pub fn connect(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect(addr).expect("connect to the test server");
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream
+    with_io_timeout(TcpStream::connect(addr).expect("connect to the test server"))
 }
 
 /// Connects a client with a small receive buffer (set before the handshake, so the window is
 /// small from the start and autotuning is off): a client that does not read fills up quickly.
 #[track_caller]
 pub fn connect_small_rcvbuf(addr: SocketAddr) -> TcpStream {
-    let socket = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )
-    .unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket
-        .connect(&addr.into())
-        .expect("connect to the test server");
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream
+    connect_socket(addr, |socket| socket.set_recv_buffer_size(4096).unwrap())
 }
 
 /// Connects from the local address `ip` (any of 127.0.0.0/8 is local on Linux), with
 /// [`IO_TIMEOUT`] on reads and writes: a second "client address" for per-IP tests.
 #[track_caller]
 pub fn connect_from(ip: [u8; 4], addr: SocketAddr) -> TcpStream {
+    connect_socket(addr, |socket| {
+        socket
+            .bind(&SocketAddr::from((ip, 0)).into())
+            .expect("bind the client to a loopback source address")
+    })
+}
+
+/// Connects a TCP socket that `setup` prepared (before the handshake), with [`IO_TIMEOUT`] on
+/// reads and writes.
+#[track_caller]
+fn connect_socket(addr: SocketAddr, setup: impl FnOnce(&socket2::Socket)) -> TcpStream {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-    socket
-        .bind(&SocketAddr::from((ip, 0)).into())
-        .expect("bind the client to a loopback source address");
+    setup(&socket);
     socket
         .connect(&addr.into())
         .expect("connect to the test server");
-    let stream: TcpStream = socket.into();
+    with_io_timeout(socket.into())
+}
+
+/// `stream` with [`IO_TIMEOUT`] on reads and writes.
+fn with_io_timeout(stream: TcpStream) -> TcpStream {
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     stream
@@ -352,9 +349,7 @@ pub fn accept_within(listener: &TcpListener, within: Duration) -> TcpStream {
     let (stream, _) = listener
         .accept()
         .unwrap_or_else(|e| panic!("no connection to accept in {within:?}: {e}"));
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream
+    with_io_timeout(stream)
 }
 
 /// Reads until EOF (bounded by the stream's read timeout per read and by `max` bytes in all).
