@@ -6,7 +6,6 @@ mod util;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc;
-use std::time::Duration;
 
 use sockman::{CloseReason, ConnId, Context, Echo, Handler};
 use util::{
@@ -70,11 +69,8 @@ fn reset_mid_stream_is_counted_as_reset() {
         },
     );
     assert_eq!(server.metrics().active, 1);
-    // Abort: SO_LINGER 0 makes close() send a RST instead of a FIN.
-    socket2::SockRef::from(&client)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(client);
+    // Abort: a RST instead of a FIN.
+    util::abort(client);
     turn_until(&mut server, "the reset connection to close", |s| {
         s.metrics().closed_total() == 1
     });
@@ -94,10 +90,7 @@ fn reset_of_a_quiet_connection_is_counted_as_reset() {
         s.metrics().bytes_out == 4
     });
     assert_eq!(read_exactly(&mut client, 4), b"ping");
-    socket2::SockRef::from(&client)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(client);
+    util::abort(client);
     turn_until(&mut server, "the reset connection to close", |s| {
         s.metrics().closed_total() == 1
     });

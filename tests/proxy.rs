@@ -21,7 +21,9 @@ use sockman::CloseReason;
 use util::child::is_stats;
 use util::procfs::rss_kib;
 use util::proxy::{serve_child, Proxy};
-use util::{accept_within, assert_same, connect, expect_closed, pattern, read_to_eof, stat};
+use util::{
+    accept_within, assert_same, connect, expect_closed, pattern, read_to_eof, silent_listener, stat,
+};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -35,30 +37,6 @@ fn refused_port() -> (socket2::Socket, SocketAddr) {
         .unwrap();
     let addr = socket.local_addr().unwrap().as_socket().unwrap();
     (socket, addr)
-}
-
-/// A listener that never accepts, with its backlog (0: one queued connection) filled, so that
-/// the kernel drops further SYNs and a dial to it never completes. Fails unless a filler connect
-/// timed out, i.e. the backlog is seen to be full.
-fn silent_listener() -> (socket2::Socket, SocketAddr, Vec<TcpStream>) {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    socket.listen(0).unwrap();
-    let addr = socket.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            Ok(s) => fillers.push(s),
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => return (socket, addr, fillers),
-            Err(e) => panic!("filling the silent listener's backlog: {e}"),
-        }
-    }
-    panic!(
-        "the backlog of a listen(0) socket took {} connections without filling",
-        fillers.len()
-    );
 }
 
 #[test]
@@ -445,10 +423,7 @@ fn a_client_that_resets_closes_its_upstream_side() {
     let m = proxy.scrape();
     assert_eq!(m.get(&proxy.up("sessions_active")), 1, "{m}");
 
-    socket2::SockRef::from(&client)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(client); // an RST, not a FIN
+    util::abort(client); // an RST, not a FIN
 
     // Lingering 0 too: the proxy's upstream side ended when the upstream's FIN answered its own.
     let m = proxy.wait_idle("both sides of the reset session to end");

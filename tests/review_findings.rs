@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use sockman::{Config, Context, Echo, Handler, ProxyProtocol, Server};
 use util::http;
-use util::{bind, connect, local_config, turn_until, turn_until_at};
+use util::{bind, connect, local_config, silent_listener, turn_until, turn_until_at};
 
 /// Reads until EOF or until `timeout` passes while the server is turned by `turn`; returns
 /// what was read and whether EOF was seen.
@@ -680,20 +680,6 @@ impl Handler for Reasons {
     fn on_close(&mut self, _: (), _: &mut Context<'_>, reason: sockman::CloseReason) {
         self.seen.push(reason);
     }
-}
-
-/// A listener whose backlog is full: the kernel drops further SYNs, so dials hang.
-fn silent_listener() -> (socket2::Socket, SocketAddr, Vec<TcpStream>) {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    socket.listen(0).unwrap();
-    let addr = socket.local_addr().unwrap().as_socket().unwrap();
-    let fillers = (0..4)
-        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok())
-        .collect();
-    (socket, addr, fillers)
 }
 
 #[test]

@@ -339,6 +339,39 @@ fn with_io_timeout(stream: TcpStream) -> TcpStream {
     stream
 }
 
+/// Closes `stream` abortively: with `SO_LINGER` 0, `close()` sends a RST instead of a FIN.
+pub fn abort(stream: TcpStream) {
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(stream);
+}
+
+/// A listener that never accepts, with its backlog (0: one queued connection) filled, so that
+/// the kernel drops further SYNs and a dial to it never completes. Fails unless a filler connect
+/// timed out, i.e. the backlog is seen to be full.
+#[track_caller]
+pub fn silent_listener() -> (socket2::Socket, SocketAddr, Vec<TcpStream>) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => fillers.push(s),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return (socket, addr, fillers),
+            Err(e) => panic!("filling the silent listener's backlog: {e}"),
+        }
+    }
+    panic!(
+        "the backlog of a listen(0) socket took {} connections without filling",
+        fillers.len()
+    );
+}
+
 /// Accepts one connection on `listener`, waiting at most `within` (`SO_RCVTIMEO` bounds a
 /// blocking `accept` on Linux); the stream gets [`IO_TIMEOUT`] on reads and writes.
 #[track_caller]
