@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use util::child::Bin;
 use util::http;
-use util::{connect_from, echo, stat, TempDir, IO_TIMEOUT, WAIT};
+use util::{close_gracefully, connect_from, echo, stat, TempDir, IO_TIMEOUT, WAIT};
 
 const SKIPPED: &str = "SKIPPED: haproxy is not installed (apt-get install haproxy)";
 
@@ -258,17 +258,6 @@ fn client(h: &Haproxy, n: u8) -> TcpStream {
     connect_from([127, 0, 0, n], h.frontend)
 }
 
-/// Closes politely: shuts down the write side and expects EOF (no data, no reset).
-#[track_caller]
-fn close_politely(mut c: TcpStream) {
-    c.shutdown(Shutdown::Write).unwrap();
-    let mut buf = [0; 16];
-    match c.read(&mut buf) {
-        Ok(0) => {}
-        other => panic!("expected EOF after shutdown(Write), got {other:?}"),
-    }
-}
-
 /// Echo through HAProxy with the clients' own addresses in each sockman's `/connections`
 /// (PROXY v2 from HAProxy), then a SIGKILLed instance: once HAProxy's check marks it down,
 /// every new connection goes to the other one and echoes. Skipped (a SKIPPED line on
@@ -299,7 +288,7 @@ fn behind_haproxy_clients_keep_their_addresses_and_a_killed_instance_fails_over_
     // Round robin: both instances have some.
     assert!(!pa.is_empty() && !pb.is_empty(), "a: {pa:?}, b: {pb:?}");
     for c in clients {
-        close_politely(c);
+        close_gracefully(c);
     }
 
     // SIGKILL a: no drain, its sockets just vanish. HAProxy's check finds it refused.
@@ -317,7 +306,7 @@ fn behind_haproxy_clients_keep_their_addresses_and_a_killed_instance_fails_over_
     let got: BTreeSet<SocketAddr> = b.peers().into_iter().collect();
     assert_eq!(got, want);
     for c in clients {
-        close_politely(c);
+        close_gracefully(c);
     }
     drop(h);
     let mut b = b;
@@ -434,11 +423,7 @@ fn behind_haproxy_a_lame_duck_drain_fails_no_client_or_skipped() {
     assert_eq!(stat(&a_final, "reset").unwrap_or(0), 0, "{a_final}");
 
     let outcomes = clients.join().expect("the client thread panicked");
-    let failed: Vec<_> = outcomes
-        .iter()
-        .enumerate()
-        .filter(|(_, o)| **o != Outcome::Ok)
-        .collect();
+    let failed = util::failures(&outcomes, &Outcome::Ok);
     assert!(
         failed.is_empty(),
         "{} of {} clients failed through HAProxy during the drain: {:?}\nhaproxy:\n{}\nlog of a:\n{}",

@@ -6,7 +6,7 @@
 mod util;
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use util::child::{is_stats, Bin};
@@ -155,11 +155,7 @@ fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
         };
         outcomes.push(outcome);
     }
-    let bad: Vec<_> = outcomes
-        .iter()
-        .enumerate()
-        .filter(|(_, o)| **o != Outcome::Echoed)
-        .collect();
+    let bad = util::failures(&outcomes, &Outcome::Echoed);
     assert!(
         bad.is_empty(),
         "{} of {N} queued clients did not get their echo: {:?}; log:\n{}",
@@ -168,13 +164,8 @@ fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
         bin.log()
     );
     // Each client ends politely: the server's EOF follows (no reset).
-    for (mut c, _) in clients {
-        c.shutdown(Shutdown::Write).unwrap();
-        let mut buf = [0; 16];
-        match c.read(&mut buf) {
-            Ok(0) => {}
-            other => panic!("expected EOF after the echo, got {other:?}"),
-        }
+    for (c, _) in clients {
+        util::close_gracefully(c);
     }
     bin.wait_success();
     let last = bin.final_line();

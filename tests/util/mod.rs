@@ -452,6 +452,16 @@ pub fn echo(stream: &mut TcpStream, data: &[u8]) {
     assert_same(&back, data);
 }
 
+/// The outcomes other than `ok`, with their indices: what a test that runs many clients reports
+/// when not all of them went well.
+pub fn failures<'a, T: PartialEq>(outcomes: &'a [T], ok: &T) -> Vec<(usize, &'a T)> {
+    outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| *o != ok)
+        .collect()
+}
+
 /// Asserts `got == want` without printing megabytes: names the first difference.
 #[track_caller]
 pub fn assert_same(got: &[u8], want: &[u8]) {
