@@ -40,6 +40,27 @@ fn read_until_eof<H: Handler>(
     }
 }
 
+/// Binds `handler` with `config` and connects a client that sends `data` at once; returns the
+/// server (not turned yet) and the client.
+#[track_caller]
+fn bind_and_send<H: Handler>(config: Config, handler: H, data: &[u8]) -> (Server<H>, TcpStream) {
+    let (server, addr) = bind(config, handler);
+    let mut client = connect(addr);
+    client.write_all(data).unwrap();
+    (server, client)
+}
+
+/// A listener that reads a PROXY protocol v1 header first.
+fn v1_config() -> Config {
+    Config {
+        proxy_protocol: ProxyProtocol::V1,
+        ..local_config()
+    }
+}
+
+/// The PROXY v1 header of the tests of section 2: a client 10.0.0.1:1234 of 10.0.0.2:80.
+const HEADER: &[u8] = b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\n";
+
 // ---------------------------------------------------------------------------------------------
 // 1. `deliver`'s "plain" shortcut (src/server/mod.rs, `Server::deliver`) skips settling when the
 //    callback left the current connection without pending output, not DIRTY and the dirty list
@@ -69,9 +90,7 @@ impl Handler for ReplyThenShutWrite {
 /// the connection (here: none, for the whole idle timeout).
 #[test]
 fn shutdown_write_on_the_current_connection_in_on_data_sends_a_fin() {
-    let (mut server, addr) = bind(local_config(), ReplyThenShutWrite);
-    let mut client = connect(addr);
-    client.write_all(b"hi").unwrap();
+    let (mut server, mut client) = bind_and_send(local_config(), ReplyThenShutWrite, b"hi");
     let (got, eof) = read_until_eof(&mut server, &mut client, Duration::from_secs(2));
     assert_eq!(got, b"bye");
     assert!(
@@ -108,14 +127,10 @@ fn pause_reading_in_on_data_stops_further_on_data_calls() {
         read_buffer: 16,
         ..local_config()
     };
-    let (mut server, addr) = bind(
-        config,
-        PauseOnFirstData {
-            calls: Arc::clone(&calls),
-        },
-    );
-    let mut client = connect(addr);
-    client.write_all(&[7u8; 1000]).unwrap();
+    let handler = PauseOnFirstData {
+        calls: Arc::clone(&calls),
+    };
+    let (mut server, _client) = bind_and_send(config, handler, &[7u8; 1000]);
     turn_until(&mut server, "the first bytes", |s| s.metrics().bytes_in > 0);
     for _ in 0..20 {
         server.turn(Some(Duration::from_millis(5))).unwrap();
@@ -138,16 +153,11 @@ fn pause_reading_in_on_data_stops_further_on_data_calls() {
 #[test]
 fn a_proxy_protocol_listener_with_a_small_read_buffer_does_not_panic() {
     let config = Config {
-        proxy_protocol: ProxyProtocol::V1,
         read_buffer: 1024,
-        ..local_config()
+        ..v1_config()
     };
     config.validate().expect("a valid configuration");
-    let (mut server, addr) = bind(config, Echo);
-    let mut client = connect(addr);
-    client
-        .write_all(b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\nhello")
-        .unwrap();
+    let (mut server, _client) = bind_and_send(config, Echo, &[HEADER, b"hello"].concat());
     let start = server.now();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         turn_until_at(&mut server, start, "the echo", |s| {
@@ -180,21 +190,14 @@ impl Handler for Lengths {
 fn data_after_a_proxy_header_respects_the_max_pending_bound() {
     let max = Arc::new(AtomicUsize::new(0));
     let config = Config {
-        proxy_protocol: ProxyProtocol::V1,
         max_pending: 64,
         write_high_watermark: Some(32),
-        ..local_config()
+        ..v1_config()
     };
-    let (mut server, addr) = bind(
-        config,
-        Lengths {
-            max: Arc::clone(&max),
-        },
-    );
-    let mut client = connect(addr);
-    let mut msg = b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\n".to_vec();
-    msg.extend_from_slice(&[b'x'; 1000]);
-    client.write_all(&msg).unwrap();
+    let handler = Lengths {
+        max: Arc::clone(&max),
+    };
+    let (mut server, _client) = bind_and_send(config, handler, &[HEADER, &[b'x'; 1000]].concat());
     let start = server.now();
     turn_until_at(&mut server, start, "the data", |s| {
         s.metrics().bytes_in >= 1000
@@ -228,20 +231,10 @@ impl Handler for PauseOnOpen {
 #[test]
 fn bytes_after_a_proxy_header_wait_for_a_reading_paused_in_on_open() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let config = Config {
-        proxy_protocol: ProxyProtocol::V1,
-        ..local_config()
+    let handler = PauseOnOpen {
+        calls: Arc::clone(&calls),
     };
-    let (mut server, addr) = bind(
-        config,
-        PauseOnOpen {
-            calls: Arc::clone(&calls),
-        },
-    );
-    let mut client = connect(addr);
-    client
-        .write_all(b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\nhello")
-        .unwrap();
+    let (mut server, _client) = bind_and_send(v1_config(), handler, &[HEADER, b"hello"].concat());
     let start = server.now();
     turn_until_at(&mut server, start, "the open", |s| {
         s.metrics().accepted == 1
@@ -289,12 +282,8 @@ impl Handler for Kick {
 #[test]
 fn bytes_after_a_proxy_header_survive_an_on_open_that_closes_another_connection() {
     let got = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let config = Config {
-        proxy_protocol: ProxyProtocol::V1,
-        ..local_config()
-    };
     let (mut server, addr) = bind(
-        config,
+        v1_config(),
         Kick {
             last: None,
             got: Arc::clone(&got),
@@ -357,6 +346,35 @@ fn accept_and_read(listener: &std::net::TcpListener, want: usize) -> Vec<u8> {
     got
 }
 
+/// `sockman proxy --listen 127.0.0.1:0 --upstream UPSTREAMS --proxy-protocol v1 EXTRA...`, and
+/// a client that sends it a balancer's PROXY header with its first bytes, `hello`, in one
+/// segment; returns both.
+#[cfg(feature = "cli")]
+#[track_caller]
+fn proxy_behind_a_balancer(upstreams: &str, extra: &[&str]) -> (util::child::Bin, TcpStream) {
+    let mut bin = util::child::Bin::spawn(
+        &[
+            &[
+                "proxy",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                upstreams,
+                "--proxy-protocol",
+                "v1",
+            ],
+            extra,
+        ]
+        .concat(),
+    );
+    let addr = bin.wait_listening();
+    let mut client = connect(addr);
+    client
+        .write_all(b"PROXY TCP4 10.0.0.1 127.0.0.1 1234 80\r\nhello")
+        .unwrap();
+    (bin, client)
+}
+
 /// With `--proxy-protocol v1 --send-proxy v1`, the upstream must see its PROXY header first.
 /// The client bytes that came with the balancer's header were queued on the upstream while it
 /// was connecting, and `on_connected` appends the header *after* them: the upstream receives
@@ -366,22 +384,7 @@ fn accept_and_read(listener: &std::net::TcpListener, want: usize) -> Vec<u8> {
 fn sockman_proxy_behind_a_balancer_sends_its_proxy_header_first() {
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let up = upstream.local_addr().unwrap().to_string();
-    let mut bin = util::child::Bin::spawn(&[
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &up,
-        "--proxy-protocol",
-        "v1",
-        "--send-proxy",
-        "v1",
-    ]);
-    let addr = bin.wait_listening();
-    let mut client = connect(addr);
-    client
-        .write_all(b"PROXY TCP4 10.0.0.1 127.0.0.1 1234 80\r\nhello")
-        .unwrap();
+    let _proxy = proxy_behind_a_balancer(&up, &["--send-proxy", "v1"]);
     let got = accept_and_read(&upstream, 5 + 20);
     let text = String::from_utf8_lossy(&got).to_string();
     assert!(
@@ -403,20 +406,7 @@ fn sockman_proxy_behind_a_balancer_keeps_the_first_bytes_across_a_dial_retry() {
     }; // closed: connects are refused
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let ups = format!("{refused},{}", upstream.local_addr().unwrap());
-    let mut bin = util::child::Bin::spawn(&[
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &ups,
-        "--proxy-protocol",
-        "v1",
-    ]);
-    let addr = bin.wait_listening();
-    let mut client = connect(addr);
-    client
-        .write_all(b"PROXY TCP4 10.0.0.1 127.0.0.1 1234 80\r\nhello")
-        .unwrap();
+    let _proxy = proxy_behind_a_balancer(&ups, &[]);
     let got = accept_and_read(&upstream, 5);
     assert_eq!(
         String::from_utf8_lossy(&got),
