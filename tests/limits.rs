@@ -179,6 +179,28 @@ fn cpu_while_saturated(pid: u32, addr: SocketAddr) -> (f64, Duration, usize) {
     (share, slowest, attempts)
 }
 
+/// The saturated server, the same for the cap and for EMFILE: every admitted client still
+/// echoes, and the child spends less than half a core on [`cpu_while_saturated`]'s trickle of
+/// connects (`how` it is saturated names it in a failure). Returns what that returns.
+#[track_caller]
+fn saturated(
+    pid: u32,
+    addr: SocketAddr,
+    accepted: &mut [TcpStream],
+    how: &str,
+) -> (f64, Duration, usize) {
+    for (i, s) in accepted.iter_mut().enumerate() {
+        echo(s, format!("still served {i}").as_bytes());
+    }
+    let (cpu, slowest, attempts) = cpu_while_saturated(pid, addr);
+    assert!(
+        cpu < 0.5,
+        "sockman used {:.0} % of a core {how}",
+        cpu * 100.0
+    );
+    (cpu, slowest, attempts)
+}
+
 /// Frees one fd (a client closes politely; `close_gracefully` returns once the server closed its
 /// side), then connects and echoes: returns the time from the close to the echo.
 #[track_caller]
@@ -255,17 +277,8 @@ fn at_the_cap_from_a_low_fd_limit_overflow_is_closed_promptly_without_spinning()
     bin.wait_line("stats line with the rejects", |l| {
         is_stats(l) && stat(l, "full") == Some(full)
     });
-    for (i, s) in accepted.iter_mut().enumerate() {
-        echo(s, format!("still served {i}").as_bytes());
-    }
-
     // Saturated: CPU stays far from a spinning loop.
-    let (cpu, slowest_reject, attempts) = cpu_while_saturated(pid, addr);
-    assert!(
-        cpu < 0.5,
-        "sockman used {:.0} % of a core at the cap",
-        cpu * 100.0
-    );
+    let (cpu, slowest_reject, attempts) = saturated(pid, addr, &mut accepted, "at the cap");
     let line = bin.wait_line("stats line with every reject", |l| {
         is_stats(l) && stat(l, "full") == Some(full + attempts as u64)
     });
@@ -329,17 +342,8 @@ fn emfile_after_lowering_the_limit_sheds_pauses_once_and_recovers() {
         "accepted connections (limit {NOFILE}, {baseline} fds before)"
     );
     assert_eq!(closed, CLIENTS - room);
-    for (i, s) in accepted.iter_mut().enumerate() {
-        echo(s, format!("still served {i}").as_bytes());
-    }
-
     // Out of fds: CPU stays far from a spinning loop, new connections are shed, not left hanging.
-    let (cpu, slowest_shed, attempts) = cpu_while_saturated(pid, addr);
-    assert!(
-        cpu < 0.5,
-        "sockman used {:.0} % of a core while out of fds",
-        cpu * 100.0
-    );
+    let (cpu, slowest_shed, attempts) = saturated(pid, addr, &mut accepted, "while out of fds");
     let line = bin.wait_line("stats line with every shed", |l| {
         is_stats(l) && stat(l, "shed") == Some((CLIENTS - room + attempts) as u64)
     });
