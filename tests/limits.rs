@@ -409,15 +409,23 @@ fn open_echoing(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
         .collect()
 }
 
-#[test]
-fn max_connections_rejects_the_51st() {
-    let (mut bin, addr) = serve(&["--max-connections", "50"]);
-    let mut clients = open_echoing(addr, 50);
+/// 50 connections, each echoed once, then a 51st that the server must close at once; returns the
+/// 50 and the first stats line that counts the 51st as rejected with `full`.
+#[track_caller]
+fn fifty_and_a_refused_one(bin: &mut Bin, addr: SocketAddr) -> (Vec<TcpStream>, String) {
+    let clients = open_echoing(addr, 50);
     let mut extra = connect(addr);
     expect_closed(&mut extra);
     let line = bin.wait_line("stats line with the reject", |l| {
         is_stats(l) && stat(l, "full") == Some(1)
     });
+    (clients, line)
+}
+
+#[test]
+fn max_connections_rejects_the_51st() {
+    let (mut bin, addr) = serve(&["--max-connections", "50"]);
+    let (mut clients, line) = fifty_and_a_refused_one(&mut bin, addr);
     assert_eq!(stat(&line, "rejected"), Some(1), "{line}");
     assert_eq!(stat(&line, "active"), Some(50), "{line}");
     assert_eq!(stat(&line, "closed"), Some(0), "{line}");
@@ -477,12 +485,7 @@ fn evict_idle_rejects_when_none_is_idle_long_enough() {
         "--evict-min-idle",
         "30s",
     ]);
-    let mut clients = open_echoing(addr, 50);
-    let mut extra = connect(addr);
-    expect_closed(&mut extra);
-    let line = bin.wait_line("stats line with the reject", |l| {
-        is_stats(l) && stat(l, "full") == Some(1)
-    });
+    let (mut clients, line) = fifty_and_a_refused_one(&mut bin, addr);
     assert_eq!(stat(&line, "active"), Some(50), "{line}");
     assert_eq!(stat(&line, "closed"), Some(0), "nothing evicted: {line}");
     assert_eq!(stat(&line, "evicted"), None, "{line}");
