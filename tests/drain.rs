@@ -244,10 +244,7 @@ fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
         "the drain took {took:?}; log:\n{}",
         bin.log()
     );
-    let log = bin.log();
-    assert!(log.contains("drain complete"), "log:\n{log}");
-    assert!(!log.contains("force-closing"), "log:\n{log}");
-    assert!(!log.contains("panicked"), "log:\n{log}");
+    bin.assert_log(&["drain complete"], &["force-closing", "panicked"]);
     let last = bin.final_line();
     assert_eq!(stat(last, "active"), Some(0), "{last}");
     assert_eq!(
@@ -298,10 +295,10 @@ fn a_second_sigterm_during_a_drain_stops_at_once() {
         "exited {exited_after:?} after the second signal; log:\n{}",
         bin.log()
     );
-    let log = bin.log();
-    assert!(log.contains("closing every connection now"), "log:\n{log}");
-    assert!(!log.contains("drain complete"), "log:\n{log}");
-    assert!(!log.contains("panicked"), "log:\n{log}");
+    bin.assert_log(
+        &["closing every connection now"],
+        &["drain complete", "panicked"],
+    );
     let last = bin.final_line();
     assert_eq!(stat(last, "active"), Some(0), "{last}");
     assert_eq!(stat(last, "shutdown"), Some(1), "{last}");
@@ -328,11 +325,12 @@ fn the_drain_deadline_force_closes_what_is_left_and_still_exits_0() {
         "closed only {closed_after:?} after the signal (drain timeout 500ms)"
     );
     bin.wait_success();
-    let log = bin.log();
-    assert!(log.contains("force-closing 1 connections"), "log:\n{log}");
-    assert!(
-        log.contains("1 connections were still open at the drain deadline"),
-        "log:\n{log}"
+    bin.assert_log(
+        &[
+            "force-closing 1 connections",
+            "1 connections were still open at the drain deadline",
+        ],
+        &[],
     );
     let last = bin.final_line();
     assert_eq!(stat(last, "shutdown"), Some(1), "{last}");

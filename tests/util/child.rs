@@ -257,6 +257,18 @@ impl Bin {
         self.log.join("\n")
     }
 
+    /// Asserts that the log so far says each of `has` and none of `lacks`.
+    #[track_caller]
+    pub fn assert_log(&self, has: &[&str], lacks: &[&str]) {
+        let log = self.log();
+        for text in has {
+            assert!(log.contains(text), "no {text:?} in the log:\n{log}");
+        }
+        for text in lacks {
+            assert!(!log.contains(text), "{text:?} in the log:\n{log}");
+        }
+    }
+
     /// The one `final ...` line (the metrics sockman logs as it exits). Fails if there is none
     /// or more than one; call it after [`Bin::wait_exit`].
     #[track_caller]
