@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use sockman::{Config, Handle, Handler, Metrics, Server};
+use sockman::{CloseReason, Config, Handle, Handler, Metrics, Server};
 
 /// Safety net for blocking reads and writes: long enough never to fire on a slow CI machine,
 /// short enough that a hang fails the test instead of the whole suite.
@@ -234,6 +234,21 @@ pub fn step_to<H: Handler>(server: &mut Server<H>, now: Instant) {
         now,
         "the server's time did not move to the step's"
     );
+}
+
+/// [`step_to`] `at`, then asserts that exactly `closed` connections have been closed so far, all
+/// for `reason`.
+#[track_caller]
+pub fn step_closing<H: Handler>(
+    server: &mut Server<H>,
+    at: Instant,
+    reason: CloseReason,
+    closed: u64,
+) {
+    step_to(server, at);
+    let m = server.metrics();
+    assert_eq!(m.closed_by(reason), closed, "{m}");
+    assert_eq!(m.closed_total(), closed, "{m}");
 }
 
 /// Writes `msg` on `stream` and turns the echo server `server` at the virtual time `at` until
