@@ -15,6 +15,15 @@ use dial::{Dial, Dialer};
 use sockman::{CloseReason, Config, DialFailure, Handler, Server};
 use util::{step, turn_until_at};
 
+/// The client loop's configuration (see `examples/dial.rs`) with a 10 ms tick, for the tests
+/// that step time.
+fn ticked() -> Config {
+    Config {
+        tick: Duration::from_millis(10),
+        ..dial::config()
+    }
+}
+
 fn dial(server: &mut Server<Dialer>, addr: SocketAddr, target: usize) {
     let started = server.now();
     server
@@ -95,9 +104,8 @@ fn a_refused_dial_ends_at_once_with_its_reason() {
 fn a_dial_that_never_completes_ends_at_the_connect_timeout_tick() {
     let (_listener, silent, _fillers) = dial::silent_listener().unwrap();
     let config = Config {
-        tick: Duration::from_millis(10),
         connect_timeout: Duration::from_millis(300),
-        ..dial::config()
+        ..ticked()
     };
     let mut client = Server::bind(config, Dialer::default()).unwrap();
     let t0 = client.now();
@@ -173,9 +181,8 @@ impl Handler for Quiet {
 fn an_idle_dialed_connection_closes_at_its_idle_timeout() {
     let echo = util::start(util::local_config(), sockman::Echo);
     let config = Config {
-        tick: Duration::from_millis(10),
         idle_timeout: Duration::from_millis(500),
-        ..dial::config()
+        ..ticked()
     };
     let mut client = Server::bind(config, Quiet::default()).unwrap();
     let t0 = client.now();
