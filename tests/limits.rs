@@ -439,19 +439,25 @@ fn max_connections_rejects_the_51st() {
     bin.terminate();
 }
 
-/// The `--on-full evict-idle` wiring on the binary: the least recently active connection makes
-/// room. `--evict-min-idle 0` makes every connection evictable at once, so no time has to pass;
-/// the minimum idle time itself is asserted to the tick in-process (tests/evict_idle.rs).
-#[test]
-fn evict_idle_makes_room_by_closing_the_longest_idle() {
-    let (mut bin, addr) = serve(&[
+/// [`serve`] with a cap of 50 connections and `--on-full evict-idle --evict-min-idle MIN_IDLE`.
+#[track_caller]
+fn serve_evicting(min_idle: &str) -> (Bin, SocketAddr) {
+    serve(&[
         "--max-connections",
         "50",
         "--on-full",
         "evict-idle",
         "--evict-min-idle",
-        "0",
-    ]);
+        min_idle,
+    ])
+}
+
+/// The `--on-full evict-idle` wiring on the binary: the least recently active connection makes
+/// room. `--evict-min-idle 0` makes every connection evictable at once, so no time has to pass;
+/// the minimum idle time itself is asserted to the tick in-process (tests/evict_idle.rs).
+#[test]
+fn evict_idle_makes_room_by_closing_the_longest_idle() {
+    let (mut bin, addr) = serve_evicting("0");
     let mut clients = open_echoing(addr, 50);
     // Connection 0 is the least recently active; the rest are touched again after it.
     echo(&mut clients[0], b"oldest");
@@ -477,14 +483,7 @@ fn evict_idle_makes_room_by_closing_the_longest_idle() {
 
 #[test]
 fn evict_idle_rejects_when_none_is_idle_long_enough() {
-    let (mut bin, addr) = serve(&[
-        "--max-connections",
-        "50",
-        "--on-full",
-        "evict-idle",
-        "--evict-min-idle",
-        "30s",
-    ]);
+    let (mut bin, addr) = serve_evicting("30s");
     let (mut clients, line) = fifty_and_a_refused_one(&mut bin, addr);
     assert_eq!(stat(&line, "active"), Some(50), "{line}");
     assert_eq!(stat(&line, "closed"), Some(0), "nothing evicted: {line}");
