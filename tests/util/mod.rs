@@ -65,10 +65,17 @@ impl Running {
     pub fn stop(self) -> Metrics {
         self.handle.shutdown();
         let metrics = self.thread.join().expect("the server thread panicked");
-        assert_eq!(metrics.active, 0, "connections left open: {metrics}");
-        assert_eq!(metrics.pending_bytes, 0, "output left pending: {metrics}");
-        metrics
+        assert_stopped_clean(metrics)
     }
+}
+
+/// The invariants every test shares at the end of a run: no connection left open and no output
+/// left pending. Returns `metrics`.
+#[track_caller]
+fn assert_stopped_clean(metrics: Metrics) -> Metrics {
+    assert_eq!(metrics.active, 0, "connections left open: {metrics}");
+    assert_eq!(metrics.pending_bytes, 0, "output left pending: {metrics}");
+    metrics
 }
 
 /// Binds `config` (usually [`local_config`]) with `handler` on a new thread and runs it there.
@@ -275,10 +282,7 @@ pub fn ping_at<H: Handler>(
 pub fn stop_at<H: Handler>(server: &mut Server<H>, now: Instant) -> Metrics {
     server.handle().shutdown();
     turn_until_at(server, now, "the server to stop", |s| s.is_stopped());
-    let metrics = server.metrics().clone();
-    assert_eq!(metrics.active, 0, "connections left open: {metrics}");
-    assert_eq!(metrics.pending_bytes, 0, "output left pending: {metrics}");
-    metrics
+    assert_stopped_clean(server.metrics().clone())
 }
 
 /// Asserts that the server has not closed `stream`: a nonblocking read finds nothing to read
@@ -304,10 +308,7 @@ pub fn assert_open(stream: &mut TcpStream) {
 pub fn stop<H: Handler>(server: &mut Server<H>) -> Metrics {
     server.handle().shutdown();
     turn_until(server, "the server to stop", |s| s.is_stopped());
-    let metrics = server.metrics().clone();
-    assert_eq!(metrics.active, 0, "connections left open: {metrics}");
-    assert_eq!(metrics.pending_bytes, 0, "output left pending: {metrics}");
-    metrics
+    assert_stopped_clean(server.metrics().clone())
 }
 
 /// Connects with [`IO_TIMEOUT`] on reads and writes.
@@ -348,6 +349,7 @@ fn connect_socket(addr: SocketAddr, setup: impl FnOnce(&socket2::Socket)) -> Tcp
 }
 
 /// `stream` with [`IO_TIMEOUT`] on reads and writes.
+#[track_caller]
 fn with_io_timeout(stream: TcpStream) -> TcpStream {
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -355,6 +357,7 @@ fn with_io_timeout(stream: TcpStream) -> TcpStream {
 }
 
 /// Closes `stream` abortively: with `SO_LINGER` 0, `close()` sends a RST instead of a FIN.
+#[track_caller]
 pub fn abort(stream: TcpStream) {
     socket2::SockRef::from(&stream)
         .set_linger(Some(Duration::ZERO))
@@ -551,6 +554,7 @@ pub fn stat(line: &str, key: &str) -> Option<u64> {
 }
 
 /// The `q` quantile (0..=1) of `sorted` (nearest rank).
+#[track_caller]
 pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
     assert!(!sorted.is_empty(), "no samples");
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());

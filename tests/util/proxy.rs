@@ -144,15 +144,18 @@ impl Scrape {
     }
 
     /// Every close, whatever its reason.
+    #[track_caller]
     pub fn closed_all(&self) -> i64 {
         self.sum("sockman_closed_total{")
     }
 
     /// Every close of an upstream side.
+    #[track_caller]
     pub fn dialed_closed_all(&self) -> i64 {
         self.sum("sockman_dialed_closed_total{")
     }
 
+    #[track_caller]
     fn sum(&self, prefix: &str) -> i64 {
         self.0
             .lines()
