@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use util::child::{is_stats, listening_addr_in, Bin};
-use util::procfs::{self, fd_count};
+use util::procfs::{self, fd_count, fds_below};
 use util::{close_gracefully, connect, connect_from, echo, expect_closed, stat};
 
 /// The open-file limit the tests impose (soft and hard).
@@ -69,16 +69,6 @@ fn transitions(log: &[String]) -> Vec<&'static str> {
             }
         })
         .collect()
-}
-
-/// Open descriptors of `pid` numbered below `limit`: only those use up `RLIMIT_NOFILE` room.
-#[track_caller]
-fn fds_below(pid: u32, limit: u64) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("cannot list /proc/{pid}/fd: {e}"))
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
-        .filter(|&fd| fd < limit)
-        .count()
 }
 
 /// How one client fared: echoed (accepted), or closed by the server (with when that was seen).

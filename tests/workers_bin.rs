@@ -10,8 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use util::child::{is_stats, Bin};
-use util::http;
-use util::{connect, echo, stat, WAIT};
+use util::{connect, echo, http, procfs, stat, WAIT};
 
 /// Spawns `sockman serve --workers 2` on 127.0.0.1:0 with an admin endpoint and `extra`
 /// flags; returns it with its data and admin addresses once it is listening.
@@ -21,13 +20,6 @@ fn spawn_two_workers(extra: &[&str]) -> (Bin, SocketAddr, SocketAddr) {
         Bin::serve_with_admin(&[&["--workers", "2", "--stats-interval", "100ms"], extra].concat());
     bin.wait_line("the workers line", |l| l.contains("2 workers on "));
     (bin, addr, admin)
-}
-
-/// The scheduler state of process `pid` (`R`, `S`, `T` for stopped, ...) from `/proc/PID/stat`.
-fn proc_state(pid: u32) -> char {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 1..];
-    after.trim_start().chars().next().unwrap()
 }
 
 /// `accepted=N` of every worker's `stopped:` line (one per worker as it ends).
@@ -114,7 +106,7 @@ fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
     // and queues them on the two workers' listeners.
     bin.signal("STOP");
     let deadline = Instant::now() + WAIT;
-    while proc_state(bin.pid()) != 'T' {
+    while procfs::state(bin.pid()) != 'T' {
         assert!(Instant::now() < deadline, "sockman did not stop");
         std::thread::sleep(Duration::from_millis(1)); // pacing: the kernel stops it at once
     }
@@ -127,7 +119,7 @@ fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
             (c, msg)
         })
         .collect();
-    assert_eq!(proc_state(bin.pid()), 'T', "sockman ran while stopped");
+    assert_eq!(procfs::state(bin.pid()), 'T', "sockman ran while stopped");
     // The drain is requested while every worker is still stopped: the signal is delivered as
     // the process continues.
     bin.signal("TERM");
