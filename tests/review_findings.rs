@@ -332,7 +332,7 @@ fn bytes_after_a_proxy_header_survive_an_on_open_that_closes_another_connection(
 
 /// Accepts one connection on `listener` and reads from it until `want` bytes or EOF/timeout.
 fn accept_and_read(listener: &std::net::TcpListener, want: usize) -> Vec<u8> {
-    let (mut s, _) = listener.accept().expect("the proxy dials the upstream");
+    let mut s = util::accept_within(listener, util::WAIT); // the proxy dials the upstream
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
