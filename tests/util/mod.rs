@@ -356,6 +356,17 @@ fn with_io_timeout(stream: TcpStream) -> TcpStream {
     stream
 }
 
+/// Asserts that a connect to `addr` during a drain is refused (the listener is closed), not
+/// accepted and not left hanging (a connect timeout of 2 s).
+#[track_caller]
+pub fn expect_refused(addr: SocketAddr) {
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+        Err(e) => panic!("a connect during the drain failed with {e}, not refused"),
+        Ok(_) => panic!("a connect during the drain was accepted"),
+    }
+}
+
 /// Closes `stream` abortively: with `SO_LINGER` 0, `close()` sends a RST instead of a FIN.
 #[track_caller]
 pub fn abort(stream: TcpStream) {
