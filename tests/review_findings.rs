@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sockman::{Config, Context, Echo, Handler, ProxyProtocol, Server};
+#[cfg(feature = "admin")]
 use util::http;
 use util::{bind, connect, local_config, silent_listener, turn_until, turn_until_at};
 
