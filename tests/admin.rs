@@ -7,8 +7,6 @@
 //! No `fd_check_interval` here: the test process holds every other test's sockets too.
 #![cfg(feature = "admin")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::collections::BTreeSet;
@@ -20,45 +18,14 @@ use std::time::{Duration, Instant};
 
 use prometheus_parse::{LineInfo, Scrape, Value};
 use sockman::{Config, Echo, Server};
-use util::{close_gracefully, connect, echo, local_config, Running};
-
-/// Starts an echo server with the admin endpoint on 127.0.0.1:0, running on its own thread.
-/// Returns it (stopped with [`Running::stop`]) and the admin address.
-#[track_caller]
-fn start_with_admin(config: Config) -> (Running, SocketAddr) {
-    let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        ..config
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name("server".into())
-        .spawn(move || {
-            let server = Server::bind(config, Echo).expect("bind the test server");
-            let admin = server.admin_addr().expect("the admin endpoint is on");
-            tx.send((server.local_addrs()[0], admin, server.handle()))
-                .expect("the test thread went away");
-            server.run().expect("the server loop failed")
-        })
-        .expect("spawn the server thread");
-    let (addr, admin, handle) = rx
-        .recv_timeout(util::WAIT)
-        .expect("the server did not start (see its panic above)");
-    (
-        Running {
-            addr,
-            handle,
-            thread,
-        },
-        admin,
-    )
-}
+use util::http;
+use util::{bind_with_admin, close_gracefully, connect, echo, local_config, start_with_admin};
 
 /// `/metrics`, checked line by line (every line a comment, a sample or empty: nothing the parser
 /// would silently skip) and parsed with `prometheus-parse`.
 #[track_caller]
 fn scrape(admin: SocketAddr) -> Scrape {
-    let r = ops::get(admin, "/metrics");
+    let r = http::get(admin, "/metrics");
     assert_eq!(r.status, 200, "{r:?}");
     assert!(
         r.head
@@ -151,23 +118,6 @@ fn lifetimes(scrape: &Scrape) -> Vec<(f64, f64)> {
     buckets
 }
 
-/// `/connections` as (peer, line) per connection.
-#[track_caller]
-fn connections(admin: SocketAddr, query: &str) -> Vec<(SocketAddr, String)> {
-    let r = ops::get(admin, &format!("/connections{query}"));
-    assert_eq!(r.status, 200, "{r:?}");
-    r.body
-        .lines()
-        .map(|line| {
-            let peer = line
-                .split_whitespace()
-                .find_map(|f| f.strip_prefix("peer="))
-                .unwrap_or_else(|| panic!("no peer= in {line:?}"));
-            (peer.parse().unwrap(), line.to_string())
-        })
-        .collect()
-}
-
 fn field(line: &str, key: &str) -> u64 {
     util::stat(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
@@ -180,7 +130,7 @@ fn ping(stream: &mut TcpStream, seed: u64) {
 
 #[test]
 fn metrics_parse_and_counters_move_as_connections_open_and_close() {
-    let (server, admin) = start_with_admin(local_config());
+    let (server, admin) = start_with_admin(local_config(), Echo);
 
     let s = scrape(admin);
     for (name, counter) in [
@@ -262,20 +212,7 @@ fn metrics_parse_and_counters_move_as_connections_open_and_close() {
     assert_eq!(m.closed_total(), 3, "{m}");
 }
 
-/// Binds an echo server with the admin endpoint on 127.0.0.1:0, to be turned by the test at
-/// virtual times; returns it, its data address and the admin address.
-#[track_caller]
-fn bind_with_admin(config: Config) -> (Server<Echo>, SocketAddr, SocketAddr) {
-    let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        ..config
-    };
-    let (server, addr) = util::bind(config, Echo);
-    let admin = server.admin_addr().expect("the admin endpoint is on");
-    (server, addr, admin)
-}
-
-/// [`connections`] while the test turns `server` at the virtual time `now`.
+/// [`http::connections`] while the test turns `server` at the virtual time `now`.
 #[track_caller]
 fn connections_at(
     server: &mut Server<Echo>,
@@ -285,7 +222,7 @@ fn connections_at(
 ) -> Vec<(SocketAddr, String)> {
     let query = query.to_string();
     util::turn_while_at(server, now, "a /connections answer", move || {
-        connections(admin, &query)
+        http::connections(admin, &query)
     })
 }
 
@@ -296,10 +233,10 @@ fn get_at(
     now: Instant,
     admin: SocketAddr,
     target: &str,
-) -> ops::Response {
+) -> http::Response {
     let target = target.to_string();
     util::turn_while_at(server, now, "an admin answer", move || {
-        ops::get(admin, &target)
+        http::get(admin, &target)
     })
 }
 
@@ -328,7 +265,7 @@ fn close_gracefully_at(server: &mut Server<Echo>, now: Instant, stream: TcpStrea
 /// ticks, so they are asserted exactly.
 #[test]
 fn connections_lists_exactly_the_open_ones_and_sorts_by_idle() {
-    let (mut server, addr, admin) = bind_with_admin(local_config());
+    let (mut server, addr, admin) = bind_with_admin(local_config(), Echo);
     let t0 = server.now();
     assert!(
         connections_at(&mut server, t0, admin, "").is_empty(),
@@ -434,10 +371,13 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 #[test]
 fn a_silent_admin_connection_is_closed_after_the_admin_timeout() {
     const TICK: Duration = Duration::from_millis(10);
-    let (mut server, _addr, admin) = bind_with_admin(Config {
-        tick: TICK,
-        ..local_config()
-    });
+    let (mut server, _addr, admin) = bind_with_admin(
+        Config {
+            tick: TICK,
+            ..local_config()
+        },
+        Echo,
+    );
     let t0 = server.now();
     assert_eq!(
         server.poll_delay(t0),
@@ -471,9 +411,9 @@ fn a_silent_admin_connection_is_closed_after_the_admin_timeout() {
 
 #[test]
 fn bad_requests_get_an_answer_and_a_close_and_data_connections_are_undisturbed() {
-    let (server, admin) = start_with_admin(local_config());
-    assert_eq!(ops::get(admin, "/health").status, 200);
-    assert_eq!(ops::get(admin, "/health").body, "ok\n");
+    let (server, admin) = start_with_admin(local_config(), Echo);
+    assert_eq!(http::get(admin, "/health").status, 200);
+    assert_eq!(http::get(admin, "/health").body, "ok\n");
 
     // A data connection echoing without pause on another thread for the whole test.
     let stop = Arc::new(AtomicBool::new(false));
@@ -505,7 +445,7 @@ fn bad_requests_get_an_answer_and_a_close_and_data_connections_are_undisturbed()
         b"GET /metrics HTTP/9\r\n\r\n",
     ];
     for req in malformed {
-        let r = ops::http_raw(admin, req);
+        let r = http::raw(admin, req);
         assert_eq!(
             r.status,
             400,
@@ -517,18 +457,18 @@ fn bad_requests_get_an_answer_and_a_close_and_data_connections_are_undisturbed()
     }
 
     // Unknown path.
-    let r = ops::get(admin, "/nope");
+    let r = http::get(admin, "/nope");
     assert_eq!(r.status, 404, "{r:?}");
     // Over 8 KiB of headers: 431.
     let big = format!(
         "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Padding: {}\r\n\r\n",
         "a".repeat(9 * 1024)
     );
-    let r = ops::http_raw(admin, big.as_bytes());
+    let r = http::raw(admin, big.as_bytes());
     assert_eq!(r.status, 431, "{r:?}");
     // More headers than the parser takes: 431 as well.
     let many: String = (0..40).map(|i| format!("X-H{i}: v\r\n")).collect();
-    let r = ops::http_raw(
+    let r = http::raw(
         admin,
         format!("GET /health HTTP/1.1\r\n{many}\r\n").as_bytes(),
     );
@@ -546,7 +486,7 @@ fn bad_requests_get_an_answer_and_a_close_and_data_connections_are_undisturbed()
     );
 
     // The endpoint still answers, and the data connection never noticed.
-    assert_eq!(ops::get(admin, "/health").status, 200);
+    assert_eq!(http::get(admin, "/health").status, 200);
     stop.store(true, Ordering::Release);
     let (data, rounds) = pinger.join().expect("the data connection failed");
     assert!(rounds > 0, "the data connection never echoed");

@@ -2,48 +2,17 @@
 //! `Allow`, and a health probe that gets in while silent sockets hold every admin slot.
 #![cfg(feature = "admin")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 
-use sockman::{Config, Echo};
-use util::local_config;
-
-/// An echo server with the admin endpoint, running on its own thread; returns it and the admin
-/// address.
-fn start() -> (util::Running, SocketAddr) {
-    let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        ..local_config()
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let thread = std::thread::spawn(move || {
-        let server = sockman::Server::bind(config, Echo).unwrap();
-        tx.send((
-            server.local_addrs()[0],
-            server.admin_addr().unwrap(),
-            server.handle(),
-        ))
-        .unwrap();
-        server.run().unwrap()
-    });
-    let (addr, admin, handle) = rx.recv_timeout(util::WAIT).unwrap();
-    (
-        util::Running {
-            addr,
-            handle,
-            thread,
-        },
-        admin,
-    )
-}
+use sockman::Echo;
+use util::http;
+use util::{local_config, start_with_admin};
 
 #[test]
 fn head_answers_the_get_head_without_a_body() {
-    let (server, admin) = start();
+    let (server, admin) = start_with_admin(local_config(), Echo);
     // Read raw: a HEAD answer's Content-Length describes the GET's body, which is not sent.
     let mut stream = util::connect(admin);
     stream
@@ -56,14 +25,14 @@ fn head_answers_the_get_head_without_a_body() {
     assert!(body.is_empty(), "a HEAD answer has no body: {raw:?}");
     // The Content-Length the GET has ("ok\n").
     assert!(head.lines().any(|l| l == "Content-Length: 3"), "{raw:?}");
-    assert_eq!(ops::get(admin, "/health").body, "ok\n");
+    assert_eq!(http::get(admin, "/health").body, "ok\n");
     server.stop();
 }
 
 #[test]
 fn a_refused_method_is_told_which_are_allowed() {
-    let (server, admin) = start();
-    let r = ops::http_raw(
+    let (server, admin) = start_with_admin(local_config(), Echo);
+    let r = http::raw(
         admin,
         b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
     );
@@ -77,18 +46,18 @@ fn a_refused_method_is_told_which_are_allowed() {
 
 #[test]
 fn a_health_probe_gets_in_while_silent_sockets_hold_every_admin_slot() {
-    let (server, admin) = start();
+    let (server, admin) = start_with_admin(local_config(), Echo);
     // Sixteen connections that never send a byte (an attacker, or a broken client) take every
     // admin slot. Their handshakes complete before the probe's, so the backlog hands them to
     // the server first.
     let silent: Vec<_> = (0..16).map(|_| util::connect(admin)).collect();
     // The probe: before the fix it was accepted and closed at once (no answer) because every
     // slot was taken. Now the oldest silent connection makes room.
-    let r = ops::get(admin, "/health");
+    let r = http::get(admin, "/health");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body, "ok\n");
     // And again, with the slots still held by the remaining silent sockets.
-    let r = ops::get(admin, "/health");
+    let r = http::get(admin, "/health");
     assert_eq!(r.status, 200, "{r:?}");
     drop(silent);
     server.stop();

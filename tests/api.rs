@@ -11,40 +11,9 @@ use std::time::{Duration, Instant};
 use sockman::{
     CloseReason, Config, ConnId, Context, Eof, Handler, Idle, RemoteError, SendError, Server,
 };
-use util::{connect, local_config, read_exactly};
+use util::{connect, local_config, read_exactly, step, turn_until_at};
 
 const TICK: Duration = Duration::from_millis(10);
-
-/// Turns `server` at the fixed virtual time `now` (waiting at most 20 ms of real time per turn
-/// for socket events) until `done` holds; bounded in turns and real time.
-#[track_caller]
-fn turn_until_at<H: Handler>(
-    server: &mut Server<H>,
-    now: Instant,
-    what: &str,
-    mut done: impl FnMut(&mut Server<H>) -> bool,
-) {
-    let deadline = Instant::now() + util::WAIT;
-    for _ in 0..10_000 {
-        if done(server) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {}",
-            server.metrics()
-        );
-        server
-            .turn_at(now, Some(Duration::from_millis(20)))
-            .unwrap();
-    }
-    panic!("{what}: not reached: {}", server.metrics());
-}
-
-/// One turn at virtual time `now` that waits for nothing.
-fn step<H: Handler>(server: &mut Server<H>, now: Instant) {
-    server.turn_at(now, Some(Duration::ZERO)).unwrap();
-}
 
 fn config() -> Config {
     Config {
@@ -121,6 +90,26 @@ impl Handler for Probe {
     }
 }
 
+impl Probe {
+    /// A probe that sets a timer of `after` on each new connection.
+    fn with_timer(after: Duration) -> Probe {
+        Probe {
+            timer_after: Some(after),
+            ..Probe::default()
+        }
+    }
+}
+
+/// Binds `handler` with `config` and accepts one client at the server's time from the start;
+/// returns the server, that time and the client.
+#[track_caller]
+fn bind_and_accept<H: Handler>(config: Config, handler: H) -> (Server<H>, Instant, TcpStream) {
+    let (mut server, _) = util::bind(config, handler);
+    let t0 = server.now();
+    let client = accept_one(&mut server, t0);
+    (server, t0, client)
+}
+
 #[track_caller]
 fn accept_one<H: Handler>(server: &mut Server<H>, now: Instant) -> TcpStream {
     let before = server.metrics().accepted;
@@ -131,13 +120,8 @@ fn accept_one<H: Handler>(server: &mut Server<H>, now: Instant) -> TcpStream {
 
 #[test]
 fn a_timer_fires_at_its_tick_and_not_before() {
-    let probe = Probe {
-        timer_after: Some(Duration::from_millis(100)),
-        ..Probe::default()
-    };
-    let (mut server, _) = util::bind(config(), probe);
-    let t0 = server.now();
-    let mut client = accept_one(&mut server, t0);
+    let probe = Probe::with_timer(Duration::from_millis(100));
+    let (mut server, t0, mut client) = bind_and_accept(config(), probe);
     // 100 ms is 10 ticks from the tick of t0: due at t0's tick + 10, never before.
     step(&mut server, t0 + Duration::from_millis(99));
     assert!(!server.handler().log.iter().any(|l| l.starts_with("timer")));
@@ -164,13 +148,8 @@ fn a_timer_fires_at_its_tick_and_not_before() {
 
 #[test]
 fn a_cancelled_timer_does_not_fire() {
-    let probe = Probe {
-        timer_after: Some(Duration::from_millis(100)),
-        ..Probe::default()
-    };
-    let (mut server, _) = util::bind(config(), probe);
-    let t0 = server.now();
-    let mut client = accept_one(&mut server, t0);
+    let probe = Probe::with_timer(Duration::from_millis(100));
+    let (mut server, t0, mut client) = bind_and_accept(config(), probe);
     client.write_all(b"cancel").unwrap();
     turn_until_at(&mut server, t0, "the cancel", |s| s.metrics().bytes_in == 6);
     step(&mut server, t0 + Duration::from_secs(1));
@@ -192,9 +171,7 @@ fn idle_deadline_asks_the_handler_and_keep_restarts_it() {
         keep_idle: true,
         ..Probe::default()
     };
-    let (mut server, _) = util::bind(cfg, probe);
-    let t0 = server.now();
-    let mut client = accept_one(&mut server, t0);
+    let (mut server, t0, mut client) = bind_and_accept(cfg, probe);
     // Idle for 200 ms (+ the one tick of rounding): the handler is asked and keeps it.
     step(&mut server, t0 + Duration::from_millis(199));
     assert!(
@@ -385,9 +362,7 @@ fn eof_can_keep_the_connection_open_for_writing() {
         keep_open_on_eof: true,
         ..Probe::default()
     };
-    let (mut server, _) = util::bind(config(), probe);
-    let t0 = server.now();
-    let mut client = accept_one(&mut server, t0);
+    let (mut server, t0, mut client) = bind_and_accept(config(), probe);
     client.shutdown(Shutdown::Write).unwrap();
     turn_until_at(&mut server, t0, "the eof", |s| {
         s.handler().log.iter().any(|l| l.starts_with("eof"))
@@ -420,9 +395,7 @@ impl Handler for Pauser {
 
 #[test]
 fn paused_reads_resume_without_a_new_edge_and_remote_work_runs_on_the_loop() {
-    let (mut server, _) = util::bind(config(), Pauser { id: None, seen: 0 });
-    let t0 = server.now();
-    let mut client = accept_one(&mut server, t0);
+    let (mut server, t0, mut client) = bind_and_accept(config(), Pauser { id: None, seen: 0 });
     client.write_all(b"first").unwrap();
     turn_until_at(&mut server, t0, "the first read", |s| s.handler().seen == 5);
     client.write_all(b"second").unwrap();
@@ -452,9 +425,7 @@ fn paused_reads_resume_without_a_new_edge_and_remote_work_runs_on_the_loop() {
 
 #[test]
 fn handle_close_flushes_what_was_sent_first_and_a_gone_id_is_counted_dropped() {
-    let (mut server, _) = util::bind(config(), Probe::default());
-    let t0 = server.now();
-    let mut client = accept_one(&mut server, t0);
+    let (mut server, t0, mut client) = bind_and_accept(config(), Probe::default());
     let id = server.handler().ids[0];
     let handle = server.handle();
     std::thread::spawn(move || {
@@ -483,9 +454,7 @@ fn handle_send_delivers_from_another_thread_and_a_full_queue_is_an_error() {
         remote_queue: 2,
         ..config()
     };
-    let (mut server, _) = util::bind(cfg, Probe::default());
-    let t0 = server.now();
-    let mut client = accept_one(&mut server, t0);
+    let (mut server, t0, mut client) = bind_and_accept(cfg, Probe::default());
     let id = server.handler().ids[0];
     let handle = server.handle();
     let results = std::thread::spawn(move || {
@@ -541,9 +510,7 @@ fn a_connection_without_an_idle_timeout_outlives_it() {
         idle_timeout: Duration::from_millis(100),
         ..config()
     };
-    let (mut server, _) = util::bind(cfg, NeverIdle);
-    let t0 = server.now();
-    let _client = accept_one(&mut server, t0);
+    let (mut server, t0, _client) = bind_and_accept(cfg, NeverIdle);
     step(&mut server, t0 + Duration::from_secs(10));
     assert_eq!(server.metrics().active, 1, "{}", server.metrics());
     assert_eq!(server.metrics().closed_total(), 0);

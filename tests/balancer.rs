@@ -12,33 +12,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use sockman::{CloseReason, Config, Context, Echo, Handler, ProxyProtocol, RejectReason, Server};
-use util::{connect, local_config, read_exactly};
+use util::{connect, local_config, read_exactly, step, turn_until_at};
 
 const TICK: Duration = Duration::from_millis(10);
-
-#[track_caller]
-fn turn_until_at<H: Handler>(
-    server: &mut Server<H>,
-    now: Instant,
-    what: &str,
-    mut done: impl FnMut(&Server<H>) -> bool,
-) {
-    let deadline = Instant::now() + util::WAIT;
-    while !done(server) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {}",
-            server.metrics()
-        );
-        server
-            .turn_at(now, Some(Duration::from_millis(20)))
-            .unwrap();
-    }
-}
-
-fn step<H: Handler>(server: &mut Server<H>, now: Instant) {
-    server.turn_at(now, Some(Duration::ZERO)).unwrap();
-}
 
 /// Writes back `peer=<address the handler sees>\n` once, then echoes.
 #[derive(Default)]
@@ -62,6 +38,15 @@ fn header_config(mode: ProxyProtocol) -> Config {
         tick: TICK,
         ..local_config()
     }
+}
+
+/// A [`WhoAmI`] server reading headers of `mode` (turned by the test), its time at the start
+/// and a connected client.
+#[track_caller]
+fn header_server(mode: ProxyProtocol) -> (Server<WhoAmI>, Instant, TcpStream) {
+    let (server, addr) = util::bind(header_config(mode), WhoAmI);
+    let t0 = server.now();
+    (server, t0, connect(addr))
 }
 
 fn v2_header(src: SocketAddr, dst: SocketAddr, local: bool) -> Vec<u8> {
@@ -91,9 +76,7 @@ fn peer_line(stream: &mut TcpStream) -> String {
 
 #[test]
 fn a_v1_header_names_the_client_and_the_data_after_it_is_the_first_data() {
-    let (mut server, addr) = util::bind(header_config(ProxyProtocol::V1), WhoAmI);
-    let t0 = server.now();
-    let mut c = connect(addr);
+    let (mut server, t0, mut c) = header_server(ProxyProtocol::V1);
     // Header and data in one segment: the data after the header is delivered, not lost.
     c.write_all(b"PROXY TCP4 203.0.113.7 127.0.0.1 40123 7000\r\nhello")
         .unwrap();
@@ -107,9 +90,7 @@ fn a_v1_header_names_the_client_and_the_data_after_it_is_the_first_data() {
 
 #[test]
 fn a_header_its_data_and_the_fin_in_one_edge_are_all_seen() {
-    let (mut server, addr) = util::bind(header_config(ProxyProtocol::V1), WhoAmI);
-    let t0 = server.now();
-    let mut c = connect(addr);
+    let (mut server, t0, mut c) = header_server(ProxyProtocol::V1);
     // All of it before the server reads anything: one readable edge carries header, data and
     // FIN, and no later edge comes.
     c.write_all(b"PROXY TCP4 203.0.113.9 127.0.0.1 40124 7000\r\nbye")
@@ -127,9 +108,7 @@ fn a_header_its_data_and_the_fin_in_one_edge_are_all_seen() {
 
 #[test]
 fn data_that_comes_after_a_header_alone_is_read_on_its_own_edge() {
-    let (mut server, addr) = util::bind(header_config(ProxyProtocol::V1), WhoAmI);
-    let t0 = server.now();
-    let mut c = connect(addr);
+    let (mut server, t0, mut c) = header_server(ProxyProtocol::V1);
     c.write_all(b"PROXY TCP4 203.0.113.10 127.0.0.1 40125 7000\r\n")
         .unwrap();
     turn_until_at(&mut server, t0, "the open", |s| s.metrics().accepted == 1);
@@ -142,9 +121,7 @@ fn data_that_comes_after_a_header_alone_is_read_on_its_own_edge() {
 
 #[test]
 fn a_header_in_pieces_is_read_whole() {
-    let (mut server, addr) = util::bind(header_config(ProxyProtocol::Any), WhoAmI);
-    let t0 = server.now();
-    let mut c = connect(addr);
+    let (mut server, t0, mut c) = header_server(ProxyProtocol::Any);
     let header = v2_header(
         "198.51.100.20:5555".parse().unwrap(),
         "127.0.0.1:7000".parse().unwrap(),
@@ -165,9 +142,7 @@ fn a_header_in_pieces_is_read_whole() {
 
 #[test]
 fn a_v2_local_header_keeps_the_sockets_peer() {
-    let (mut server, addr) = util::bind(header_config(ProxyProtocol::V2), WhoAmI);
-    let t0 = server.now();
-    let mut c = connect(addr);
+    let (mut server, t0, mut c) = header_server(ProxyProtocol::V2);
     let own = c.local_addr().unwrap();
     let header = v2_header(
         "10.0.0.1:1".parse().unwrap(),

@@ -2,29 +2,20 @@
 //! `/proc/PID/fd` of the child, where nothing else runs), idle closes, SIGTERM, and clear errors.
 #![cfg(feature = "cli")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ops::is_stats;
-use util::{close_gracefully, connect, expect_closed, fd_count, stat, Bin};
+use util::child::{is_stats, Bin};
+use util::http;
+use util::procfs::fd_count;
+use util::{close_gracefully, connect, expect_closed, stat};
 
 #[test]
 fn serve_echoes_releases_every_fd_closes_idle_and_stops_on_sigterm() {
-    let mut bin = Bin::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--idle-timeout",
-        "1s",
-        "--stats-interval",
-        "200ms",
-    ]);
-    let addr = bin.wait_listening();
+    let (mut bin, addr) = Bin::serve(&["--idle-timeout", "1s", "--stats-interval", "200ms"]);
     // Baseline after the first stats line: by then the signal thread and everything else that
     // lives for the whole run is set up.
     bin.wait_line("first stats line", |l| {
@@ -97,19 +88,14 @@ fn serve_echoes_releases_every_fd_closes_idle_and_stops_on_sigterm() {
     assert_eq!(util::read_exactly(&mut open, 1), b"x");
     bin.signal("TERM");
     expect_closed(&mut open);
-    let status = bin.wait_exit();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        bin.log()
-    );
+    bin.wait_success();
     let final_line = bin.final_line();
     assert_eq!(stat(final_line, "active"), Some(0), "{final_line}");
     assert_eq!(stat(final_line, "accepted"), Some(52), "{final_line}");
     assert_eq!(stat(final_line, "peer_closed"), Some(50), "{final_line}");
     assert_eq!(stat(final_line, "idle_timeout"), Some(1), "{final_line}");
     assert_eq!(stat(final_line, "shutdown"), Some(1), "{final_line}");
-    assert!(!bin.log().contains("panicked"), "log:\n{}", bin.log());
+    bin.assert_log(&[], &["panicked"]);
 }
 
 /// One `/metrics` scrape of the leak self-check, with the child's own count beside it.
@@ -137,10 +123,10 @@ fn samples_with_fin<const N: usize>(admin: SocketAddr, names: [&str; N]) -> [i64
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .expect("write the HTTP request");
     stream.shutdown(std::net::Shutdown::Write).unwrap();
-    let r = ops::read_response(&mut stream);
+    let r = http::read_response(&mut stream);
     assert_eq!(r.status, 200, "{r:?}");
     names.map(|name| {
-        ops::sample(&r.body, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{}", r.body))
+        http::sample(&r.body, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{}", r.body))
     })
 }
 
@@ -195,21 +181,10 @@ fn wait_fd_check(
 #[test]
 fn the_leak_self_check_matches_the_childs_fds_and_finds_none_unaccounted() {
     const CONNS: i64 = 20;
-    let mut bin = Bin::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--fd-check-interval",
-        "200ms",
-        "--stats-interval",
-        "100ms",
-    ]);
-    let addr = bin.wait_listening();
-    let admin = ops::admin_addr_in(bin.log.last().unwrap());
+    let (mut bin, addr, admin) =
+        Bin::serve_with_admin(&["--fd-check-interval", "200ms", "--stats-interval", "100ms"]);
     // After the first stats line everything that lives for the whole run is set up.
-    bin.wait_line("first stats line", is_stats);
+    bin.wait_first_stats();
     let pid = bin.pid();
     let baseline = fd_count(pid) as i64;
 
@@ -262,20 +237,12 @@ fn the_leak_self_check_matches_the_childs_fds_and_finds_none_unaccounted() {
         bin.log()
     );
 
-    bin.signal("TERM");
-    let status = bin.wait_exit();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        bin.log()
-    );
+    bin.terminate();
     let last = bin.final_line();
     assert_eq!(stat(last, "active"), Some(0), "{last}");
     assert_eq!(stat(last, "accepted"), Some(CONNS as u64), "{last}");
     assert_eq!(stat(last, "peer_closed"), Some(CONNS as u64), "{last}");
-    let log = bin.log();
-    assert!(!log.contains("leak check"), "log:\n{log}");
-    assert!(!log.contains("panicked"), "log:\n{log}");
+    bin.assert_log(&[], &["leak check", "panicked"]);
 }
 
 #[test]
@@ -287,9 +254,7 @@ fn a_bad_duration_is_one_clear_error_not_a_panic() {
         "--idle-timeout",
         "banana",
     ]);
-    let status = bin.wait_exit();
-    let log = bin.log();
-    assert!(!status.success(), "exit status {status}; stderr:\n{log}");
+    let log = bin.wait_failure();
     assert!(
         log.contains("banana"),
         "the error does not name the value:\n{log}"
@@ -298,7 +263,6 @@ fn a_bad_duration_is_one_clear_error_not_a_panic() {
         log.contains("idle-timeout"),
         "the error does not name the flag:\n{log}"
     );
-    assert!(!log.contains("panicked"), "stderr:\n{log}");
     let lines = bin.log.iter().filter(|l| !l.trim().is_empty()).count();
     assert!(lines <= 4, "{lines} lines for one bad flag:\n{log}");
 }
@@ -308,14 +272,11 @@ fn an_address_in_use_is_one_clear_error_not_a_panic() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let mut bin = Bin::spawn(&["serve", "--listen", &addr]);
-    let status = bin.wait_exit();
-    let log = bin.log();
-    assert!(!status.success(), "exit status {status}; stderr:\n{log}");
+    let log = bin.wait_failure();
     assert!(
         log.contains(&format!("cannot listen on {addr}")),
         "stderr does not say which address:\n{log}"
     );
-    assert!(!log.contains("panicked"), "stderr:\n{log}");
     drop(taken);
 }
 
@@ -325,14 +286,11 @@ fn an_address_in_use_is_one_clear_error_not_a_panic() {
 fn a_sub_second_keepalive_is_refused_with_a_clear_error() {
     for value in ["500ms", "1500ms"] {
         let mut bin = Bin::spawn(&["serve", "--listen", "127.0.0.1:0", "--tcp-keepalive", value]);
-        let status = bin.wait_exit();
-        let log = bin.log();
-        assert!(!status.success(), "exit status {status}; stderr:\n{log}");
+        let log = bin.wait_failure();
         assert!(
             log.contains("tcp keepalive") && log.contains("whole seconds"),
             "the error does not say what is wrong:\n{log}"
         );
         assert!(!log.contains("Invalid argument"), "stderr:\n{log}");
-        assert!(!log.contains("panicked"), "stderr:\n{log}");
     }
 }

@@ -6,9 +6,8 @@ mod util;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc;
-use std::time::Duration;
 
-use sockman::{CloseReason, ConnId, Context, Echo, Handler};
+use sockman::{CloseReason, ConnId, Context, Echo, Handler, Metrics, Server};
 use util::{
     assert_same, bind, connect, local_config, pattern, read_exactly, start, stop, turn_until,
 };
@@ -70,17 +69,8 @@ fn reset_mid_stream_is_counted_as_reset() {
         },
     );
     assert_eq!(server.metrics().active, 1);
-    // Abort: SO_LINGER 0 makes close() send a RST instead of a FIN.
-    socket2::SockRef::from(&client)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(client);
-    turn_until(&mut server, "the reset connection to close", |s| {
-        s.metrics().closed_total() == 1
-    });
-    let m = stop(&mut server);
-    assert_eq!(m.closed_by(CloseReason::Reset), 1, "{m}");
-    assert_eq!(m.closed_total(), 1, "{m}");
+    // Abort: a RST instead of a FIN.
+    let m = reset_is_counted(&mut server, client);
     assert_eq!(m.accepted, 1, "{m}");
 }
 
@@ -94,16 +84,21 @@ fn reset_of_a_quiet_connection_is_counted_as_reset() {
         s.metrics().bytes_out == 4
     });
     assert_eq!(read_exactly(&mut client, 4), b"ping");
-    socket2::SockRef::from(&client)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(client);
-    turn_until(&mut server, "the reset connection to close", |s| {
+    reset_is_counted(&mut server, client);
+}
+
+/// Resets `client` (a RST, see [`util::abort`]), turns until the server has closed it, and
+/// asserts after the stop that it was the one close, counted as `Reset`; returns the metrics.
+#[track_caller]
+fn reset_is_counted(server: &mut Server<Echo>, client: TcpStream) -> Metrics {
+    util::abort(client);
+    turn_until(server, "the reset connection to close", |s| {
         s.metrics().closed_total() == 1
     });
-    let m = stop(&mut server);
+    let m = stop(server);
     assert_eq!(m.closed_by(CloseReason::Reset), 1, "{m}");
     assert_eq!(m.closed_total(), 1, "{m}");
+    m
 }
 
 /// Greets, echoes, and on `q` replies `bye` and closes (optionally closes right after the

@@ -14,28 +14,31 @@
 mod util;
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use sockman::{CloseReason, Config, Context, Echo, Handler, OnFull, RejectReason};
-use util::{bind, connect, local_config, ping_at, step_to, turn_until_at};
+use util::{bind, bind_with_admin, connect, local_config, ping_at, step_to, turn_until_at};
 
 const TICK: Duration = Duration::from_millis(10);
 const HALF: Duration = Duration::from_millis(5);
+
+/// The test server's config: on 127.0.0.1, with the 10 ms tick every test here reasons in.
+fn ticked() -> Config {
+    Config {
+        tick: TICK,
+        ..local_config()
+    }
+}
 
 /// `Admin::deadline_of` (src/admin/http.rs) is `opened + timeout_ticks`.
 #[test]
 fn an_admin_connection_is_not_closed_before_the_admin_timeout() {
     const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
-    let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        tick: TICK,
-        ..local_config()
-    };
-    let (mut server, _) = bind(config, Echo);
+    let config = ticked();
+    let (mut server, _, admin) = bind_with_admin(config, Echo);
     let t0 = server.now();
     let accepted_at = t0 + HALF;
-    let _client = connect(server.admin_addr().unwrap());
+    let _client = connect(admin);
     turn_until_at(&mut server, accepted_at, "the admin accept", |s| {
         s.poll_delay(accepted_at).is_some()
     });
@@ -59,8 +62,7 @@ fn the_drain_deadline_is_not_before_the_drain_timeout() {
     const TIMEOUT: Duration = Duration::from_millis(500);
     let config = Config {
         drain_idle: Duration::from_secs(5),
-        tick: TICK,
-        ..local_config()
+        ..ticked()
     };
     let (mut server, addr) = bind(config, Echo);
     let t0 = server.now();
@@ -88,8 +90,7 @@ fn a_connection_idle_less_than_evict_min_idle_is_not_evicted() {
         max_connections: Some(1),
         on_full: OnFull::EvictIdle,
         evict_min_idle: Duration::from_millis(100),
-        tick: TICK,
-        ..local_config()
+        ..ticked()
     };
     let (mut server, addr) = bind(config, Echo);
     let t0 = server.now();
@@ -130,9 +131,8 @@ impl Handler for TimerThenClose {
 #[test]
 fn a_handler_timer_does_not_fire_before_its_duration() {
     let config = Config {
-        tick: TICK,
         linger_timeout: Duration::ZERO,
-        ..local_config()
+        ..ticked()
     };
     let (mut server, addr) = bind(config, TimerThenClose);
     let t0 = server.now();
@@ -161,17 +161,15 @@ fn a_handler_timer_does_not_fire_before_its_duration() {
 #[test]
 fn an_admin_linger_lasts_the_whole_linger_timeout() {
     let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         linger_timeout: Duration::from_millis(100),
-        tick: TICK,
-        ..local_config()
+        ..ticked()
     };
-    let (mut server, _) = bind(config, Echo);
+    let (mut server, _, admin) = bind_with_admin(config, Echo);
     let t0 = server.now();
     let answered = t0 + HALF;
     // A request without FIN: the answer is followed by a linger until the client's EOF, which
     // never comes.
-    let mut client = connect(server.admin_addr().unwrap());
+    let mut client = connect(admin);
     client
         .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
@@ -207,8 +205,7 @@ fn an_admin_linger_lasts_the_whole_linger_timeout() {
 fn a_connection_past_drain_idle_is_closed_in_the_turn_that_starts_the_drain() {
     let config = Config {
         drain_idle: Duration::from_millis(300),
-        tick: TICK,
-        ..local_config()
+        ..ticked()
     };
     let (mut server, addr) = bind(config, Echo);
     let t0 = server.now();

@@ -9,29 +9,18 @@ mod dial;
 mod util;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dial::{Dial, Dialer};
 use sockman::{CloseReason, Config, DialFailure, Handler, Server};
+use util::{step, turn_until_at};
 
-/// Turns at the fixed virtual time `now` until `done` holds (bounded in turns and real time).
-#[track_caller]
-fn turn_until_at<H: Handler>(
-    server: &mut Server<H>,
-    now: Instant,
-    what: &str,
-    mut done: impl FnMut(&Server<H>) -> bool,
-) {
-    let deadline = Instant::now() + util::WAIT;
-    while !done(server) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {}",
-            server.metrics()
-        );
-        server
-            .turn_at(now, Some(Duration::from_millis(20)))
-            .unwrap();
+/// The client loop's configuration (see `examples/dial.rs`) with a 10 ms tick, for the tests
+/// that step time.
+fn ticked() -> Config {
+    Config {
+        tick: Duration::from_millis(10),
+        ..dial::config()
     }
 }
 
@@ -115,9 +104,8 @@ fn a_refused_dial_ends_at_once_with_its_reason() {
 fn a_dial_that_never_completes_ends_at_the_connect_timeout_tick() {
     let (_listener, silent, _fillers) = dial::silent_listener().unwrap();
     let config = Config {
-        tick: Duration::from_millis(10),
         connect_timeout: Duration::from_millis(300),
-        ..dial::config()
+        ..ticked()
     };
     let mut client = Server::bind(config, Dialer::default()).unwrap();
     let t0 = client.now();
@@ -129,15 +117,11 @@ fn a_dial_that_never_completes_ends_at_the_connect_timeout_tick() {
         client.turn_at(t0, Some(Duration::from_millis(10))).unwrap();
     }
     // 300 ms is 30 ticks, and a deadline is stamp + timeout + 1 tick: open at 300 ms...
-    client
-        .turn_at(t0 + Duration::from_millis(300), Some(Duration::ZERO))
-        .unwrap();
+    step(&mut client, t0 + Duration::from_millis(300));
     assert!(client.handler().ended.is_empty(), "{}", client.metrics());
     assert_eq!(client.metrics().connecting, 20);
     // ...closed by the next tick after it.
-    client
-        .turn_at(t0 + Duration::from_millis(310), Some(Duration::ZERO))
-        .unwrap();
+    step(&mut client, t0 + Duration::from_millis(310));
     assert_eq!(client.handler().ended.len(), 20, "{}", client.metrics());
     assert_eq!(reasons(&client, 2), vec![CloseReason::ConnectTimeout]);
     for (_, _, age) in &client.handler().ended {
@@ -197,9 +181,8 @@ impl Handler for Quiet {
 fn an_idle_dialed_connection_closes_at_its_idle_timeout() {
     let echo = util::start(util::local_config(), sockman::Echo);
     let config = Config {
-        tick: Duration::from_millis(10),
         idle_timeout: Duration::from_millis(500),
-        ..dial::config()
+        ..ticked()
     };
     let mut client = Server::bind(config, Quiet::default()).unwrap();
     let t0 = client.now();
@@ -207,13 +190,9 @@ fn an_idle_dialed_connection_closes_at_its_idle_timeout() {
     turn_until_at(&mut client, t0, "the handshake", |s| {
         s.metrics().connected == 1
     });
-    client
-        .turn_at(t0 + Duration::from_millis(500), Some(Duration::ZERO))
-        .unwrap();
+    step(&mut client, t0 + Duration::from_millis(500));
     assert!(client.handler().closed.is_empty());
-    client
-        .turn_at(t0 + Duration::from_millis(510), Some(Duration::ZERO))
-        .unwrap();
+    step(&mut client, t0 + Duration::from_millis(510));
     assert_eq!(client.handler().closed, vec![CloseReason::IdleTimeout]);
     assert_eq!(
         client.metrics().closed_dialed[CloseReason::IdleTimeout.index()],

@@ -8,8 +8,6 @@
 //! tests/drain_ticks.rs.
 #![cfg(feature = "cli")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::io::{self, Read, Write};
@@ -19,7 +17,9 @@ use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use util::{assert_same, connect, expect_closed, pattern, read_exactly, stat, Bin};
+use util::child::{is_stats, Bin};
+use util::http;
+use util::{assert_same, connect, expect_closed, pattern, read_exactly, stat};
 
 const STREAMING: usize = 50;
 const IDLE: usize = 20;
@@ -140,14 +140,18 @@ fn idle_client(addr: SocketAddr) -> Idler {
     Idler { wrote_at, closed }
 }
 
+/// `sockman serve --stats-interval 100ms EXTRA...` once its loop runs (its first stats line: the
+/// signal handlers are installed by then), and its address.
+#[track_caller]
+fn serve_running(extra: &[&str]) -> (Bin, SocketAddr) {
+    let (mut bin, addr) = Bin::serve(&[&["--stats-interval", "100ms"], extra].concat());
+    bin.wait_first_stats();
+    (bin, addr)
+}
+
 #[test]
 fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
-    let mut bin = Bin::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
+    let (mut bin, addr, admin) = Bin::serve_with_admin(&[
         "--drain-idle",
         "300ms",
         "--drain-timeout",
@@ -155,11 +159,9 @@ fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
         "--stats-interval",
         "100ms",
     ]);
-    let addr = bin.wait_listening();
-    let admin = ops::admin_addr_in(bin.log.last().unwrap());
     // The first stats line comes from the loop: by then the signal handlers are installed.
-    bin.wait_line("first stats line", ops::is_stats);
-    assert_eq!(ops::get(admin, "/health").status, 200);
+    bin.wait_first_stats();
+    assert_eq!(http::get(admin, "/health").status, 200);
 
     // 20 idle clients (each echoes one byte, then stays silent)...
     let idlers: Vec<Idler> = (0..IDLE).map(|_| idle_client(addr)).collect();
@@ -171,7 +173,7 @@ fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
         .collect();
     started.wait();
     let line = bin.wait_line("stats line with every client", |l| {
-        ops::is_stats(l) && stat(l, "active") == Some((STREAMING + IDLE) as u64)
+        is_stats(l) && stat(l, "active") == Some((STREAMING + IDLE) as u64)
     });
     assert_eq!(stat(&line, "closed"), Some(0), "{line}");
 
@@ -184,14 +186,10 @@ fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
     );
 
     // During the drain: new connects are refused (the listener is closed, not left to hang)...
-    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-        Err(e) => panic!("a connect during the drain failed with {e}, not refused"),
-        Ok(_) => panic!("a connect during the drain was accepted"),
-    }
+    util::expect_refused(addr);
     // ...and the admin endpoint stays up and reports it (the streams keep the drain going until
     // they are told to stop below, so this cannot come too late).
-    let health = ops::get(admin, "/health");
+    let health = http::get(admin, "/health");
     assert_eq!(health.status, 503, "{health:?}");
 
     // The idle clients are closed by the drain while the streams go on. The exact drain-idle
@@ -235,22 +233,14 @@ fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
         last_eof = last_eof.max(eof_at);
     }
 
-    let status = bin.wait_exit();
+    bin.wait_success();
     let took = signalled.elapsed();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        bin.log()
-    );
     assert!(
         took < Duration::from_secs(5),
         "the drain took {took:?}; log:\n{}",
         bin.log()
     );
-    let log = bin.log();
-    assert!(log.contains("drain complete"), "log:\n{log}");
-    assert!(!log.contains("force-closing"), "log:\n{log}");
-    assert!(!log.contains("panicked"), "log:\n{log}");
+    bin.assert_log(&["drain complete"], &["force-closing", "panicked"]);
     let last = bin.final_line();
     assert_eq!(stat(last, "active"), Some(0), "{last}");
     assert_eq!(
@@ -277,19 +267,7 @@ fn sigterm_drains_streams_without_losing_a_byte_and_closes_idle_ones() {
 
 #[test]
 fn a_second_sigterm_during_a_drain_stops_at_once() {
-    let mut bin = Bin::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--drain-idle",
-        "5s",
-        "--drain-timeout",
-        "10s",
-        "--stats-interval",
-        "100ms",
-    ]);
-    let addr = bin.wait_listening();
-    bin.wait_line("first stats line", ops::is_stats);
+    let (mut bin, addr) = serve_running(&["--drain-idle", "5s", "--drain-timeout", "10s"]);
     let mut client = connect(addr);
     util::echo(&mut client, b"before");
 
@@ -302,13 +280,8 @@ fn a_second_sigterm_during_a_drain_stops_at_once() {
     bin.signal("TERM");
     expect_closed(&mut client);
     let closed_after = second.elapsed();
-    let status = bin.wait_exit();
+    bin.wait_success();
     let exited_after = second.elapsed();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        bin.log()
-    );
     assert!(
         closed_after < Duration::from_secs(1),
         "closed {closed_after:?} after the second signal"
@@ -318,10 +291,10 @@ fn a_second_sigterm_during_a_drain_stops_at_once() {
         "exited {exited_after:?} after the second signal; log:\n{}",
         bin.log()
     );
-    let log = bin.log();
-    assert!(log.contains("closing every connection now"), "log:\n{log}");
-    assert!(!log.contains("drain complete"), "log:\n{log}");
-    assert!(!log.contains("panicked"), "log:\n{log}");
+    bin.assert_log(
+        &["closing every connection now"],
+        &["drain complete", "panicked"],
+    );
     let last = bin.final_line();
     assert_eq!(stat(last, "active"), Some(0), "{last}");
     assert_eq!(stat(last, "shutdown"), Some(1), "{last}");
@@ -330,19 +303,7 @@ fn a_second_sigterm_during_a_drain_stops_at_once() {
 
 #[test]
 fn the_drain_deadline_force_closes_what_is_left_and_still_exits_0() {
-    let mut bin = Bin::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--drain-idle",
-        "5s",
-        "--drain-timeout",
-        "500ms",
-        "--stats-interval",
-        "100ms",
-    ]);
-    let addr = bin.wait_listening();
-    bin.wait_line("first stats line", ops::is_stats);
+    let (mut bin, addr) = serve_running(&["--drain-idle", "5s", "--drain-timeout", "500ms"]);
     let mut client = connect(addr);
     util::echo(&mut client, b"open through the drain");
 
@@ -359,17 +320,13 @@ fn the_drain_deadline_force_closes_what_is_left_and_still_exits_0() {
         closed_after < Duration::from_millis(1500),
         "closed only {closed_after:?} after the signal (drain timeout 500ms)"
     );
-    let status = bin.wait_exit();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        bin.log()
-    );
-    let log = bin.log();
-    assert!(log.contains("force-closing 1 connections"), "log:\n{log}");
-    assert!(
-        log.contains("1 connections were still open at the drain deadline"),
-        "log:\n{log}"
+    bin.wait_success();
+    bin.assert_log(
+        &[
+            "force-closing 1 connections",
+            "1 connections were still open at the drain deadline",
+        ],
+        &[],
     );
     let last = bin.final_line();
     assert_eq!(stat(last, "shutdown"), Some(1), "{last}");
@@ -379,17 +336,7 @@ fn the_drain_deadline_force_closes_what_is_left_and_still_exits_0() {
 #[test]
 fn connections_queued_in_the_backlog_at_the_signal_are_served_not_reset() {
     const QUEUED: usize = 300;
-    let mut bin = Bin::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--drain-idle",
-        "300ms",
-        "--stats-interval",
-        "100ms",
-    ]);
-    let addr = bin.wait_listening();
-    bin.wait_line("first stats line", ops::is_stats);
+    let (mut bin, addr) = serve_running(&["--drain-idle", "300ms"]);
     // Freeze the server, queue connections in its backlog (the kernel completes them), queue
     // SIGTERM, then let it run. Those clients connected before the drain: they must be served,
     // not reset by the listener's close. More than one turn's accept budget (128) are queued, so
@@ -410,12 +357,7 @@ fn connections_queued_in_the_backlog_at_the_signal_are_served_not_reset() {
     for c in &mut queued {
         expect_closed(c);
     }
-    let status = bin.wait_exit();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        bin.log()
-    );
+    bin.wait_success();
     let last = bin.final_line();
     assert_eq!(stat(last, "accepted"), Some(QUEUED as u64), "{last}");
     assert_eq!(stat(last, "reset"), None, "{last}");

@@ -9,37 +9,56 @@
 
 mod util;
 
-use std::io;
-use std::net::TcpStream;
-use std::time::Duration;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 use sockman::{CloseReason, Config, Echo, Server};
 use util::{
-    assert_open, bind, connect, expect_closed, local_config, ping_at, step_to, turn_until_at,
+    assert_open, bind, connect, expect_closed, local_config, ping_at, step_closing, step_to,
+    turn_until_at,
 };
 
 const TICK: Duration = Duration::from_millis(10);
 const DRAIN_IDLE: Duration = Duration::from_millis(300);
 
+/// An echo server with `drain_idle` and the 10 ms tick, to be turned by the test; returns it,
+/// its address and its time at the start.
+#[track_caller]
+fn drain_server(drain_idle: Duration) -> (Server<Echo>, SocketAddr, Instant) {
+    let config = Config {
+        drain_idle,
+        tick: TICK,
+        ..local_config()
+    };
+    let (server, addr) = bind(config, Echo);
+    let t0 = server.now();
+    (server, addr, t0)
+}
+
 /// Steps to `at` and asserts how many connections the drain has closed so far (reason
 /// `Shutdown`; they linger until their client's EOF) and that nothing else closed.
 #[track_caller]
-fn step_expecting(server: &mut Server<Echo>, at: std::time::Instant, closed: u64) {
-    step_to(server, at);
-    let m = server.metrics();
-    assert_eq!(m.closed_by(CloseReason::Shutdown), closed, "{m}");
-    assert_eq!(m.closed_total(), closed, "{m}");
+fn step_expecting(server: &mut Server<Echo>, at: Instant, closed: u64) {
+    step_closing(server, at, CloseReason::Shutdown, closed);
+}
+
+/// [`ping_at`] `msg` at `base` plus each of `offsets` (in ms).
+#[track_caller]
+fn pings_at(
+    server: &mut Server<Echo>,
+    base: Instant,
+    offsets: [u64; 3],
+    stream: &mut TcpStream,
+    msg: &[u8],
+) {
+    for ms in offsets {
+        ping_at(server, base + Duration::from_millis(ms), stream, msg);
+    }
 }
 
 #[test]
 fn a_drain_closes_connections_idle_for_drain_idle_on_their_tick_and_serves_active_ones() {
-    let config = Config {
-        drain_idle: DRAIN_IDLE,
-        tick: TICK,
-        ..local_config()
-    };
-    let (mut server, addr) = bind(config, Echo);
-    let t0 = server.now();
+    let (mut server, addr, t0) = drain_server(DRAIN_IDLE);
     // `long_idle` is last active at t0; `late` and `active` at td = t0 + 400ms, just before the
     // drain starts: `long_idle` has been idle longer than drain_idle by then.
     let mut long_idle = connect(addr);
@@ -54,11 +73,7 @@ fn a_drain_closes_connections_idle_for_drain_idle_on_their_tick_and_serves_activ
     server.handle().drain(Duration::from_secs(10));
     turn_until_at(&mut server, td, "the drain to start", |s| s.is_draining());
     // The listener is closed: a new connect is refused, not left hanging.
-    match TcpStream::connect(addr) {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-        Err(e) => panic!("a connect during the drain failed with {e}, not refused"),
-        Ok(_) => panic!("a connect during the drain was accepted"),
-    }
+    util::expect_refused(addr);
 
     // The long-idle one goes at once, without a new drain_idle period: by the next tick.
     step_expecting(&mut server, td + TICK, 1);
@@ -67,14 +82,13 @@ fn a_drain_closes_connections_idle_for_drain_idle_on_their_tick_and_serves_activ
 
     // `active` keeps talking every 100 ms and is served; `late`, silent since td (the start of
     // tick 40), is open at td + 300ms (tick 70) and closed at td + 310ms (tick 71).
-    for ms in [100, 200, 300] {
-        ping_at(
-            &mut server,
-            td + Duration::from_millis(ms),
-            &mut active,
-            b"still served",
-        );
-    }
+    pings_at(
+        &mut server,
+        td,
+        [100, 200, 300],
+        &mut active,
+        b"still served",
+    );
     step_expecting(&mut server, td + DRAIN_IDLE, 1);
     assert_open(&mut late);
     step_expecting(
@@ -121,13 +135,7 @@ fn a_drain_closes_connections_idle_for_drain_idle_on_their_tick_and_serves_activ
 #[test]
 fn the_drain_deadline_force_closes_what_is_left() {
     const TIMEOUT: Duration = Duration::from_millis(500);
-    let config = Config {
-        drain_idle: Duration::from_secs(5),
-        tick: TICK,
-        ..local_config()
-    };
-    let (mut server, addr) = bind(config, Echo);
-    let t0 = server.now();
+    let (mut server, addr, t0) = drain_server(Duration::from_secs(5));
     let mut client = connect(addr);
     let td = t0 + Duration::from_millis(100);
     ping_at(&mut server, td, &mut client, b"before");
@@ -135,14 +143,13 @@ fn the_drain_deadline_force_closes_what_is_left() {
     server.drain(TIMEOUT); // shortens: the deadline is td + 500ms
     server.drain(Duration::from_secs(10)); // does not lengthen it again
     assert!(server.is_draining());
-    for ms in [0, 200, 400] {
-        ping_at(
-            &mut server,
-            td + Duration::from_millis(ms),
-            &mut client,
-            b"during the drain",
-        );
-    }
+    pings_at(
+        &mut server,
+        td,
+        [0, 200, 400],
+        &mut client,
+        b"during the drain",
+    );
     step_to(&mut server, td + TIMEOUT - TICK);
     assert!(!server.is_stopped(), "{}", server.metrics());
     assert_eq!(server.metrics().closed_total(), 0, "{}", server.metrics());

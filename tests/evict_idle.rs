@@ -34,6 +34,24 @@ fn newcomer(server: &mut Server<Echo>, at: Instant) -> TcpStream {
     stream
 }
 
+/// A [`newcomer`] at `at` that is admitted by evicting `victim`: the server has evicted
+/// `evicted` and accepted `accepted` connections in all by then, and `victim` sees its close.
+#[track_caller]
+fn evicting_newcomer(
+    server: &mut Server<Echo>,
+    at: Instant,
+    victim: &mut TcpStream,
+    evicted: u64,
+    accepted: u64,
+) -> TcpStream {
+    let newcomer = newcomer(server, at);
+    let m = server.metrics();
+    assert_eq!(m.closed_by(CloseReason::Evicted), evicted, "{m}");
+    assert_eq!(m.accepted, accepted, "{m}");
+    expect_closed(victim);
+    newcomer
+}
+
 #[test]
 fn the_least_recently_active_is_evicted_once_idle_for_evict_min_idle_and_not_before() {
     let config = Config {
@@ -63,11 +81,7 @@ fn the_least_recently_active_is_evicted_once_idle_for_evict_min_idle_and_not_bef
 
     // t0 + 210ms: c0 is idle 21 ticks: evicted, and the newcomer admitted.
     let at = t0 + MIN_IDLE + TICK;
-    let mut n1 = newcomer(&mut server, at);
-    let m = server.metrics();
-    assert_eq!(m.closed_by(CloseReason::Evicted), 1, "{m}");
-    assert_eq!(m.accepted, 4, "{m}");
-    expect_closed(&mut c[0]);
+    let mut n1 = evicting_newcomer(&mut server, at, &mut c[0], 1, 4);
     ping_at(&mut server, at, &mut n1, b"n1");
 
     // Still t0 + 210ms: the least recently active is now c1, idle 19 ticks: rejected again.
@@ -79,11 +93,7 @@ fn the_least_recently_active_is_evicted_once_idle_for_evict_min_idle_and_not_bef
 
     // t0 + 230ms: c1 is idle 21 ticks (c2 too, but c1 was active before it): c1 goes.
     let at = t1 + MIN_IDLE + TICK;
-    let mut n2 = newcomer(&mut server, at);
-    let m = server.metrics();
-    assert_eq!(m.closed_by(CloseReason::Evicted), 2, "{m}");
-    assert_eq!(m.accepted, 5, "{m}");
-    expect_closed(&mut c[1]);
+    let mut n2 = evicting_newcomer(&mut server, at, &mut c[1], 2, 5);
     assert_open(&mut c[2]);
     for (s, msg) in [(&mut c[2], b"c2"), (&mut n1, b"n1"), (&mut n2, b"n2")] {
         ping_at(&mut server, at, s, msg);

@@ -9,8 +9,6 @@
 //! from sleeps.
 #![cfg(feature = "cli")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::collections::BTreeSet;
@@ -22,8 +20,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ops::admin_addr_in;
-use util::{connect_from, echo, stat, Bin, IO_TIMEOUT, WAIT};
+use util::child::Bin;
+use util::http;
+use util::{close_gracefully, connect_from, echo, stat, TempDir, IO_TIMEOUT, WAIT};
 
 const SKIPPED: &str = "SKIPPED: haproxy is not installed (apt-get install haproxy)";
 
@@ -51,28 +50,6 @@ fn haproxy_or_skip() -> Option<PathBuf> {
     found
 }
 
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("sockman-haproxy-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// One `sockman serve --proxy-protocol v2 --admin` instance.
 struct Instance {
     bin: Bin,
@@ -83,49 +60,29 @@ struct Instance {
 impl Instance {
     #[track_caller]
     fn spawn(extra: &[&str]) -> Instance {
-        let mut args = vec![
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--proxy-protocol",
-            "v2",
-            "--admin",
-            "127.0.0.1:0",
-            "--stats-interval",
-            "100ms",
-        ];
-        args.extend_from_slice(extra);
-        let mut bin = Bin::spawn(&args);
-        let line = bin.wait_line("listening line", |l| l.contains("listening on "));
-        let admin = admin_addr_in(&line);
-        let rest = line.split("listening on ").nth(1).unwrap();
-        let addr = rest.split([' ', ',']).next().unwrap().parse().unwrap();
+        let (bin, addr, admin) = Bin::serve_with_admin(
+            &[
+                &["--proxy-protocol", "v2", "--stats-interval", "100ms"],
+                extra,
+            ]
+            .concat(),
+        );
         Instance { bin, addr, admin }
     }
 
     /// `sockman_accepted_total` in its `/metrics`.
     #[track_caller]
     fn accepted(&self) -> u64 {
-        let [n] = ops::samples(self.admin, ["sockman_accepted_total"]);
+        let [n] = http::samples(self.admin, ["sockman_accepted_total"]);
         n as u64
     }
 
     /// The `peer=` field of every line of its `/connections`.
     #[track_caller]
     fn peers(&self) -> Vec<SocketAddr> {
-        let r = ops::get(self.admin, "/connections");
-        assert_eq!(r.status, 200, "{r:?}");
-        r.body
-            .lines()
-            .map(|l| {
-                let field = l
-                    .split_whitespace()
-                    .find_map(|f| f.strip_prefix("peer="))
-                    .unwrap_or_else(|| panic!("no peer= in {l:?}"));
-                field
-                    .parse()
-                    .unwrap_or_else(|e| panic!("bad peer in {l:?}: {e}"))
-            })
+        http::connections(self.admin, "")
+            .into_iter()
+            .map(|(peer, _)| peer)
             .collect()
     }
 }
@@ -145,8 +102,8 @@ impl Haproxy {
     /// answers and every server has passed a health check.
     #[track_caller]
     fn start(binary: &Path, servers: &[(&str, &Instance)]) -> Haproxy {
-        let dir = TempDir::new("cfg");
-        let stats = dir.0.join("stats.sock");
+        let dir = TempDir::new("haproxy-cfg");
+        let stats = dir.path().join("stats.sock");
         // A free port for the frontend: the kernel picks it, HAProxy binds it right after.
         let frontend = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -178,7 +135,7 @@ impl Haproxy {
                 inst.admin.port()
             ));
         }
-        let path = dir.0.join("haproxy.cfg");
+        let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, &cfg).unwrap();
         let mut child = Command::new(binary)
             .arg("-db")
@@ -301,17 +258,6 @@ fn client(h: &Haproxy, n: u8) -> TcpStream {
     connect_from([127, 0, 0, n], h.frontend)
 }
 
-/// Closes politely: shuts down the write side and expects EOF (no data, no reset).
-#[track_caller]
-fn close_politely(mut c: TcpStream) {
-    c.shutdown(Shutdown::Write).unwrap();
-    let mut buf = [0; 16];
-    match c.read(&mut buf) {
-        Ok(0) => {}
-        other => panic!("expected EOF after shutdown(Write), got {other:?}"),
-    }
-}
-
 /// Echo through HAProxy with the clients' own addresses in each sockman's `/connections`
 /// (PROXY v2 from HAProxy), then a SIGKILLed instance: once HAProxy's check marks it down,
 /// every new connection goes to the other one and echoes. Skipped (a SKIPPED line on
@@ -342,7 +288,7 @@ fn behind_haproxy_clients_keep_their_addresses_and_a_killed_instance_fails_over_
     // Round robin: both instances have some.
     assert!(!pa.is_empty() && !pb.is_empty(), "a: {pa:?}, b: {pb:?}");
     for c in clients {
-        close_politely(c);
+        close_gracefully(c);
     }
 
     // SIGKILL a: no drain, its sockets just vanish. HAProxy's check finds it refused.
@@ -360,13 +306,11 @@ fn behind_haproxy_clients_keep_their_addresses_and_a_killed_instance_fails_over_
     let got: BTreeSet<SocketAddr> = b.peers().into_iter().collect();
     assert_eq!(got, want);
     for c in clients {
-        close_politely(c);
+        close_gracefully(c);
     }
     drop(h);
     let mut b = b;
-    b.bin.signal("TERM");
-    let status = b.bin.wait_exit();
-    assert!(status.success(), "exit {status}; log:\n{}", b.bin.log());
+    b.bin.terminate();
     assert_eq!(stat(b.bin.final_line(), "accepted"), Some(before + 10));
 }
 
@@ -457,9 +401,9 @@ fn behind_haproxy_a_lame_duck_drain_fails_no_client_or_skipped() {
     a.bin.wait_line("the lame-duck line", |l| {
         l.contains("draining in 2s: /readyz fails now")
     });
-    let r = ops::get(a.admin, "/readyz");
+    let r = http::get(a.admin, "/readyz");
     assert_eq!(r.status, 503, "{r:?}");
-    assert_eq!(ops::get(a.admin, "/livez").status, 200);
+    assert_eq!(http::get(a.admin, "/livez").status, 200);
     h.wait_server("a", "DOWN from its failing /readyz", |s| {
         s.status == "DOWN" && s.check == "L7STS"
     });
@@ -468,9 +412,8 @@ fn behind_haproxy_a_lame_duck_drain_fails_no_client_or_skipped() {
         down_after < Duration::from_secs(2),
         "HAProxy marked the instance down only after the delay ({down_after:?}): the test proves nothing"
     );
-    let status = a.bin.wait_exit();
+    a.bin.wait_success();
     let drained_after = sigterm.elapsed();
-    assert!(status.success(), "exit {status}; log:\n{}", a.bin.log());
     assert!(
         drained_after >= Duration::from_secs(2),
         "exited {drained_after:?} after SIGTERM, before the 2 s drain delay"
@@ -480,11 +423,7 @@ fn behind_haproxy_a_lame_duck_drain_fails_no_client_or_skipped() {
     assert_eq!(stat(&a_final, "reset").unwrap_or(0), 0, "{a_final}");
 
     let outcomes = clients.join().expect("the client thread panicked");
-    let failed: Vec<_> = outcomes
-        .iter()
-        .enumerate()
-        .filter(|(_, o)| **o != Outcome::Ok)
-        .collect();
+    let failed = util::failures(&outcomes, &Outcome::Ok);
     assert!(
         failed.is_empty(),
         "{} of {} clients failed through HAProxy during the drain: {:?}\nhaproxy:\n{}\nlog of a:\n{}",
@@ -524,6 +463,5 @@ fn behind_haproxy_a_lame_duck_drain_fails_no_client_or_skipped() {
     }
     drop(h);
     let mut b = b;
-    b.bin.signal("TERM");
-    assert!(b.bin.wait_exit().success(), "log:\n{}", b.bin.log());
+    b.bin.terminate();
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use sockman::{CloseReason, Config, Echo, Server};
 use util::{
-    assert_open, bind, connect, expect_closed, local_config, read_exactly, step_to, stop_at,
+    assert_open, bind, connect, expect_closed, local_config, read_exactly, step_closing, stop_at,
     turn_until_at,
 };
 
@@ -48,10 +48,7 @@ fn ping(server: &mut Server<Echo>, at: Instant, stream: &mut TcpStream, byte: u8
 /// idleness so far, and nothing else.
 #[track_caller]
 fn step_expecting(server: &mut Server<Echo>, at: Instant, closed: u64) {
-    step_to(server, at);
-    let m = server.metrics();
-    assert_eq!(m.closed_by(CloseReason::IdleTimeout), closed, "{m}");
-    assert_eq!(m.closed_total(), closed, "{m}");
+    step_closing(server, at, CloseReason::IdleTimeout, closed);
 }
 
 #[test]

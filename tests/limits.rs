@@ -8,8 +8,6 @@
 //! printed with `eprintln!` (`cargo test --test limits -- --nocapture`) for BENCHMARKS.md.
 #![cfg(feature = "cli")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::io::{self, Read, Write};
@@ -18,7 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use util::{close_gracefully, connect, connect_from, echo, expect_closed, fd_count, stat, Bin};
+use util::child::{is_stats, listening_addr_in, Bin};
+use util::procfs::{self, fd_count, fds_below};
+use util::{close_gracefully, connect, connect_from, echo, expect_closed, stat};
 
 /// The open-file limit the tests impose (soft and hard).
 const NOFILE: u64 = 64;
@@ -69,16 +69,6 @@ fn transitions(log: &[String]) -> Vec<&'static str> {
             }
         })
         .collect()
-}
-
-/// Open descriptors of `pid` numbered below `limit`: only those use up `RLIMIT_NOFILE` room.
-#[track_caller]
-fn fds_below(pid: u32, limit: u64) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("cannot list /proc/{pid}/fd: {e}"))
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
-        .filter(|&fd| fd < limit)
-        .count()
 }
 
 /// How one client fared: echoed (accepted), or closed by the server (with when that was seen).
@@ -155,7 +145,7 @@ fn open_many(addr: SocketAddr) -> (Vec<TcpStream>, usize, Duration) {
 /// must be closed by the server within 1 s (not left hanging); returns the slowest close too.
 #[track_caller]
 fn cpu_while_saturated(pid: u32, addr: SocketAddr) -> (f64, Duration, usize) {
-    let cpu0 = ops::cpu_time(pid);
+    let cpu0 = procfs::cpu_time(pid);
     let t0 = Instant::now();
     let mut slowest = Duration::ZERO;
     let mut attempts = 0;
@@ -170,13 +160,35 @@ fn cpu_while_saturated(pid: u32, addr: SocketAddr) -> (f64, Duration, usize) {
         // Pacing: a steady trickle of connects keeps the listener busy without being load.
         std::thread::sleep(Duration::from_millis(10));
     }
-    let cpu = ops::cpu_time(pid) - cpu0;
+    let cpu = procfs::cpu_time(pid) - cpu0;
     let share = cpu.as_secs_f64() / t0.elapsed().as_secs_f64();
     assert!(
         slowest < Duration::from_secs(1),
         "a connection at the limit was closed only after {slowest:?}"
     );
     (share, slowest, attempts)
+}
+
+/// The saturated server, the same for the cap and for EMFILE: every admitted client still
+/// echoes, and the child spends less than half a core on [`cpu_while_saturated`]'s trickle of
+/// connects (`how` it is saturated names it in a failure). Returns what that returns.
+#[track_caller]
+fn saturated(
+    pid: u32,
+    addr: SocketAddr,
+    accepted: &mut [TcpStream],
+    how: &str,
+) -> (f64, Duration, usize) {
+    for (i, s) in accepted.iter_mut().enumerate() {
+        echo(s, format!("still served {i}").as_bytes());
+    }
+    let (cpu, slowest, attempts) = cpu_while_saturated(pid, addr);
+    assert!(
+        cpu < 0.5,
+        "sockman used {:.0} % of a core {how}",
+        cpu * 100.0
+    );
+    (cpu, slowest, attempts)
 }
 
 /// Frees one fd (a client closes politely; `close_gracefully` returns once the server closed its
@@ -220,7 +232,7 @@ fn assert_recovers(
     );
     close_gracefully(s);
     let pid = bin.pid();
-    wait_fds_back(pid, baseline, || bin.wait_line("stats line", ops::is_stats));
+    wait_fds_back(pid, baseline, || bin.wait_line("stats line", is_stats));
     (freed, recovered)
 }
 
@@ -238,18 +250,13 @@ fn at_the_cap_from_a_low_fd_limit_overflow_is_closed_promptly_without_spinning()
         ],
     );
     let line = bin.wait_line("listening line", |l| l.contains("listening on "));
-    let addr: SocketAddr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split([' ', ',']).next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let addr = listening_addr_in(&line);
     assert_eq!(stat(&line, "fd_limit"), Some(NOFILE), "{line}");
     let cap = stat(&line, "max_connections").unwrap_or_else(|| panic!("no cap in {line:?}"));
     // One fd per listener is kept back besides FD_RESERVE.
     assert_eq!(cap, NOFILE - sockman::FD_RESERVE - 1, "{line}");
     let pid = bin.pid();
-    bin.wait_line("first stats line", ops::is_stats);
+    bin.wait_first_stats();
     let baseline = fd_count(pid);
 
     // 200 connections against a cap of 32: the first 32 echo, the rest are closed at once.
@@ -258,21 +265,12 @@ fn at_the_cap_from_a_low_fd_limit_overflow_is_closed_promptly_without_spinning()
     assert_eq!(closed as u64, CLIENTS as u64 - cap);
     let full = CLIENTS as u64 - cap;
     bin.wait_line("stats line with the rejects", |l| {
-        ops::is_stats(l) && stat(l, "full") == Some(full)
+        is_stats(l) && stat(l, "full") == Some(full)
     });
-    for (i, s) in accepted.iter_mut().enumerate() {
-        echo(s, format!("still served {i}").as_bytes());
-    }
-
     // Saturated: CPU stays far from a spinning loop.
-    let (cpu, slowest_reject, attempts) = cpu_while_saturated(pid, addr);
-    assert!(
-        cpu < 0.5,
-        "sockman used {:.0} % of a core at the cap",
-        cpu * 100.0
-    );
+    let (cpu, slowest_reject, attempts) = saturated(pid, addr, &mut accepted, "at the cap");
     let line = bin.wait_line("stats line with every reject", |l| {
-        ops::is_stats(l) && stat(l, "full") == Some(full + attempts as u64)
+        is_stats(l) && stat(l, "full") == Some(full + attempts as u64)
     });
     assert_eq!(stat(&line, "active"), Some(cap), "{line}");
     assert_eq!(stat(&line, "closed"), Some(0), "{line}");
@@ -291,8 +289,7 @@ fn at_the_cap_from_a_low_fd_limit_overflow_is_closed_promptly_without_spinning()
          at-cap rejects within {slowest_reject:?}; freed fd -> echo {freed:?}; echo after load {recovered:?}",
         cpu * 100.0
     );
-    bin.signal("TERM");
-    assert!(bin.wait_exit().success(), "log:\n{}", bin.log());
+    bin.terminate();
     let last = bin.final_line();
     assert_eq!(stat(last, "active"), Some(0), "{last}");
 }
@@ -300,17 +297,8 @@ fn at_the_cap_from_a_low_fd_limit_overflow_is_closed_promptly_without_spinning()
 #[test]
 fn emfile_after_lowering_the_limit_sheds_pauses_once_and_recovers() {
     let _serial = timing_lock();
-    let mut bin = Bin::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--stats-interval",
-        "100ms",
-        "--fd-check-interval",
-        "0",
-    ]);
-    let addr = bin.wait_listening();
-    bin.wait_line("first stats line", ops::is_stats);
+    let (mut bin, addr) = serve(&["--fd-check-interval", "0"]);
+    bin.wait_first_stats();
     let pid = bin.pid();
     let baseline = fd_count(pid);
 
@@ -344,19 +332,10 @@ fn emfile_after_lowering_the_limit_sheds_pauses_once_and_recovers() {
         "accepted connections (limit {NOFILE}, {baseline} fds before)"
     );
     assert_eq!(closed, CLIENTS - room);
-    for (i, s) in accepted.iter_mut().enumerate() {
-        echo(s, format!("still served {i}").as_bytes());
-    }
-
     // Out of fds: CPU stays far from a spinning loop, new connections are shed, not left hanging.
-    let (cpu, slowest_shed, attempts) = cpu_while_saturated(pid, addr);
-    assert!(
-        cpu < 0.5,
-        "sockman used {:.0} % of a core while out of fds",
-        cpu * 100.0
-    );
+    let (cpu, slowest_shed, attempts) = saturated(pid, addr, &mut accepted, "while out of fds");
     let line = bin.wait_line("stats line with every shed", |l| {
-        ops::is_stats(l) && stat(l, "shed") == Some((CLIENTS - room + attempts) as u64)
+        is_stats(l) && stat(l, "shed") == Some((CLIENTS - room + attempts) as u64)
     });
     let emfile = stat(&line, "emfile").unwrap_or(0);
     assert!(emfile > 1, "{line}");
@@ -399,23 +378,13 @@ fn emfile_after_lowering_the_limit_sheds_pauses_once_and_recovers() {
         stat(&bin.log[0], "max_connections").unwrap_or(0),
         cpu * 100.0
     );
-    bin.signal("TERM");
-    assert!(bin.wait_exit().success(), "log:\n{}", bin.log());
+    bin.terminate();
 }
 
 /// Spawns `sockman serve` on 127.0.0.1:0 with stats every 100 ms and `extra` flags.
+#[track_caller]
 fn serve(extra: &[&str]) -> (Bin, SocketAddr) {
-    let mut args = vec![
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--stats-interval",
-        "100ms",
-    ];
-    args.extend_from_slice(extra);
-    let mut bin = Bin::spawn(&args);
-    let addr = bin.wait_listening();
-    (bin, addr)
+    Bin::serve(&[&["--stats-interval", "100ms"], extra].concat())
 }
 
 /// `n` connections, each echoed once (so each is admitted when this returns).
@@ -430,15 +399,23 @@ fn open_echoing(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
         .collect()
 }
 
-#[test]
-fn max_connections_rejects_the_51st() {
-    let (mut bin, addr) = serve(&["--max-connections", "50"]);
-    let mut clients = open_echoing(addr, 50);
+/// 50 connections, each echoed once, then a 51st that the server must close at once; returns the
+/// 50 and the first stats line that counts the 51st as rejected with `full`.
+#[track_caller]
+fn fifty_and_a_refused_one(bin: &mut Bin, addr: SocketAddr) -> (Vec<TcpStream>, String) {
+    let clients = open_echoing(addr, 50);
     let mut extra = connect(addr);
     expect_closed(&mut extra);
     let line = bin.wait_line("stats line with the reject", |l| {
-        ops::is_stats(l) && stat(l, "full") == Some(1)
+        is_stats(l) && stat(l, "full") == Some(1)
     });
+    (clients, line)
+}
+
+#[test]
+fn max_connections_rejects_the_51st() {
+    let (mut bin, addr) = serve(&["--max-connections", "50"]);
+    let (mut clients, line) = fifty_and_a_refused_one(&mut bin, addr);
     assert_eq!(stat(&line, "rejected"), Some(1), "{line}");
     assert_eq!(stat(&line, "active"), Some(50), "{line}");
     assert_eq!(stat(&line, "closed"), Some(0), "{line}");
@@ -449,8 +426,20 @@ fn max_connections_rejects_the_51st() {
     close_gracefully(clients.pop().unwrap());
     clients.extend(open_echoing(addr, 1));
     drop(clients);
-    bin.signal("TERM");
-    assert!(bin.wait_exit().success(), "log:\n{}", bin.log());
+    bin.terminate();
+}
+
+/// [`serve`] with a cap of 50 connections and `--on-full evict-idle --evict-min-idle MIN_IDLE`.
+#[track_caller]
+fn serve_evicting(min_idle: &str) -> (Bin, SocketAddr) {
+    serve(&[
+        "--max-connections",
+        "50",
+        "--on-full",
+        "evict-idle",
+        "--evict-min-idle",
+        min_idle,
+    ])
 }
 
 /// The `--on-full evict-idle` wiring on the binary: the least recently active connection makes
@@ -458,14 +447,7 @@ fn max_connections_rejects_the_51st() {
 /// the minimum idle time itself is asserted to the tick in-process (tests/evict_idle.rs).
 #[test]
 fn evict_idle_makes_room_by_closing_the_longest_idle() {
-    let (mut bin, addr) = serve(&[
-        "--max-connections",
-        "50",
-        "--on-full",
-        "evict-idle",
-        "--evict-min-idle",
-        "0",
-    ]);
+    let (mut bin, addr) = serve_evicting("0");
     let mut clients = open_echoing(addr, 50);
     // Connection 0 is the least recently active; the rest are touched again after it.
     echo(&mut clients[0], b"oldest");
@@ -476,7 +458,7 @@ fn evict_idle_makes_room_by_closing_the_longest_idle() {
     echo(&mut newcomer, b"newcomer");
     expect_closed(&mut clients[0]);
     let line = bin.wait_line("stats line with the eviction", |l| {
-        ops::is_stats(l) && stat(l, "evicted") == Some(1)
+        is_stats(l) && stat(l, "evicted") == Some(1)
     });
     assert_eq!(stat(&line, "active"), Some(50), "{line}");
     assert_eq!(stat(&line, "accepted"), Some(51), "{line}");
@@ -486,34 +468,20 @@ fn evict_idle_makes_room_by_closing_the_longest_idle() {
         echo(s, b"still here");
     }
     echo(&mut newcomer, b"still here");
-    bin.signal("TERM");
-    assert!(bin.wait_exit().success(), "log:\n{}", bin.log());
+    bin.terminate();
 }
 
 #[test]
 fn evict_idle_rejects_when_none_is_idle_long_enough() {
-    let (mut bin, addr) = serve(&[
-        "--max-connections",
-        "50",
-        "--on-full",
-        "evict-idle",
-        "--evict-min-idle",
-        "30s",
-    ]);
-    let mut clients = open_echoing(addr, 50);
-    let mut extra = connect(addr);
-    expect_closed(&mut extra);
-    let line = bin.wait_line("stats line with the reject", |l| {
-        ops::is_stats(l) && stat(l, "full") == Some(1)
-    });
+    let (mut bin, addr) = serve_evicting("30s");
+    let (mut clients, line) = fifty_and_a_refused_one(&mut bin, addr);
     assert_eq!(stat(&line, "active"), Some(50), "{line}");
     assert_eq!(stat(&line, "closed"), Some(0), "nothing evicted: {line}");
     assert_eq!(stat(&line, "evicted"), None, "{line}");
     for s in &mut clients {
         echo(s, b"still here");
     }
-    bin.signal("TERM");
-    assert!(bin.wait_exit().success(), "log:\n{}", bin.log());
+    bin.terminate();
 }
 
 #[test]
@@ -531,7 +499,7 @@ fn max_per_ip_rejects_the_4th_from_one_address_but_not_another() {
     let mut other = connect_from([127, 0, 0, 2], addr);
     echo(&mut other, b"from 127.0.0.2");
     let line = bin.wait_line("stats line with the per-IP reject", |l| {
-        ops::is_stats(l) && stat(l, "per_ip") == Some(1) && stat(l, "active") == Some(4)
+        is_stats(l) && stat(l, "per_ip") == Some(1) && stat(l, "active") == Some(4)
     });
     assert_eq!(stat(&line, "rejected"), Some(1), "{line}");
     for s in &mut from_one {
@@ -541,15 +509,14 @@ fn max_per_ip_rejects_the_4th_from_one_address_but_not_another() {
     close_gracefully(from_one.pop().unwrap());
     let mut again = connect_from([127, 0, 0, 1], addr);
     echo(&mut again, b"room again");
-    bin.signal("TERM");
-    assert!(bin.wait_exit().success(), "log:\n{}", bin.log());
+    bin.terminate();
 }
 
 #[test]
 fn a_connect_flood_does_not_delay_an_established_connection() {
     let _serial = timing_lock();
     let (mut bin, addr) = serve(&[]);
-    bin.wait_line("first stats line", ops::is_stats);
+    bin.wait_first_stats();
     let mut established = connect(addr);
     echo(&mut established, b"warm up");
 
@@ -599,8 +566,8 @@ fn a_connect_flood_does_not_delay_an_established_connection() {
     stop.store(true, Ordering::Release);
     let (ok, failed, flood_time) = flood.join().unwrap();
     latencies.sort();
-    let p50 = ops::quantile(&latencies, 0.50);
-    let p99 = ops::quantile(&latencies, 0.99);
+    let p50 = util::quantile(&latencies, 0.50);
+    let p99 = util::quantile(&latencies, 0.99);
     let max = *latencies.last().unwrap();
     let rate = ok as f64 / flood_time.as_secs_f64();
     eprintln!(
@@ -617,9 +584,8 @@ fn a_connect_flood_does_not_delay_an_established_connection() {
     echo(&mut established, b"still here");
     close_gracefully(established);
     let line = bin.wait_line("stats line after the flood", |l| {
-        ops::is_stats(l) && stat(l, "active") == Some(0) && stat(l, "accepted") >= Some(ok / 2)
+        is_stats(l) && stat(l, "active") == Some(0) && stat(l, "accepted") >= Some(ok / 2)
     });
     assert!(stat(&line, "peer_closed").unwrap_or(0) >= 1, "{line}");
-    bin.signal("TERM");
-    assert!(bin.wait_exit().success(), "log:\n{}", bin.log());
+    bin.terminate();
 }

@@ -4,17 +4,15 @@
 //! side, and reads and discards until the peer's EOF (or a deadline or byte cap).
 #![cfg(feature = "admin")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use sockman::{CloseReason, Config, Context, Echo, Handler};
-use util::{connect, local_config, pattern};
+use util::{connect, local_config, pattern, read_to_eof};
 
 const REPLY: usize = 512 * 1024;
 
@@ -50,20 +48,6 @@ fn keep_sending(mut stream: TcpStream, stop: Arc<AtomicBool>) -> std::thread::Jo
     })
 }
 
-/// Reads until EOF; a reset is returned as the error it is, with what was read before it.
-fn read_to_eof(stream: &mut TcpStream) -> (Vec<u8>, io::Result<()>) {
-    let mut got = Vec::new();
-    let mut buf = [0; 16 * 1024];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return (got, Ok(())),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return (got, Err(e)),
-        }
-    }
-}
-
 #[test]
 fn handler_close_delivers_the_whole_reply_while_the_peer_keeps_sending() {
     let config = Config {
@@ -76,13 +60,9 @@ fn handler_close_delivers_the_whole_reply_while_the_peer_keeps_sending() {
     client.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let sender = keep_sending(client.try_clone().unwrap(), Arc::clone(&stop));
-    let (got, end) = read_to_eof(&mut client);
+    let got = read_to_eof(&mut client, 2 * REPLY);
     stop.store(true, Ordering::Release);
-    assert!(
-        end.is_ok(),
-        "got {} of {REPLY} bytes, then {end:?} instead of EOF",
-        got.len()
-    );
+    let got = got.unwrap_or_else(|e| panic!("reading the {REPLY}-byte reply: {e}, not EOF"));
     util::assert_same(&got, &pattern(REPLY, 7));
     // The sender may be blocked on a full window (past the linger's byte cap the server stops
     // reading): shutting the socket down unblocks it.
@@ -97,22 +77,8 @@ fn handler_close_delivers_the_whole_reply_while_the_peer_keeps_sending() {
 fn admin_reply_is_whole_when_the_client_sends_more_after_its_request() {
     // Enough connections for a /connections answer far larger than the client's small receive
     // buffer, so most of it is still queued on the server side when the answer is complete.
-    let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        ..local_config()
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let thread = std::thread::spawn(move || {
-        let server = sockman::Server::bind(config, Echo).unwrap();
-        tx.send((
-            server.local_addrs()[0],
-            server.admin_addr().unwrap(),
-            server.handle(),
-        ))
-        .unwrap();
-        server.run().unwrap()
-    });
-    let (addr, admin, handle) = rx.recv_timeout(util::WAIT).unwrap();
+    let (server, admin) = util::start_with_admin(local_config(), Echo);
+    let addr = server.addr;
     let mut held = Vec::new();
     for _ in 0..400 {
         let mut c = connect(addr);
@@ -128,15 +94,11 @@ fn admin_reply_is_whole_when_the_client_sends_more_after_its_request() {
     let mut first = [0; 1];
     client.read_exact(&mut first).unwrap();
     client.write_all(&[b'y'; 2000]).unwrap();
-    let (rest, end) = read_to_eof(&mut client);
+    let rest = read_to_eof(&mut client, 4 << 20)
+        .unwrap_or_else(|e| panic!("reading the answer after its first byte: {e}, not EOF"));
     let mut raw = first.to_vec();
     raw.extend_from_slice(&rest);
     let text = String::from_utf8_lossy(&raw);
-    assert!(
-        end.is_ok(),
-        "got {} bytes, then {end:?} instead of EOF",
-        raw.len()
-    );
     let (head, body) = text.split_once("\r\n\r\n").expect("a whole head");
     let len: usize = head
         .lines()
@@ -147,6 +109,6 @@ fn admin_reply_is_whole_when_the_client_sends_more_after_its_request() {
     assert_eq!(body.len(), len, "the body was cut short");
     assert_eq!(body.lines().count(), 400, "one line per connection");
     drop(held);
-    handle.shutdown();
-    thread.join().unwrap();
+    server.handle.shutdown();
+    server.thread.join().unwrap();
 }

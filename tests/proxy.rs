@@ -8,9 +8,6 @@
 //! own process.
 #![cfg(feature = "cli")]
 
-#[path = "util/ops.rs"]
-mod ops;
-mod proxy_util;
 mod util;
 
 use std::io::{self, Read, Write};
@@ -20,9 +17,13 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use proxy_util::{accept_within, read_to_eof, rss_kib, serve_child, Proxy};
 use sockman::CloseReason;
-use util::{assert_same, connect, expect_closed, pattern, stat};
+use util::child::is_stats;
+use util::procfs::rss_kib;
+use util::proxy::{serve_child, Proxy};
+use util::{
+    accept_within, assert_same, connect, expect_closed, pattern, read_to_eof, silent_listener, stat,
+};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -36,30 +37,6 @@ fn refused_port() -> (socket2::Socket, SocketAddr) {
         .unwrap();
     let addr = socket.local_addr().unwrap().as_socket().unwrap();
     (socket, addr)
-}
-
-/// A listener that never accepts, with its backlog (0: one queued connection) filled, so that
-/// the kernel drops further SYNs and a dial to it never completes. Fails unless a filler connect
-/// timed out, i.e. the backlog is seen to be full.
-fn silent_listener() -> (socket2::Socket, SocketAddr, Vec<TcpStream>) {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    socket.listen(0).unwrap();
-    let addr = socket.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            Ok(s) => fillers.push(s),
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => return (socket, addr, fillers),
-            Err(e) => panic!("filling the silent listener's backlog: {e}"),
-        }
-    }
-    panic!(
-        "the backlog of a listen(0) socket took {} connections without filling",
-        fillers.len()
-    );
 }
 
 #[test]
@@ -222,7 +199,7 @@ fn a_refused_upstream_closes_the_client_promptly_and_counts_it() {
     let line = proxy
         .bin
         .wait_line("a stats line counting the refusals", |l| {
-            ops::is_stats(l) && stat(l, "no_upstream") == Some(CLIENTS as u64)
+            is_stats(l) && stat(l, "no_upstream") == Some(CLIENTS as u64)
         });
     assert_eq!(stat(&line, "dial_failures"), Some(CLIENTS as u64), "{line}");
     assert_eq!(stat(&line, "sessions"), Some(0), "{line}");
@@ -446,10 +423,7 @@ fn a_client_that_resets_closes_its_upstream_side() {
     let m = proxy.scrape();
     assert_eq!(m.get(&proxy.up("sessions_active")), 1, "{m}");
 
-    socket2::SockRef::from(&client)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(client); // an RST, not a FIN
+    util::abort(client); // an RST, not a FIN
 
     // Lingering 0 too: the proxy's upstream side ended when the upstream's FIN answered its own.
     let m = proxy.wait_idle("both sides of the reset session to end");
@@ -682,23 +656,14 @@ fn sigterm_lets_an_open_session_finish_its_exchange_and_refuses_new_ones() {
         l.contains("draining: listeners closed")
     });
     assert!(line.contains("2 connections open"), "{line}");
-    match TcpStream::connect_timeout(&proxy.addr, Duration::from_secs(2)) {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-        Err(e) => panic!("a connect during the drain failed with {e}, not refused"),
-        Ok(_) => panic!("a connect during the drain was accepted"),
-    }
+    util::expect_refused(proxy.addr);
     // The session goes on: the second half, the client's FIN, all of it back, then EOF.
     client.write_all(&data[256 * KIB..]).unwrap();
     client.shutdown(Shutdown::Write).unwrap();
     let got = echoed.join().unwrap().expect("reading the echo until EOF");
     assert_same(&got, &data);
 
-    let status = proxy.bin.wait_exit();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        proxy.bin.log()
-    );
+    proxy.bin.wait_success();
     let took = signalled.elapsed();
     assert!(
         took < Duration::from_secs(2),

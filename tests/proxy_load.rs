@@ -5,9 +5,6 @@
 //! against neither the test process nor the proxy.
 #![cfg(feature = "cli")]
 
-#[path = "util/ops.rs"]
-mod ops;
-mod proxy_util;
 mod util;
 
 use std::io::{Read, Write};
@@ -16,13 +13,27 @@ use std::process::{Command, Stdio};
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use proxy_util::{serve_child, Proxy};
-use util::{connect, fd_count, read_exactly};
+use util::child::Bin;
+use util::procfs::fd_count;
+use util::proxy::{serve_child, Proxy};
+use util::{connect, read_exactly};
 
 /// The tests here run one at a time: each wants both cores and thousands of sockets.
 fn one_at_a_time() -> MutexGuard<'static, ()> {
     static HEAVY: Mutex<()> = Mutex::new(());
     HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A `sockman serve` upstream and a `sockman proxy` in front of it (leak self-check every
+/// 200 ms), once the proxy's first stats line is out: everything that lives for the whole run
+/// is set up by then. Returns both and the proxy's descriptor count at that point.
+#[track_caller]
+fn proxy_in_front_of_serve() -> (Bin, Proxy, usize) {
+    let (serve, up) = serve_child(&[]);
+    let mut proxy = Proxy::spawn(up, &["--fd-check-interval", "200ms"]);
+    proxy.bin.wait_first_stats();
+    let baseline = fd_count(proxy.bin.pid());
+    (serve, proxy, baseline)
 }
 
 /// Waits until the child `pid` has exactly `want` descriptors (closes are asynchronous to the
@@ -48,12 +59,8 @@ fn wait_fds(pid: u32, want: usize, within: Duration) {
 fn five_thousand_idle_sessions_are_held_then_all_released() {
     const N: usize = 5_000;
     let _one = one_at_a_time();
-    let (_serve, up) = serve_child(&[]);
-    let mut proxy = Proxy::spawn(up, &["--fd-check-interval", "200ms"]);
-    // After the first stats line everything that lives for the whole run is set up.
-    proxy.bin.wait_line("first stats line", ops::is_stats);
+    let (_serve, proxy, baseline) = proxy_in_front_of_serve();
     let pid = proxy.bin.pid();
-    let baseline = fd_count(pid);
 
     // One at a time (connect, echo one byte): the proxy's backlog never overflows, and every
     // session is known to be relaying before the next one starts.
@@ -152,11 +159,8 @@ fn fifty_thousand_churned_sessions_leave_no_fd_behind() {
     const SESSIONS: i64 = 50_000;
     const WORKERS: i64 = 50;
     let _one = one_at_a_time();
-    let (_serve, up) = serve_child(&[]);
-    let mut proxy = Proxy::spawn(up, &["--fd-check-interval", "200ms"]);
-    proxy.bin.wait_line("first stats line", ops::is_stats);
+    let (_serve, proxy, baseline) = proxy_in_front_of_serve();
     let pid = proxy.bin.pid();
-    let baseline = fd_count(pid);
 
     // 8 s runs (after the generator's 1 s warmup) until 50 000 sessions have gone through: one
     // run on this machine (about 9 000 sessions/s in debug), more on a slower one, within 50 s.

@@ -4,7 +4,7 @@ mod util;
 
 use std::cell::Cell;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -89,12 +89,8 @@ fn dropping_a_running_server_closes_through_on_close() {
 /// An admin request that arrives together with the client's FIN still gets its answer.
 #[test]
 fn admin_request_followed_by_fin_is_answered() {
-    let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        ..local_config()
-    };
-    let mut server = Server::bind(config, Echo).unwrap();
-    let mut admin = TcpStream::connect(server.admin_addr().unwrap()).unwrap();
+    let (mut server, _, admin) = util::bind_with_admin(local_config(), Echo);
+    let mut admin = TcpStream::connect(admin).unwrap();
     admin.write_all(b"GET /health HTTP/1.0\r\n\r\n").unwrap();
     admin.shutdown(Shutdown::Write).unwrap();
     admin.set_nonblocking(true).unwrap();

@@ -2,8 +2,6 @@
 //! `fc67ed6` (the reshaped loop, lingering, dialing, PROXY headers, workers, the admin side).
 //! Every test here FAILS on the reviewed code; its doc comment names the code at fault.
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::io::{ErrorKind, Read, Write};
@@ -13,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sockman::{Config, Context, Echo, Handler, ProxyProtocol, Server};
-use util::{bind, connect, local_config, turn_until, turn_until_at};
+#[cfg(feature = "admin")]
+use util::http;
+use util::{bind, connect, local_config, silent_listener, turn_until, turn_until_at};
 
 /// Reads until EOF or until `timeout` passes while the server is turned by `turn`; returns
 /// what was read and whether EOF was seen.
@@ -40,6 +40,27 @@ fn read_until_eof<H: Handler>(
         server.turn(Some(Duration::from_millis(10))).unwrap();
     }
 }
+
+/// Binds `handler` with `config` and connects a client that sends `data` at once; returns the
+/// server (not turned yet) and the client.
+#[track_caller]
+fn bind_and_send<H: Handler>(config: Config, handler: H, data: &[u8]) -> (Server<H>, TcpStream) {
+    let (server, addr) = bind(config, handler);
+    let mut client = connect(addr);
+    client.write_all(data).unwrap();
+    (server, client)
+}
+
+/// A listener that reads a PROXY protocol v1 header first.
+fn v1_config() -> Config {
+    Config {
+        proxy_protocol: ProxyProtocol::V1,
+        ..local_config()
+    }
+}
+
+/// The PROXY v1 header of the tests of section 2: a client 10.0.0.1:1234 of 10.0.0.2:80.
+const HEADER: &[u8] = b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\n";
 
 // ---------------------------------------------------------------------------------------------
 // 1. `deliver`'s "plain" shortcut (src/server/mod.rs, `Server::deliver`) skips settling when the
@@ -70,9 +91,7 @@ impl Handler for ReplyThenShutWrite {
 /// the connection (here: none, for the whole idle timeout).
 #[test]
 fn shutdown_write_on_the_current_connection_in_on_data_sends_a_fin() {
-    let (mut server, addr) = bind(local_config(), ReplyThenShutWrite);
-    let mut client = connect(addr);
-    client.write_all(b"hi").unwrap();
+    let (mut server, mut client) = bind_and_send(local_config(), ReplyThenShutWrite, b"hi");
     let (got, eof) = read_until_eof(&mut server, &mut client, Duration::from_secs(2));
     assert_eq!(got, b"bye");
     assert!(
@@ -109,14 +128,10 @@ fn pause_reading_in_on_data_stops_further_on_data_calls() {
         read_buffer: 16,
         ..local_config()
     };
-    let (mut server, addr) = bind(
-        config,
-        PauseOnFirstData {
-            calls: Arc::clone(&calls),
-        },
-    );
-    let mut client = connect(addr);
-    client.write_all(&[7u8; 1000]).unwrap();
+    let handler = PauseOnFirstData {
+        calls: Arc::clone(&calls),
+    };
+    let (mut server, _client) = bind_and_send(config, handler, &[7u8; 1000]);
     turn_until(&mut server, "the first bytes", |s| s.metrics().bytes_in > 0);
     for _ in 0..20 {
         server.turn(Some(Duration::from_millis(5))).unwrap();
@@ -139,16 +154,11 @@ fn pause_reading_in_on_data_stops_further_on_data_calls() {
 #[test]
 fn a_proxy_protocol_listener_with_a_small_read_buffer_does_not_panic() {
     let config = Config {
-        proxy_protocol: ProxyProtocol::V1,
         read_buffer: 1024,
-        ..local_config()
+        ..v1_config()
     };
     config.validate().expect("a valid configuration");
-    let (mut server, addr) = bind(config, Echo);
-    let mut client = connect(addr);
-    client
-        .write_all(b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\nhello")
-        .unwrap();
+    let (mut server, _client) = bind_and_send(config, Echo, &[HEADER, b"hello"].concat());
     let start = server.now();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         turn_until_at(&mut server, start, "the echo", |s| {
@@ -181,21 +191,14 @@ impl Handler for Lengths {
 fn data_after_a_proxy_header_respects_the_max_pending_bound() {
     let max = Arc::new(AtomicUsize::new(0));
     let config = Config {
-        proxy_protocol: ProxyProtocol::V1,
         max_pending: 64,
         write_high_watermark: Some(32),
-        ..local_config()
+        ..v1_config()
     };
-    let (mut server, addr) = bind(
-        config,
-        Lengths {
-            max: Arc::clone(&max),
-        },
-    );
-    let mut client = connect(addr);
-    let mut msg = b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\n".to_vec();
-    msg.extend_from_slice(&[b'x'; 1000]);
-    client.write_all(&msg).unwrap();
+    let handler = Lengths {
+        max: Arc::clone(&max),
+    };
+    let (mut server, _client) = bind_and_send(config, handler, &[HEADER, &[b'x'; 1000]].concat());
     let start = server.now();
     turn_until_at(&mut server, start, "the data", |s| {
         s.metrics().bytes_in >= 1000
@@ -229,20 +232,10 @@ impl Handler for PauseOnOpen {
 #[test]
 fn bytes_after_a_proxy_header_wait_for_a_reading_paused_in_on_open() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let config = Config {
-        proxy_protocol: ProxyProtocol::V1,
-        ..local_config()
+    let handler = PauseOnOpen {
+        calls: Arc::clone(&calls),
     };
-    let (mut server, addr) = bind(
-        config,
-        PauseOnOpen {
-            calls: Arc::clone(&calls),
-        },
-    );
-    let mut client = connect(addr);
-    client
-        .write_all(b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\nhello")
-        .unwrap();
+    let (mut server, _client) = bind_and_send(v1_config(), handler, &[HEADER, b"hello"].concat());
     let start = server.now();
     turn_until_at(&mut server, start, "the open", |s| {
         s.metrics().accepted == 1
@@ -290,12 +283,8 @@ impl Handler for Kick {
 #[test]
 fn bytes_after_a_proxy_header_survive_an_on_open_that_closes_another_connection() {
     let got = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let config = Config {
-        proxy_protocol: ProxyProtocol::V1,
-        ..local_config()
-    };
     let (mut server, addr) = bind(
-        config,
+        v1_config(),
         Kick {
             last: None,
             got: Arc::clone(&got),
@@ -344,7 +333,7 @@ fn bytes_after_a_proxy_header_survive_an_on_open_that_closes_another_connection(
 
 /// Accepts one connection on `listener` and reads from it until `want` bytes or EOF/timeout.
 fn accept_and_read(listener: &std::net::TcpListener, want: usize) -> Vec<u8> {
-    let (mut s, _) = listener.accept().expect("the proxy dials the upstream");
+    let mut s = util::accept_within(listener, util::WAIT); // the proxy dials the upstream
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -358,6 +347,35 @@ fn accept_and_read(listener: &std::net::TcpListener, want: usize) -> Vec<u8> {
     got
 }
 
+/// `sockman proxy --listen 127.0.0.1:0 --upstream UPSTREAMS --proxy-protocol v1 EXTRA...`, and
+/// a client that sends it a balancer's PROXY header with its first bytes, `hello`, in one
+/// segment; returns both.
+#[cfg(feature = "cli")]
+#[track_caller]
+fn proxy_behind_a_balancer(upstreams: &str, extra: &[&str]) -> (util::child::Bin, TcpStream) {
+    let mut bin = util::child::Bin::spawn(
+        &[
+            &[
+                "proxy",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                upstreams,
+                "--proxy-protocol",
+                "v1",
+            ],
+            extra,
+        ]
+        .concat(),
+    );
+    let addr = bin.wait_listening();
+    let mut client = connect(addr);
+    client
+        .write_all(b"PROXY TCP4 10.0.0.1 127.0.0.1 1234 80\r\nhello")
+        .unwrap();
+    (bin, client)
+}
+
 /// With `--proxy-protocol v1 --send-proxy v1`, the upstream must see its PROXY header first.
 /// The client bytes that came with the balancer's header were queued on the upstream while it
 /// was connecting, and `on_connected` appends the header *after* them: the upstream receives
@@ -367,22 +385,7 @@ fn accept_and_read(listener: &std::net::TcpListener, want: usize) -> Vec<u8> {
 fn sockman_proxy_behind_a_balancer_sends_its_proxy_header_first() {
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let up = upstream.local_addr().unwrap().to_string();
-    let mut bin = util::Bin::spawn(&[
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &up,
-        "--proxy-protocol",
-        "v1",
-        "--send-proxy",
-        "v1",
-    ]);
-    let addr = bin.wait_listening();
-    let mut client = connect(addr);
-    client
-        .write_all(b"PROXY TCP4 10.0.0.1 127.0.0.1 1234 80\r\nhello")
-        .unwrap();
+    let _proxy = proxy_behind_a_balancer(&up, &["--send-proxy", "v1"]);
     let got = accept_and_read(&upstream, 5 + 20);
     let text = String::from_utf8_lossy(&got).to_string();
     assert!(
@@ -404,20 +407,7 @@ fn sockman_proxy_behind_a_balancer_keeps_the_first_bytes_across_a_dial_retry() {
     }; // closed: connects are refused
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let ups = format!("{refused},{}", upstream.local_addr().unwrap());
-    let mut bin = util::Bin::spawn(&[
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &ups,
-        "--proxy-protocol",
-        "v1",
-    ]);
-    let addr = bin.wait_listening();
-    let mut client = connect(addr);
-    client
-        .write_all(b"PROXY TCP4 10.0.0.1 127.0.0.1 1234 80\r\nhello")
-        .unwrap();
+    let _proxy = proxy_behind_a_balancer(&ups, &[]);
     let got = accept_and_read(&upstream, 5);
     assert_eq!(
         String::from_utf8_lossy(&got),
@@ -532,22 +522,21 @@ fn a_workers_last_changes_in_a_tick_are_published() {
 #[cfg(feature = "admin")]
 #[test]
 fn livez_does_not_fail_for_a_worker_that_finished_its_drain() {
-    let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+    let config = util::with_admin(Config {
         drain_idle: Duration::from_secs(60),
         ..local_config()
-    };
+    });
     let workers = sockman::Workers::bind(config, 2, |i| WhichWorker { i: i as u8 }).unwrap();
     let addr = workers.local_addrs()[0];
     let admin = workers.admin_addr().unwrap();
     let running = workers.start().unwrap();
     let _on_worker_0 = client_on_worker(addr, 0); // the others are dropped (closed)
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(ops::get(admin, "/livez").status, 200);
+    assert_eq!(http::get(admin, "/livez").status, 200);
     running.handle().drain(Duration::from_secs(30));
     // Worker 1 has nothing left: it ends; worker 0 serves its one connection.
     std::thread::sleep(Duration::from_millis(5500));
-    let r = ops::get(admin, "/livez");
+    let r = http::get(admin, "/livez");
     running.handle().shutdown();
     assert_eq!(
         r.status, 200,
@@ -564,10 +553,7 @@ fn livez_does_not_fail_for_a_worker_that_finished_its_drain() {
 #[cfg(feature = "admin")]
 #[test]
 fn concurrent_connections_requests_each_get_every_workers_lines() {
-    let config = Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        ..local_config()
-    };
+    let config = util::with_admin(local_config());
     let workers = sockman::Workers::bind(config, 2, |i| WhichWorker { i: i as u8 }).unwrap();
     let addr = workers.local_addrs()[0];
     let admin = workers.admin_addr().unwrap();
@@ -577,9 +563,9 @@ fn concurrent_connections_requests_each_get_every_workers_lines() {
     std::thread::sleep(Duration::from_millis(100));
     on_1.write_all(b"sleep").unwrap(); // worker 1 is busy for 500 ms
     std::thread::sleep(Duration::from_millis(50));
-    let a = std::thread::spawn(move || ops::get(admin, "/connections"));
+    let a = std::thread::spawn(move || http::get(admin, "/connections"));
     std::thread::sleep(Duration::from_millis(50));
-    let b = std::thread::spawn(move || ops::get(admin, "/connections"));
+    let b = std::thread::spawn(move || http::get(admin, "/connections"));
     let (a, b) = (a.join().unwrap(), b.join().unwrap());
     running.handle().shutdown();
     for (name, r) in [("first", &a), ("second", &b)] {
@@ -685,20 +671,6 @@ impl Handler for Reasons {
     fn on_close(&mut self, _: (), _: &mut Context<'_>, reason: sockman::CloseReason) {
         self.seen.push(reason);
     }
-}
-
-/// A listener whose backlog is full: the kernel drops further SYNs, so dials hang.
-fn silent_listener() -> (socket2::Socket, SocketAddr, Vec<TcpStream>) {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    socket.listen(0).unwrap();
-    let addr = socket.local_addr().unwrap().as_socket().unwrap();
-    let fillers = (0..4)
-        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok())
-        .collect();
-    (socket, addr, fillers)
 }
 
 #[test]

@@ -6,39 +6,17 @@
 
 mod util;
 
-use std::io::{self, BufRead};
-use std::net::{SocketAddr, TcpListener};
+use std::io;
+use std::net::TcpListener;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use util::{connect, echo, stat, WAIT};
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("sockman-systemd-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use util::child::Bin;
+use util::{connect, echo, stat, TempDir, WAIT};
 
 /// The service manager's end of `NOTIFY_SOCKET`.
 struct Notify {
@@ -89,150 +67,50 @@ impl Notify {
 
 /// `sockman ARGS` as a socket-activated service: `fd` is its fd 3, `LISTEN_FDS=1`,
 /// `LISTEN_PID` its pid (a shell exports its own `$$` and execs sockman, keeping the pid),
-/// `NOTIFY_SOCKET` the given path. Its stderr is read line by line on a thread; killed (by its
-/// pid) on drop if still running.
-struct Service {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-    eof: bool,
-}
-
-impl Service {
-    #[track_caller]
-    fn spawn(fd: RawFd, notify: Option<&Path>, args: &[&str]) -> Service {
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(r#"export LISTEN_PID=$$; exec "$0" "$@""#)
-            .arg(env!("CARGO_BIN_EXE_sockman"))
-            .args(args)
-            .env("LISTEN_FDS", "1")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .env_remove("LISTEN_FDS_FIRST_FD")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        match notify {
-            Some(path) => command.env("NOTIFY_SOCKET", path),
-            None => command.env_remove("NOTIFY_SOCKET"),
-        };
-        // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl).
-        unsafe {
-            command.pre_exec(move || {
-                if fd == 3 {
-                    // dup2(3, 3) would keep FD_CLOEXEC: clear it instead.
-                    let flags = libc::fcntl(3, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                } else if libc::dup2(fd, 3) < 0 {
+/// `NOTIFY_SOCKET` the given path.
+#[track_caller]
+fn activated(fd: RawFd, notify: Option<&Path>, args: &[&str]) -> Bin {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(r#"export LISTEN_PID=$$; exec "$0" "$@""#)
+        .arg(env!("CARGO_BIN_EXE_sockman"))
+        .args(args)
+        .env("LISTEN_FDS", "1")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .env_remove("LISTEN_FDS_FIRST_FD");
+    match notify {
+        Some(path) => command.env("NOTIFY_SOCKET", path),
+        None => command.env_remove("NOTIFY_SOCKET"),
+    };
+    // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl).
+    unsafe {
+        command.pre_exec(move || {
+            if fd == 3 {
+                // dup2(3, 3) would keep FD_CLOEXEC: clear it instead.
+                let flags = libc::fcntl(3, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().expect("spawn sh -c sockman");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
+            } else if libc::dup2(fd, 3) < 0 {
+                return Err(io::Error::last_os_error());
             }
+            Ok(())
         });
-        Service {
-            child,
-            lines,
-            log: Vec::new(),
-            eof: false,
-        }
     }
-
-    fn log(&self) -> String {
-        self.log.join("\n")
-    }
-
-    /// Reads lines until one satisfies `found`; fails at EOF or after [`WAIT`].
-    #[track_caller]
-    fn wait_line(&mut self, what: &str, mut found: impl FnMut(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if found(&line) {
-                        return line;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    panic!("no {what} in {WAIT:?}; log:\n{}", self.log())
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    panic!("sockman exited before {what}; log:\n{}", self.log())
-                }
-            }
-        }
-    }
-
-    /// Waits for stderr to close and the process to exit (bounded by [`WAIT`]).
-    #[track_caller]
-    fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        while !self.eof {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.log.push(line),
-                Err(mpsc::RecvTimeoutError::Disconnected) => self.eof = true,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    panic!("sockman did not exit in {WAIT:?}; log:\n{}", self.log())
-                }
-            }
-        }
-        self.child.wait().expect("wait for sockman")
-    }
-
-    #[track_caller]
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
-        assert_eq!(rc, 0, "kill: {}", io::Error::last_os_error());
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// The address in the `listening on ADDR...` line.
-fn listening_addr(line: &str) -> SocketAddr {
-    let rest = line.split("listening on ").nth(1).unwrap();
-    rest.split([' ', ','])
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|e| panic!("cannot parse the address in {line:?}: {e}"))
+    Bin::from_command(command)
 }
 
 #[track_caller]
 fn activated_service_serves_the_inherited_socket_and_notifies(workers: &str) {
-    let dir = TempDir::new("notify");
-    let mut notify = Notify::bind(&dir.0);
+    let dir = TempDir::new("systemd-notify");
+    let mut notify = Notify::bind(dir.path());
     // Bound and listening by the "manager", in blocking mode, as systemd passes it: sockman
     // must make it nonblocking itself.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut service = Service::spawn(
+    let mut service = activated(
         listener.as_raw_fd(),
         Some(&notify.path),
         &[
@@ -245,8 +123,7 @@ fn activated_service_serves_the_inherited_socket_and_notifies(workers: &str) {
             "100ms",
         ],
     );
-    let line = service.wait_line("listening line", |l| l.contains("listening on "));
-    assert_eq!(listening_addr(&line), addr, "{line}");
+    assert_eq!(service.wait_listening(), addr, "log:\n{}", service.log());
     notify.wait_for("READY=1");
     // The manager's copy is closed: only sockman holds the socket now.
     drop(listener);
@@ -262,11 +139,10 @@ fn activated_service_serves_the_inherited_socket_and_notifies(workers: &str) {
         "{:?}",
         notify.seen
     );
-    service.signal(libc::SIGTERM);
+    service.signal("TERM");
     notify.wait_for("STOPPING=1");
     drop(clients);
-    let status = service.wait_exit();
-    assert!(status.success(), "exit {status}; log:\n{}", service.log());
+    service.wait_success();
     let log = service.log();
     let last = service
         .log
@@ -275,9 +151,8 @@ fn activated_service_serves_the_inherited_socket_and_notifies(workers: &str) {
         .unwrap_or_else(|| panic!("no final line; log:\n{log}"));
     assert_eq!(stat(last, "accepted"), Some(20), "{last}");
     assert_eq!(stat(last, "active"), Some(0), "{last}");
-    assert!(!log.contains("panicked"), "log:\n{log}");
     // Nothing but the listening socket came in: no warning about --listen being ignored.
-    assert!(!log.contains("is ignored"), "log:\n{log}");
+    service.assert_log(&[], &["panicked", "is ignored"]);
     // READY=1 came before STOPPING=1, each once.
     let ready = notify.seen.iter().position(|m| m.contains("READY=1"));
     let stopping = notify.seen.iter().position(|m| m.contains("STOPPING=1"));
@@ -296,11 +171,11 @@ fn socket_activation_two_workers_share_fd_3_and_notify_ready_and_stopping() {
 
 #[test]
 fn listen_fds_naming_a_file_that_is_not_a_socket_is_a_clear_error() {
-    let dir = TempDir::new("notsock");
-    let path = dir.0.join("not-a-socket");
+    let dir = TempDir::new("systemd-notsock");
+    let path = dir.path().join("not-a-socket");
     let file = std::fs::File::create(&path).unwrap();
     let started = Instant::now();
-    let mut service = Service::spawn(
+    let mut service = activated(
         file.as_raw_fd(),
         None,
         &["serve", "--listen", "127.0.0.1:0"],
@@ -309,13 +184,11 @@ fn listen_fds_naming_a_file_that_is_not_a_socket_is_a_clear_error() {
     let log = service.log();
     assert!(!status.success(), "exit {status}; log:\n{log}");
     assert_eq!(status.code(), Some(1), "exit {status}; log:\n{log}");
-    assert!(!log.contains("panicked"), "log:\n{log}");
     assert!(
         log.contains("sockman: inherited descriptor 3 (LISTEN_FDS) is not a TCP listener"),
         "the error does not say which descriptor or why:\n{log}"
     );
-    assert!(log.contains("not a socket"), "log:\n{log}");
-    assert!(!log.contains("listening on"), "log:\n{log}");
+    service.assert_log(&["not a socket"], &["panicked", "listening on"]);
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",

@@ -4,39 +4,17 @@
 //! others with an error naming it.
 #![cfg(feature = "admin")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use sockman::{Config, Context, Echo, Error, Handler, Workers};
-use util::{connect, echo, local_config};
-
-fn admin_config() -> Config {
-    Config {
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        ..local_config()
-    }
-}
-
-/// The value of the sample `name` with exactly the labels `labels` (e.g. `worker="1"`), or the
-/// unlabelled one for `""`.
-fn value(body: &str, name: &str, labels: &str) -> Option<u64> {
-    let key = if labels.is_empty() {
-        format!("{name} ")
-    } else {
-        format!("{name}{{{labels}}} ")
-    };
-    body.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .map(|v| v.trim().parse().unwrap())
-}
+use sockman::{Context, Echo, Error, Handler, Workers};
+use util::http;
+use util::{connect, echo, local_config, with_admin};
 
 #[test]
 fn connections_spread_over_workers_and_the_admin_sees_all_of_them() {
-    let workers = Workers::bind(admin_config(), 2, |_| Echo).unwrap();
+    let workers = Workers::bind(with_admin(local_config()), 2, |_| Echo).unwrap();
     let addr = workers.local_addrs()[0];
     let admin = workers.admin_addr().unwrap();
     let running = workers.start().unwrap();
@@ -47,20 +25,20 @@ fn connections_spread_over_workers_and_the_admin_sees_all_of_them() {
     // Published at most once per tick: wait until the totals show all 200.
     let deadline = std::time::Instant::now() + util::WAIT;
     let body = loop {
-        let body = ops::get(admin, "/metrics").body;
-        if value(&body, "sockman_connections_active", "") == Some(200) {
+        let body = http::get(admin, "/metrics").body;
+        if http::value(&body, "sockman_connections_active", "") == Some(200) {
             break body;
         }
         assert!(std::time::Instant::now() < deadline, "{body}");
         std::thread::yield_now();
     };
-    let w0 = value(&body, "sockman_connections_active", "worker=\"0\"").unwrap();
-    let w1 = value(&body, "sockman_connections_active", "worker=\"1\"").unwrap();
+    let w0 = http::value(&body, "sockman_connections_active", "worker=\"0\"").unwrap();
+    let w1 = http::value(&body, "sockman_connections_active", "worker=\"1\"").unwrap();
     assert_eq!(w0 + w1, 200);
     // 200 connections from 200 source ports: the kernel's hash uses both sockets.
     assert!(w0 > 0 && w1 > 0, "{w0} and {w1}");
     assert_eq!(
-        value(
+        http::value(
             &body,
             "sockman_closed_total",
             "worker=\"1\",reason=\"reset\""
@@ -68,17 +46,20 @@ fn connections_spread_over_workers_and_the_admin_sees_all_of_them() {
         Some(0)
     );
     // /connections gathers both workers' lines, each tagged with its worker.
-    let lines = ops::get(admin, "/connections?limit=1000").body;
+    let lines = http::get(admin, "/connections?limit=1000").body;
     let tagged = |w: &str| lines.lines().filter(|l| l.contains(w)).count() as u64;
     assert_eq!(lines.lines().count(), 200, "{lines}");
     assert_eq!(tagged(" worker=0"), w0);
     assert_eq!(tagged(" worker=1"), w1);
     assert_eq!(
-        ops::get(admin, "/connections?limit=7").body.lines().count(),
+        http::get(admin, "/connections?limit=7")
+            .body
+            .lines()
+            .count(),
         7
     );
-    assert_eq!(ops::get(admin, "/livez").status, 200);
-    assert_eq!(ops::get(admin, "/readyz").status, 200);
+    assert_eq!(http::get(admin, "/livez").status, 200);
+    assert_eq!(http::get(admin, "/readyz").status, 200);
     // A drain drains every worker.
     running.handle().drain(Duration::from_secs(5));
     drop(clients);

@@ -3,61 +3,23 @@
 //! handshake the kernel already completed on either worker's `SO_REUSEPORT` listener.
 #![cfg(feature = "cli")]
 
-#[path = "util/ops.rs"]
-mod ops;
 mod util;
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use ops::{admin_addr_in, is_stats};
-use util::{connect, echo, stat, Bin, WAIT};
-
-/// The value of the sample `name` with exactly the labels `labels` (e.g. `worker="1"`), or the
-/// unlabelled one for `""`.
-fn value(body: &str, name: &str, labels: &str) -> Option<u64> {
-    let key = if labels.is_empty() {
-        format!("{name} ")
-    } else {
-        format!("{name}{{{labels}}} ")
-    };
-    body.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .map(|v| v.trim().parse().unwrap())
-}
+use util::child::{is_stats, Bin};
+use util::{connect, echo, http, procfs, stat, WAIT};
 
 /// Spawns `sockman serve --workers 2` on 127.0.0.1:0 with an admin endpoint and `extra`
 /// flags; returns it with its data and admin addresses once it is listening.
+#[track_caller]
 fn spawn_two_workers(extra: &[&str]) -> (Bin, SocketAddr, SocketAddr) {
-    let mut args = vec![
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--admin",
-        "127.0.0.1:0",
-        "--stats-interval",
-        "100ms",
-    ];
-    args.extend_from_slice(extra);
-    let mut bin = Bin::spawn(&args);
-    let line = bin.wait_line("listening line with the admin address", |l| {
-        l.contains("listening on ") && l.contains("admin=")
-    });
-    let admin = admin_addr_in(&line);
-    let rest = line.split("listening on ").nth(1).unwrap();
-    let addr: SocketAddr = rest.split([' ', ',']).next().unwrap().parse().unwrap();
+    let (mut bin, addr, admin) =
+        Bin::serve_with_admin(&[&["--workers", "2", "--stats-interval", "100ms"], extra].concat());
     bin.wait_line("the workers line", |l| l.contains("2 workers on "));
     (bin, addr, admin)
-}
-
-/// The scheduler state of process `pid` (`R`, `S`, `T` for stopped, ...) from `/proc/PID/stat`.
-fn proc_state(pid: u32) -> char {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 1..];
-    after.trim_start().chars().next().unwrap()
 }
 
 /// `accepted=N` of every worker's `stopped:` line (one per worker as it ends).
@@ -80,17 +42,17 @@ fn two_workers_metrics_have_a_total_and_per_worker_series_that_add_up() {
     // the per-worker series add up to it in one scrape.
     let deadline = Instant::now() + WAIT;
     let (w0, w1) = loop {
-        let body = ops::get(admin, "/metrics").body;
-        let total = value(&body, "sockman_accepted_total", "");
-        let w0 = value(&body, "sockman_accepted_total", "worker=\"0\"");
-        let w1 = value(&body, "sockman_accepted_total", "worker=\"1\"");
+        let body = http::get(admin, "/metrics").body;
+        let total = http::value(&body, "sockman_accepted_total", "");
+        let w0 = http::value(&body, "sockman_accepted_total", "worker=\"0\"");
+        let w1 = http::value(&body, "sockman_accepted_total", "worker=\"1\"");
         assert!(
             total.is_some() && w0.is_some() && w1.is_some(),
             "no total or per-worker sockman_accepted_total in /metrics:\n{body}"
         );
         if total == Some(200) && w0.unwrap() + w1.unwrap() == 200 {
             assert_eq!(
-                value(&body, "sockman_connections_active", ""),
+                http::value(&body, "sockman_connections_active", ""),
                 Some(200),
                 "{body}"
             );
@@ -115,9 +77,7 @@ fn two_workers_metrics_have_a_total_and_per_worker_series_that_add_up() {
     bin.wait_line("stats line with every close", |l| {
         is_stats(l) && stat(l, "active") == Some(0) && stat(l, "peer_closed") == Some(200)
     });
-    bin.signal("TERM");
-    let status = bin.wait_exit();
-    assert!(status.success(), "exit {status}; log:\n{}", bin.log());
+    bin.terminate();
     let last = bin.final_line();
     assert_eq!(stat(last, "accepted"), Some(200), "{last}");
     assert_eq!(stat(last, "peer_closed"), Some(200), "{last}");
@@ -126,7 +86,7 @@ fn two_workers_metrics_have_a_total_and_per_worker_series_that_add_up() {
     let mut want = vec![w0, w1];
     want.sort_unstable();
     assert_eq!(per_worker, want, "log:\n{}", bin.log());
-    assert!(!bin.log().contains("panicked"), "log:\n{}", bin.log());
+    bin.assert_log(&[], &["panicked"]);
 }
 
 /// How one client's request ended.
@@ -141,12 +101,12 @@ enum Outcome {
 fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
     const N: usize = 200;
     let (mut bin, addr, _admin) = spawn_two_workers(&["--drain-timeout", "10s"]);
-    bin.wait_line("first stats line", is_stats);
+    bin.wait_first_stats();
     // Every thread of the process stops: nothing accepts, the kernel completes the handshakes
     // and queues them on the two workers' listeners.
     bin.signal("STOP");
     let deadline = Instant::now() + WAIT;
-    while proc_state(bin.pid()) != 'T' {
+    while procfs::state(bin.pid()) != 'T' {
         assert!(Instant::now() < deadline, "sockman did not stop");
         std::thread::sleep(Duration::from_millis(1)); // pacing: the kernel stops it at once
     }
@@ -159,7 +119,7 @@ fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
             (c, msg)
         })
         .collect();
-    assert_eq!(proc_state(bin.pid()), 'T', "sockman ran while stopped");
+    assert_eq!(procfs::state(bin.pid()), 'T', "sockman ran while stopped");
     // The drain is requested while every worker is still stopped: the signal is delivered as
     // the process continues.
     bin.signal("TERM");
@@ -187,11 +147,7 @@ fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
         };
         outcomes.push(outcome);
     }
-    let bad: Vec<_> = outcomes
-        .iter()
-        .enumerate()
-        .filter(|(_, o)| **o != Outcome::Echoed)
-        .collect();
+    let bad = util::failures(&outcomes, &Outcome::Echoed);
     assert!(
         bad.is_empty(),
         "{} of {N} queued clients did not get their echo: {:?}; log:\n{}",
@@ -200,16 +156,10 @@ fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
         bin.log()
     );
     // Each client ends politely: the server's EOF follows (no reset).
-    for (mut c, _) in clients {
-        c.shutdown(Shutdown::Write).unwrap();
-        let mut buf = [0; 16];
-        match c.read(&mut buf) {
-            Ok(0) => {}
-            other => panic!("expected EOF after the echo, got {other:?}"),
-        }
+    for (c, _) in clients {
+        util::close_gracefully(c);
     }
-    let status = bin.wait_exit();
-    assert!(status.success(), "exit {status}; log:\n{}", bin.log());
+    bin.wait_success();
     let last = bin.final_line();
     assert_eq!(stat(last, "accepted"), Some(N as u64), "{last}");
     assert_eq!(stat(last, "reset").unwrap_or(0), 0, "{last}");
@@ -220,11 +170,5 @@ fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
     assert_eq!(per_worker.len(), 2, "log:\n{}", bin.log());
     assert_eq!(per_worker.iter().sum::<u64>(), N as u64);
     assert!(per_worker.iter().all(|&n| n > 0), "{per_worker:?}");
-    assert!(
-        bin.log().contains("SIGTERM: draining"),
-        "log:\n{}",
-        bin.log()
-    );
-    assert!(!bin.log().contains("force-closing"), "log:\n{}", bin.log());
-    assert!(!bin.log().contains("panicked"), "log:\n{}", bin.log());
+    bin.assert_log(&["SIGTERM: draining"], &["force-closing", "panicked"]);
 }

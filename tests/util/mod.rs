@@ -1,17 +1,29 @@
-//! Helpers shared by the integration tests: in-process servers (on a thread, or owned and turned
-//! by the test, on the real clock or at virtual times with `turn_at`), clients with a read timeout
-//! as a safety net, and the `sockman` binary as a child.
+//! Helpers shared by the integration tests, the one module every file in `tests/` includes with
+//! `mod util;`: in-process servers (on a thread, or owned and turned by the test, on the real
+//! clock or at virtual times with `turn_at`), clients with a read timeout as a safety net, and
+//! byte patterns; by topic in the submodules: [`child`] (the `sockman` binary as a child and its
+//! log lines), [`proxy`] (a `sockman proxy` child and its `/metrics`), [`http`] (the admin
+//! endpoint's HTTP client and `/metrics` samples) and [`procfs`] (a child's descriptors, memory
+//! and CPU time).
 //!
 //! Every wait here is bounded in time and count; a timeout fails the test with what was seen.
 //! Each test file uses a subset of these helpers.
 #![allow(dead_code)]
 
+#[cfg(feature = "cli")]
+pub mod child;
+pub mod http;
+pub mod procfs;
+#[cfg(feature = "cli")]
+pub mod proxy;
+
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use sockman::{Config, Handle, Handler, Metrics, Server};
+use sockman::{CloseReason, Config, Handle, Handler, Metrics, Server};
 
 /// Safety net for blocking reads and writes: long enough never to fire on a slow CI machine,
 /// short enough that a hang fails the test instead of the whole suite.
@@ -28,10 +40,20 @@ pub fn local_config() -> Config {
     }
 }
 
+/// `config` with the admin endpoint on 127.0.0.1 at a port the kernel picks.
+pub fn with_admin(config: Config) -> Config {
+    Config {
+        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..config
+    }
+}
+
 /// A server running `run()` on its own thread.
 #[derive(Debug)]
 pub struct Running {
     pub addr: SocketAddr,
+    /// The admin endpoint's address, if it is on.
+    pub admin: Option<SocketAddr>,
     pub handle: Handle,
     pub thread: JoinHandle<Metrics>,
 }
@@ -43,10 +65,17 @@ impl Running {
     pub fn stop(self) -> Metrics {
         self.handle.shutdown();
         let metrics = self.thread.join().expect("the server thread panicked");
-        assert_eq!(metrics.active, 0, "connections left open: {metrics}");
-        assert_eq!(metrics.pending_bytes, 0, "output left pending: {metrics}");
-        metrics
+        assert_stopped_clean(metrics)
     }
+}
+
+/// The invariants every test shares at the end of a run: no connection left open and no output
+/// left pending. Returns `metrics`.
+#[track_caller]
+fn assert_stopped_clean(metrics: Metrics) -> Metrics {
+    assert_eq!(metrics.active, 0, "connections left open: {metrics}");
+    assert_eq!(metrics.pending_bytes, 0, "output left pending: {metrics}");
+    metrics
 }
 
 /// Binds `config` (usually [`local_config`]) with `handler` on a new thread and runs it there.
@@ -61,19 +90,36 @@ where
         .name("server".into())
         .spawn(move || {
             let server = Server::bind(config, handler).expect("bind the test server");
-            tx.send((server.local_addrs()[0], server.handle()))
-                .expect("the test thread went away");
+            tx.send((
+                server.local_addrs()[0],
+                server.admin_addr(),
+                server.handle(),
+            ))
+            .expect("the test thread went away");
             server.run().expect("the server loop failed")
         })
         .expect("spawn the server thread");
-    let (addr, handle) = rx
+    let (addr, admin, handle) = rx
         .recv_timeout(WAIT)
         .expect("the server did not start (see its panic above)");
     Running {
         addr,
+        admin,
         handle,
         thread,
     }
+}
+
+/// [`start`] with the admin endpoint on (see [`with_admin`]); returns the server and the admin
+/// address.
+#[track_caller]
+pub fn start_with_admin<H>(config: Config, handler: H) -> (Running, SocketAddr)
+where
+    H: Handler + Send + 'static,
+{
+    let server = start(with_admin(config), handler);
+    let admin = server.admin.expect("the admin endpoint is on");
+    (server, admin)
 }
 
 /// Binds a server to be turned by the test itself; returns it and its address.
@@ -84,6 +130,18 @@ pub fn bind<H: Handler>(config: Config, handler: H) -> (Server<H>, SocketAddr) {
     (server, addr)
 }
 
+/// [`bind`] with the admin endpoint on (see [`with_admin`]); returns the server, its data
+/// address and the admin address.
+#[track_caller]
+pub fn bind_with_admin<H: Handler>(
+    config: Config,
+    handler: H,
+) -> (Server<H>, SocketAddr, SocketAddr) {
+    let (server, addr) = bind(with_admin(config), handler);
+    let admin = server.admin_addr().expect("the admin endpoint is on");
+    (server, addr, admin)
+}
+
 /// Turns `server` (at most 20 ms per turn) until `done` holds. `done` runs before every turn, so
 /// it may also act as a client between turns (e.g. a nonblocking write). Fails after [`WAIT`] or
 /// 100 000 turns, naming `what` and the metrics.
@@ -91,23 +149,12 @@ pub fn bind<H: Handler>(config: Config, handler: H) -> (Server<H>, SocketAddr) {
 pub fn turn_until<H: Handler>(
     server: &mut Server<H>,
     what: &str,
-    mut done: impl FnMut(&Server<H>) -> bool,
+    done: impl FnMut(&Server<H>) -> bool,
 ) {
-    let deadline = Instant::now() + WAIT;
-    for _ in 0..100_000 {
-        if done(server) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {}",
-            server.metrics()
-        );
-        server
-            .turn(Some(Duration::from_millis(20)))
+    turn_loop(server, what, "", done, |s| {
+        s.turn(Some(Duration::from_millis(20)))
             .expect("turn failed");
-    }
-    panic!("{what}: not reached in 100000 turns: {}", server.metrics());
+    });
 }
 
 /// How long one turn at a fixed virtual time waits for real socket events (an accept, bytes to
@@ -124,7 +171,22 @@ pub fn turn_until_at<H: Handler>(
     server: &mut Server<H>,
     now: Instant,
     what: &str,
+    done: impl FnMut(&Server<H>) -> bool,
+) {
+    turn_loop(server, what, " (at a fixed virtual time)", done, |s| {
+        s.turn_at(now, Some(EVENT_WAIT)).expect("turn_at failed");
+    });
+}
+
+/// The loop of [`turn_until`] and [`turn_until_at`]: `done` before every `turn`, bounded by
+/// [`WAIT`] and 100 000 turns.
+#[track_caller]
+fn turn_loop<H: Handler>(
+    server: &mut Server<H>,
+    what: &str,
+    how: &str,
     mut done: impl FnMut(&Server<H>) -> bool,
+    mut turn: impl FnMut(&mut Server<H>),
 ) {
     let deadline = Instant::now() + WAIT;
     for _ in 0..100_000 {
@@ -133,12 +195,10 @@ pub fn turn_until_at<H: Handler>(
         }
         assert!(
             Instant::now() < deadline,
-            "timed out waiting for {what} (at a fixed virtual time): {}",
+            "timed out waiting for {what}{how}: {}",
             server.metrics()
         );
-        server
-            .turn_at(now, Some(EVENT_WAIT))
-            .expect("turn_at failed");
+        turn(server);
     }
     panic!("{what}: not reached in 100000 turns: {}", server.metrics());
 }
@@ -166,15 +226,36 @@ pub fn turn_while_at<H: Handler, T: Send + 'static>(
 
 /// One turn at the virtual time `now` that does not wait for events: what is due by `now` fires.
 #[track_caller]
-pub fn step_to<H: Handler>(server: &mut Server<H>, now: Instant) {
+pub fn step<H: Handler>(server: &mut Server<H>, now: Instant) {
     server
         .turn_at(now, Some(Duration::ZERO))
         .expect("turn_at failed");
+}
+
+/// [`step`], and asserts that the server's time moved to `now`.
+#[track_caller]
+pub fn step_to<H: Handler>(server: &mut Server<H>, now: Instant) {
+    step(server, now);
     assert_eq!(
         server.now(),
         now,
         "the server's time did not move to the step's"
     );
+}
+
+/// [`step_to`] `at`, then asserts that exactly `closed` connections have been closed so far, all
+/// for `reason`.
+#[track_caller]
+pub fn step_closing<H: Handler>(
+    server: &mut Server<H>,
+    at: Instant,
+    reason: CloseReason,
+    closed: u64,
+) {
+    step_to(server, at);
+    let m = server.metrics();
+    assert_eq!(m.closed_by(reason), closed, "{m}");
+    assert_eq!(m.closed_total(), closed, "{m}");
 }
 
 /// Writes `msg` on `stream` and turns the echo server `server` at the virtual time `at` until
@@ -201,10 +282,7 @@ pub fn ping_at<H: Handler>(
 pub fn stop_at<H: Handler>(server: &mut Server<H>, now: Instant) -> Metrics {
     server.handle().shutdown();
     turn_until_at(server, now, "the server to stop", |s| s.is_stopped());
-    let metrics = server.metrics().clone();
-    assert_eq!(metrics.active, 0, "connections left open: {metrics}");
-    assert_eq!(metrics.pending_bytes, 0, "output left pending: {metrics}");
-    metrics
+    assert_stopped_clean(server.metrics().clone())
 }
 
 /// Asserts that the server has not closed `stream`: a nonblocking read finds nothing to read
@@ -230,57 +308,134 @@ pub fn assert_open(stream: &mut TcpStream) {
 pub fn stop<H: Handler>(server: &mut Server<H>) -> Metrics {
     server.handle().shutdown();
     turn_until(server, "the server to stop", |s| s.is_stopped());
-    let metrics = server.metrics().clone();
-    assert_eq!(metrics.active, 0, "connections left open: {metrics}");
-    assert_eq!(metrics.pending_bytes, 0, "output left pending: {metrics}");
-    metrics
+    assert_stopped_clean(server.metrics().clone())
 }
 
 /// Connects with [`IO_TIMEOUT`] on reads and writes.
 #[track_caller]
 pub fn connect(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect(addr).expect("connect to the test server");
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream
+    with_io_timeout(TcpStream::connect(addr).expect("connect to the test server"))
 }
 
 /// Connects a client with a small receive buffer (set before the handshake, so the window is
 /// small from the start and autotuning is off): a client that does not read fills up quickly.
 #[track_caller]
 pub fn connect_small_rcvbuf(addr: SocketAddr) -> TcpStream {
-    let socket = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )
-    .unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket
-        .connect(&addr.into())
-        .expect("connect to the test server");
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream
+    connect_socket(addr, |socket| socket.set_recv_buffer_size(4096).unwrap())
 }
 
 /// Connects from the local address `ip` (any of 127.0.0.0/8 is local on Linux), with
 /// [`IO_TIMEOUT`] on reads and writes: a second "client address" for per-IP tests.
 #[track_caller]
 pub fn connect_from(ip: [u8; 4], addr: SocketAddr) -> TcpStream {
+    connect_socket(addr, |socket| {
+        socket
+            .bind(&SocketAddr::from((ip, 0)).into())
+            .expect("bind the client to a loopback source address")
+    })
+}
+
+/// Connects a TCP socket that `setup` prepared (before the handshake), with [`IO_TIMEOUT`] on
+/// reads and writes.
+#[track_caller]
+fn connect_socket(addr: SocketAddr, setup: impl FnOnce(&socket2::Socket)) -> TcpStream {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-    socket
-        .bind(&SocketAddr::from((ip, 0)).into())
-        .expect("bind the client to a loopback source address");
+    setup(&socket);
     socket
         .connect(&addr.into())
         .expect("connect to the test server");
-    let stream: TcpStream = socket.into();
+    with_io_timeout(socket.into())
+}
+
+/// `stream` with [`IO_TIMEOUT`] on reads and writes.
+#[track_caller]
+fn with_io_timeout(stream: TcpStream) -> TcpStream {
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     stream
+}
+
+/// Asserts that a connect to `addr` during a drain is refused (the listener is closed), not
+/// accepted and not left hanging (a connect timeout of 2 s).
+#[track_caller]
+pub fn expect_refused(addr: SocketAddr) {
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+        Err(e) => panic!("a connect during the drain failed with {e}, not refused"),
+        Ok(_) => panic!("a connect during the drain was accepted"),
+    }
+}
+
+/// Closes `stream` abortively: with `SO_LINGER` 0, `close()` sends a RST instead of a FIN.
+#[track_caller]
+pub fn abort(stream: TcpStream) {
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(stream);
+}
+
+/// A listener that never accepts, with its backlog (0: one queued connection) filled, so that
+/// the kernel drops further SYNs and a dial to it never completes. Fails unless a filler connect
+/// timed out, i.e. the backlog is seen to be full.
+#[track_caller]
+pub fn silent_listener() -> (socket2::Socket, SocketAddr, Vec<TcpStream>) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => fillers.push(s),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return (socket, addr, fillers),
+            Err(e) => panic!("filling the silent listener's backlog: {e}"),
+        }
+    }
+    panic!(
+        "the backlog of a listen(0) socket took {} connections without filling",
+        fillers.len()
+    );
+}
+
+/// Accepts one connection on `listener`, waiting at most `within` (`SO_RCVTIMEO` bounds a
+/// blocking `accept` on Linux); the stream gets [`IO_TIMEOUT`] on reads and writes.
+#[track_caller]
+pub fn accept_within(listener: &TcpListener, within: Duration) -> TcpStream {
+    socket2::SockRef::from(listener)
+        .set_read_timeout(Some(within))
+        .unwrap();
+    let (stream, _) = listener
+        .accept()
+        .unwrap_or_else(|e| panic!("no connection to accept in {within:?}: {e}"));
+    with_io_timeout(stream)
+}
+
+/// Reads until EOF (bounded by the stream's read timeout per read and by `max` bytes in all).
+pub fn read_to_eof(stream: &mut TcpStream, max: usize) -> io::Result<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("after {} bytes: {e}", got.len()),
+                ))
+            }
+        }
+        if got.len() > max {
+            return Err(io::Error::other(format!(
+                "more than {max} bytes before EOF"
+            )));
+        }
+    }
 }
 
 /// `len` bytes of a pattern that differs per `seed` and does not repeat every 256 bytes, so a
@@ -326,6 +481,16 @@ pub fn echo(stream: &mut TcpStream, data: &[u8]) {
     assert_same(&back, data);
 }
 
+/// The outcomes other than `ok`, with their indices: what a test that runs many clients reports
+/// when not all of them went well.
+pub fn failures<'a, T: PartialEq>(outcomes: &'a [T], ok: &T) -> Vec<(usize, &'a T)> {
+    outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| *o != ok)
+        .collect()
+}
+
 /// Asserts `got == want` without printing megabytes: names the first difference.
 #[track_caller]
 pub fn assert_same(got: &[u8], want: &[u8]) {
@@ -365,13 +530,31 @@ pub fn close_gracefully(mut stream: TcpStream) {
     }
 }
 
-/// Open descriptors of process `pid` (from `/proc/PID/fd`). Only meaningful for a child
-/// process: a test thread shares its process with every other test of its file.
-#[track_caller]
-pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("cannot list /proc/{pid}/fd: {e}"))
-        .count()
+/// A temporary directory `sockman-TAG-PID-N` under the system's temp dir, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    #[track_caller]
+    pub fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("sockman-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The value of `key=N` in a log line such as
@@ -381,179 +564,10 @@ pub fn stat(line: &str, key: &str) -> Option<u64> {
         .find_map(|field| field.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
-/// The `sockman` binary running as a child, with its stderr (the log) read line by line on a
-/// thread. Killed on drop if still running, so a failed test leaves no process behind.
-#[cfg(feature = "cli")]
-pub struct Bin {
-    pub child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    /// Every stderr line seen so far, for failure messages and final assertions.
-    pub log: Vec<String>,
-    /// The child's stderr reached EOF (it exited or closed it).
-    pub eof: bool,
-}
-
-#[cfg(feature = "cli")]
-impl Bin {
-    /// Spawns `sockman ARGS` with `RUST_LOG=info` and a piped stderr.
-    #[track_caller]
-    pub fn spawn(args: &[&str]) -> Bin {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sockman"));
-        command.args(args);
-        Bin::from_command(command)
-    }
-
-    /// Spawns `sockman ARGS` under `prlimit --nofile=N:N` (util-linux; prlimit execs the binary,
-    /// so the PID is sockman's).
-    #[track_caller]
-    #[allow(dead_code)]
-    pub fn spawn_limited(nofile: u64, args: &[&str]) -> Bin {
-        let mut command = std::process::Command::new("prlimit");
-        command
-            .arg(format!("--nofile={nofile}:{nofile}"))
-            .arg(env!("CARGO_BIN_EXE_sockman"))
-            .args(args);
-        Bin::from_command(command)
-    }
-
-    #[track_caller]
-    fn from_command(mut command: std::process::Command) -> Bin {
-        use std::io::BufRead;
-        use std::process::Stdio;
-        let mut child = command
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the sockman binary");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-            // Dropping `tx` tells the test that stderr is closed.
-        });
-        Bin {
-            child,
-            lines,
-            log: Vec::new(),
-            eof: false,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for the next stderr line; `None` at EOF. Fails after `timeout`.
-    #[track_caller]
-    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
-        use std::sync::mpsc::RecvTimeoutError;
-        match self.lines.recv_timeout(timeout) {
-            Ok(line) => {
-                self.log.push(line.clone());
-                Some(line)
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                self.eof = true;
-                None
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                panic!("no log line in {timeout:?}; log so far:\n{}", self.log())
-            }
-        }
-    }
-
-    /// Reads lines until one satisfies `found` (returned); fails at EOF or after [`WAIT`].
-    #[track_caller]
-    pub fn wait_line(&mut self, what: &str, mut found: impl FnMut(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no {what} in {WAIT:?}; log:\n{}",
-                self.log()
-            );
-            match self.next_line(left) {
-                Some(line) if found(&line) => return line,
-                Some(_) => {}
-                None => panic!("sockman exited before {what}; log:\n{}", self.log()),
-            }
-        }
-    }
-
-    /// The listening address from the `listening on ADDR ...` line.
-    #[track_caller]
-    pub fn wait_listening(&mut self) -> SocketAddr {
-        let line = self.wait_line("listening line", |l| l.contains("listening on "));
-        let rest = line.split("listening on ").nth(1).unwrap();
-        let addr = rest.split([' ', ',']).next().unwrap();
-        addr.parse()
-            .unwrap_or_else(|e| panic!("cannot parse the address in {line:?}: {e}"))
-    }
-
-    /// Waits for stderr to close and the child to exit (after [`WAIT`]: kills it and fails).
-    /// Returns the exit status; the whole log is in `self.log`.
-    #[track_caller]
-    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        while !self.eof {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let _ = self.child.kill();
-                panic!("sockman did not exit in {WAIT:?}; log:\n{}", self.log());
-            }
-            self.next_line(left);
-        }
-        // stderr is closed: the process is exiting (or has exited) now.
-        self.child.wait().expect("wait for sockman")
-    }
-
-    /// Sends a signal (e.g. `TERM`) with `kill(1)`.
-    #[track_caller]
-    pub fn signal(&self, name: &str) {
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} failed: {status}");
-    }
-
-    /// The log so far, one line each.
-    pub fn log(&self) -> String {
-        self.log.join("\n")
-    }
-
-    /// The one `final ...` line (the metrics sockman logs as it exits). Fails if there is none
-    /// or more than one; call it after [`Bin::wait_exit`].
-    #[track_caller]
-    pub fn final_line(&self) -> &str {
-        let mut finals = self.log.iter().filter(|l| l.contains(" final "));
-        let line = finals
-            .next()
-            .unwrap_or_else(|| panic!("no final line; log:\n{}", self.log()));
-        assert!(
-            finals.next().is_none(),
-            "more than one final line; log:\n{}",
-            self.log()
-        );
-        line
-    }
-}
-
-#[cfg(feature = "cli")]
-impl Drop for Bin {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// The `q` quantile (0..=1) of `sorted` (nearest rank).
+#[track_caller]
+pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    assert!(!sorted.is_empty(), "no samples");
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
 }

@@ -1,18 +1,15 @@
-//! Helpers shared by `proxy.rs` and `proxy_load.rs` (included with `mod proxy_util;` beside
-//! `mod util;` and `#[path = "util/ops.rs"] mod ops;`): a `sockman proxy` child with its
-//! addresses, `/metrics` scrapes of it, a `sockman serve` child as upstream, and small socket
-//! and `/proc` helpers. Every wait is bounded in time and count.
-#![allow(dead_code)]
+//! `sockman proxy` as a child ([`Proxy`]) with its addresses and `/metrics` scrapes of it
+//! ([`Scrape`]), and a `sockman serve` child as its upstream. Every wait is bounded in time and
+//! count.
 
 use std::fmt;
-use std::io::{self, Read};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use sockman::CloseReason;
 
-use crate::ops;
-use crate::util::{self, Bin};
+use super::child::Bin;
+use super::{http, WAIT};
 
 /// A `sockman proxy` child in front of one upstream, with its data and admin addresses.
 pub struct Proxy {
@@ -52,8 +49,7 @@ impl Proxy {
         ];
         args.extend_from_slice(extra);
         let mut bin = spawn(&args);
-        let addr = bin.wait_listening();
-        let admin = ops::admin_addr_in(bin.log.last().unwrap());
+        let (addr, admin) = bin.wait_listening_with_admin();
         Proxy {
             bin,
             addr,
@@ -73,15 +69,15 @@ impl Proxy {
     /// One `GET /metrics` (must answer 200).
     #[track_caller]
     pub fn scrape(&self) -> Scrape {
-        let r = ops::get(self.admin, "/metrics");
+        let r = http::get(self.admin, "/metrics");
         assert_eq!(r.status, 200, "{r:?}");
         Scrape(r.body)
     }
 
-    /// Scrapes every 20 ms until `done` holds; fails after [`util::WAIT`] with the last scrape.
+    /// Scrapes every 20 ms until `done` holds; fails after [`WAIT`] with the last scrape.
     #[track_caller]
     pub fn wait_metrics(&self, what: &str, done: impl Fn(&Scrape) -> bool) -> Scrape {
-        self.wait_metrics_for(util::WAIT, what, done)
+        self.wait_metrics_for(WAIT, what, done)
     }
 
     /// As [`Proxy::wait_metrics`], for at most `within`.
@@ -126,7 +122,7 @@ impl Scrape {
     /// The value of the sample `name` (labels included, e.g. `sockman_closed_total{reason="reset"}`).
     #[track_caller]
     pub fn get(&self, name: &str) -> i64 {
-        ops::sample(&self.0, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{self}"))
+        http::sample(&self.0, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{self}"))
     }
 
     /// `sockman_closed_total{reason=...}`: closes of both sides.
@@ -148,15 +144,18 @@ impl Scrape {
     }
 
     /// Every close, whatever its reason.
+    #[track_caller]
     pub fn closed_all(&self) -> i64 {
         self.sum("sockman_closed_total{")
     }
 
     /// Every close of an upstream side.
+    #[track_caller]
     pub fn dialed_closed_all(&self) -> i64 {
         self.sum("sockman_dialed_closed_total{")
     }
 
+    #[track_caller]
     fn sum(&self, prefix: &str) -> i64 {
         self.0
             .lines()
@@ -178,60 +177,5 @@ impl fmt::Display for Scrape {
 /// A `sockman serve` (echo) child on a port of its own, and its address.
 #[track_caller]
 pub fn serve_child(extra: &[&str]) -> (Bin, SocketAddr) {
-    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--stats-interval", "0"];
-    args.extend_from_slice(extra);
-    let mut bin = Bin::spawn(&args);
-    let addr = bin.wait_listening();
-    (bin, addr)
-}
-
-/// Accepts one connection on `listener`, waiting at most `within` (`SO_RCVTIMEO` bounds a
-/// blocking `accept` on Linux); the stream gets [`util::IO_TIMEOUT`] on reads and writes.
-#[track_caller]
-pub fn accept_within(listener: &TcpListener, within: Duration) -> TcpStream {
-    socket2::SockRef::from(listener)
-        .set_read_timeout(Some(within))
-        .unwrap();
-    let (stream, _) = listener
-        .accept()
-        .unwrap_or_else(|e| panic!("no connection to accept in {within:?}: {e}"));
-    stream.set_read_timeout(Some(util::IO_TIMEOUT)).unwrap();
-    stream.set_write_timeout(Some(util::IO_TIMEOUT)).unwrap();
-    stream
-}
-
-/// Reads until EOF (bounded by the stream's read timeout per read and by `max` bytes in all).
-pub fn read_to_eof(stream: &mut TcpStream, max: usize) -> io::Result<Vec<u8>> {
-    let mut got = Vec::new();
-    let mut buf = vec![0; 64 * 1024];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return Ok(got),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("after {} bytes: {e}", got.len()),
-                ))
-            }
-        }
-        if got.len() > max {
-            return Err(io::Error::other(format!(
-                "more than {max} bytes before EOF"
-            )));
-        }
-    }
-}
-
-/// VmRSS of process `pid`, in KiB.
-#[track_caller]
-pub fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+    Bin::serve(&[&["--stats-interval", "0"], extra].concat())
 }

@@ -1,32 +1,9 @@
-//! Helpers shared by `limits.rs`, `drain.rs`, `admin.rs` and `binary.rs` (included with
-//! `#[path = "util/ops.rs"] mod ops;` beside `mod util;`): a minimal HTTP/1.1 client for the admin
-//! endpoint and its `/metrics` samples, log-line parsing, CPU time of a child, and latency summaries.
+//! A minimal HTTP/1.1 client for the admin endpoint, and the samples of its `/metrics`.
 //!
-//! Every wait is bounded: reads carry [`util::IO_TIMEOUT`] as a safety net.
-#![allow(dead_code)]
+//! Every wait is bounded: reads carry [`IO_TIMEOUT`](super::IO_TIMEOUT) as a safety net.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
-
-use crate::util;
-
-/// A stats line (`... stats active=..`), not the listening or final line.
-pub fn is_stats(line: &str) -> bool {
-    line.contains(" stats active=")
-}
-
-/// The admin address in a `listening on ADDR,admin=http://HOST:PORT ...` line.
-#[track_caller]
-pub fn admin_addr_in(line: &str) -> SocketAddr {
-    let rest = line
-        .split("admin=http://")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no admin address in {line:?}"));
-    let addr = rest.split([' ', ',', '/']).next().unwrap();
-    addr.parse()
-        .unwrap_or_else(|e| panic!("cannot parse the admin address in {line:?}: {e}"))
-}
 
 /// One HTTP response: status code, head (status line and headers) and body.
 #[derive(Debug)]
@@ -42,8 +19,8 @@ pub struct Response {
 /// closes (the admin endpoint answers `Connection: close`). A reset after some bytes still
 /// returns what was read; a reset before any byte fails.
 #[track_caller]
-pub fn http_raw(addr: SocketAddr, request: &[u8]) -> Response {
-    let mut stream = util::connect(addr);
+pub fn raw(addr: SocketAddr, request: &[u8]) -> Response {
+    let mut stream = super::connect(addr);
     stream.write_all(request).expect("write the HTTP request");
     read_response(&mut stream)
 }
@@ -51,7 +28,7 @@ pub fn http_raw(addr: SocketAddr, request: &[u8]) -> Response {
 /// `GET target` with a Host header.
 #[track_caller]
 pub fn get(addr: SocketAddr, target: &str) -> Response {
-    http_raw(
+    raw(
         addr,
         format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: sockman-tests\r\n\r\n")
             .as_bytes(),
@@ -124,6 +101,18 @@ pub fn sample(body: &str, name: &str) -> Option<i64> {
     })
 }
 
+/// The value of the sample `name` with exactly the labels `labels` (e.g. `worker="1"`), or the
+/// unlabelled one for `""`.
+#[track_caller]
+pub fn value(body: &str, name: &str, labels: &str) -> Option<u64> {
+    let key = if labels.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    sample(body, &key).map(|v| u64::try_from(v).unwrap_or_else(|e| panic!("{key} {v}: {e}")))
+}
+
 /// `GET /metrics` (must answer 200) and the unlabelled samples `names`, in order; fails naming
 /// any that is missing.
 #[track_caller]
@@ -135,37 +124,22 @@ pub fn samples<const N: usize>(admin: SocketAddr, names: [&str; N]) -> [i64; N] 
     })
 }
 
-/// CPU time (user + system, all threads) of process `pid` so far, from `/proc/PID/stat`.
+/// `GET /connections{query}` (must answer 200) as (peer, line) per connection.
 #[track_caller]
-pub fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/stat: {e}"));
-    // The command name (field 2) may contain spaces and parentheses: fields follow the last ')'.
-    let after = &stat[stat.rfind(')').expect("no ')' in /proc/PID/stat") + 1..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // fields[0] is field 3 (state); utime is field 14, stime field 15.
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_nanos(ticks * 1_000_000_000 / clock_ticks_per_second())
-}
-
-/// `sysconf(_SC_CLK_TCK)` via `getconf`, 100 (Linux's USER_HZ everywhere) if that fails.
-pub fn clock_ticks_per_second() -> u64 {
-    static TCK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *TCK.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .filter(|&t| t > 0)
-            .unwrap_or(100)
-    })
-}
-
-/// The `q` quantile (0..=1) of `sorted` (nearest rank).
-pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
-    assert!(!sorted.is_empty(), "no samples");
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
+pub fn connections(admin: SocketAddr, query: &str) -> Vec<(SocketAddr, String)> {
+    let r = get(admin, &format!("/connections{query}"));
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body
+        .lines()
+        .map(|line| {
+            let peer = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("peer="))
+                .unwrap_or_else(|| panic!("no peer= in {line:?}"));
+            let peer = peer
+                .parse()
+                .unwrap_or_else(|e| panic!("bad peer in {line:?}: {e}"));
+            (peer, line.to_string())
+        })
+        .collect()
 }
