@@ -212,7 +212,7 @@ impl<H: Handler> Server<H> {
             .micros(self.table.now.saturating_sub(ended.opened));
         if let Some(state) = state {
             let mut ctx = Context::new(&mut self.table, id);
-            ctx.closed_peer = Some(peer);
+            ctx.closed = Some(ended);
             self.handler.on_close(state, &mut ctx, reason);
         }
         self.table
