@@ -23,7 +23,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::conn::{flag, Conn, OutputLimits, Phase};
 use crate::metrics::Metrics;
 use crate::time::{Clock, Tick};
-use crate::token::{self, ConnId, GEN_MASK};
+use crate::token::{self, ConnId};
 
 /// Socket options applied to every connection the loop creates or accepts.
 #[derive(Debug, Clone, Copy)]
@@ -42,8 +42,9 @@ pub(crate) struct Table<S> {
     /// Connections a callback changed, to settle (close, arm deadlines, resume reading) once it
     /// returns, as ids: one that closed meanwhile is skipped.
     pub(crate) dirty: Vec<ConnId>,
-    /// Generation for the next connection (a wrapping counter, masked to what fits a token).
-    next_gen: u32,
+    /// Generation for the next connection: a 64-bit count that never wraps in practice (see
+    /// the `token` module docs).
+    next_gen: u64,
     /// The connection cap in force; dials count against it like accepts.
     pub(crate) max_connections: usize,
     pub(crate) limits: OutputLimits,
@@ -130,9 +131,17 @@ impl<S> Table<S> {
 
     /// The id the next connection inserted will have, and advances the generation.
     pub(crate) fn next_id(&mut self) -> ConnId {
-        let gen = self.next_gen & GEN_MASK;
+        let gen = self.next_gen;
+        // 2^64 connections at 100 k/s take 5.8 million years: wrapping is for the form.
         self.next_gen = self.next_gen.wrapping_add(1);
         ConnId::new(self.slab.vacant_key(), gen)
+    }
+
+    /// Tests: advances the generation as `n` connections made meanwhile would (without making
+    /// them).
+    #[cfg(test)]
+    pub(crate) fn skip_generations(&mut self, n: u64) {
+        self.next_gen = self.next_gen.wrapping_add(n);
     }
 
     /// The connection `id` names, if it is still the handler's (open or connecting, not

@@ -20,7 +20,7 @@ use crate::handler::{Context, Handler, Idle};
 use crate::limits;
 use crate::reason::{CloseReason, LingerEnd, RejectReason};
 use crate::time::{Tick, NEVER};
-use crate::token::ConnId;
+use crate::token::{self, ConnId};
 use crate::wheel::{Entry, Wheel};
 
 /// Dead wheel entries tolerated before a sweep.
@@ -128,7 +128,7 @@ impl<H: Handler> Server<H> {
                 if conn.scheduled != NEVER {
                     t.stale += 1; // the later entry is superseded
                 }
-                t.wheel.insert(key as u32, conn.gen, when);
+                t.wheel.insert(key as u32, token::gen_low(conn.gen), when);
                 conn.scheduled = when;
             }
         }
@@ -145,7 +145,14 @@ impl<H: Handler> Server<H> {
         for entry in fired.drain(..) {
             let key = entry.key as usize;
             let t = &mut self.timers;
-            let Some(conn) = self.table.slab.get_mut(key).filter(|c| c.gen == entry.gen) else {
+            // The entry's low generation bits, and below its tick, tell the occupant's own entry
+            // from a dead one (see the `token` docs for why low bits are enough).
+            let Some(conn) = self
+                .table
+                .slab
+                .get_mut(key)
+                .filter(|c| token::gen_low(c.gen) == entry.gen)
+            else {
                 self.table.metrics.stale += 1;
                 t.stale = t.stale.saturating_sub(1);
                 continue;
@@ -199,7 +206,8 @@ impl<H: Handler> Server<H> {
                     if conn.scheduled != NEVER {
                         self.timers.stale += 1; // the entry it had is superseded
                     }
-                    self.timers.wheel.insert(key as u32, conn.gen, again);
+                    let gen = token::gen_low(conn.gen);
+                    self.timers.wheel.insert(key as u32, gen, again);
                     conn.scheduled = again;
                 } else {
                     conn.close_gracefully(CloseReason::Shutdown);
@@ -252,7 +260,7 @@ impl<H: Handler> Server<H> {
         self.timers.wheel.retain(|e| {
             conns
                 .get(e.key as usize)
-                .is_some_and(|c| c.gen == e.gen && c.scheduled == e.when)
+                .is_some_and(|c| token::gen_low(c.gen) == e.gen && c.scheduled == e.when)
         });
         trace!(
             "wheel compacted: {} dead entries dropped, {} kept",

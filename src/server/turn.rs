@@ -160,7 +160,8 @@ impl<H: Handler> Server<H> {
                 admin.drive(k, registry, &view);
             }
             Kind::Conn { key, gen } => match self.table.slab.get(key) {
-                Some(conn) if conn.gen == gen => self.drive(key, ready),
+                // The token's low generation bits tell connections apart within a batch.
+                Some(conn) if token::gen_low(conn.gen) == gen => self.drive(key, ready),
                 _ => {
                     self.table.metrics.stale += 1;
                     trace!("stale event token={} key={key} gen={gen}", token.0);

@@ -57,7 +57,7 @@ const NO_UPSTREAM: (ConnId, u16) = (ConnId::NONE, 0);
 #[derive(Debug)]
 pub(crate) enum Side {
     /// The accepted connection. `upstream` is [`ConnId::NONE`] only between a failed dial and
-    /// the next (not an `Option`: a session's two sides fit 12 bytes each this way).
+    /// the next (not an `Option`: a session's two sides fit 16 bytes each this way).
     Client {
         upstream: ConnId,
         index: u16,
