@@ -334,8 +334,9 @@ impl<'a, S> Context<'a, S> {
     ///
     /// # Errors
     /// [`SendError::Gone`] if that connection is gone or closing; [`SendError::Refused`] if it
-    /// did not take the data (a write failed, or its pending cap overflowed: *it* then closes,
-    /// not the sender).
+    /// did not take the data: its write side is shut ([`ConnMut::shutdown_write`]: it stays
+    /// open, reading), or a write failed or its pending cap overflowed (*it* then closes, not
+    /// the sender).
     pub fn send(&mut self, id: ConnId, data: &[u8]) -> Result<(), SendError> {
         let mut conn = self.conn(id).ok_or(SendError::Gone)?;
         if conn.write(data) {
@@ -376,8 +377,9 @@ impl<'a, S> Context<'a, S> {
 pub enum SendError {
     /// No such open connection: it closed (or is closing), or the id is stale.
     Gone,
-    /// The connection did not take the data (a write failed, or its pending output would have
-    /// exceeded its cap: it is closing now).
+    /// The connection did not take the data: either its write side is shut
+    /// ([`ConnMut::shutdown_write`]; it stays open and is still read), or a write failed or its
+    /// pending output would have exceeded its cap (it is closing now).
     Refused,
 }
 

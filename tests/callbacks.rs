@@ -175,3 +175,43 @@ fn on_close_answers_id_peer_origin_and_now_for_dialed_and_accepted_connections()
     drop(up);
     util::stop(&mut server);
 }
+
+/// Remembers its connections' ids and counts the bytes they send.
+#[derive(Debug, Default)]
+struct Counter {
+    ids: Vec<ConnId>,
+    bytes: usize,
+}
+
+impl Handler for Counter {
+    type Conn = ();
+    fn on_open(&mut self, ctx: &mut Context<'_>) {
+        self.ids.push(ctx.id());
+    }
+    fn on_data(&mut self, _: &mut (), _: &mut Context<'_>, data: &[u8]) {
+        self.bytes += data.len();
+    }
+}
+
+/// `SendError::Refused` is also what a connection whose write side is shut answers: it is not
+/// closing (it still reads), unlike after a failed or overflowing write.
+#[test]
+fn a_send_after_shutdown_write_is_refused_and_the_connection_stays_open() {
+    let (mut server, addr) = bind(local_config(), Counter::default());
+    let t0 = server.now();
+    let mut client = connect(addr);
+    turn_until_at(&mut server, t0, "the accept", |s| s.metrics().active == 1);
+    let id = server.handler().ids[0];
+    let (refused, open) = server.with_context(|_, ctx| {
+        ctx.conn(id).expect("open").shutdown_write();
+        (ctx.send(id, b"after the FIN"), ctx.conn(id).is_some())
+    });
+    assert_eq!(refused, Err(SendError::Refused));
+    assert!(open, "a half-closed connection is still the handler's");
+    client.write_all(b"still read").unwrap();
+    turn_until_at(&mut server, t0, "the client's bytes", |s| {
+        s.handler().bytes == 10
+    });
+    assert_eq!(server.metrics().active, 1);
+    util::stop(&mut server);
+}
