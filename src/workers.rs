@@ -84,7 +84,8 @@ where
     /// `SO_REUSEPORT`: the kernel wakes whichever worker is waiting).
     ///
     /// # Errors
-    /// As [`Workers::bind`]; [`Error::Io`] if a descriptor cannot be duplicated.
+    /// As [`Workers::bind`] and [`Server::bind_listeners`] (a socket that is not listening is
+    /// [`Error::Config`]); [`Error::Io`] if a descriptor cannot be duplicated.
     pub fn bind_listeners(
         config: Config,
         listeners: Vec<std::net::TcpListener>,

@@ -133,3 +133,37 @@ fn listeners_bound_elsewhere_are_served() {
     let accepted: u64 = running.wait().unwrap().iter().map(|m| m.accepted).sum();
     assert_eq!(accepted, 20);
 }
+
+/// A TCP socket bound to 127.0.0.1 but not listening, as a `std::net::TcpListener` (what a
+/// caller could pass by mistake, or systemd for a misconfigured unit).
+fn bound_not_listening() -> (std::net::TcpListener, std::net::SocketAddr) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    (socket.into(), addr)
+}
+
+#[test]
+fn listeners_that_are_not_listening_are_refused_with_a_clear_error() {
+    // Accepted, such a socket would never accept: every connect to it is refused.
+    let (socket, addr) = bound_not_listening();
+    match sockman::Server::bind_listeners(local_config(), vec![socket], Echo) {
+        Err(Error::Config(msg)) => assert!(
+            msg.contains(&addr.to_string()) && msg.contains("not listening"),
+            "{msg}"
+        ),
+        Err(other) => panic!("expected a configuration error, got {other}"),
+        Ok(_) => panic!("a socket that is not listening was accepted"),
+    }
+    let (socket, addr) = bound_not_listening();
+    match Workers::bind_listeners(local_config(), vec![socket], 2, |_| Echo) {
+        Err(Error::Config(msg)) => assert!(
+            msg.contains(&addr.to_string()) && msg.contains("not listening"),
+            "{msg}"
+        ),
+        Err(other) => panic!("expected a configuration error, got {other}"),
+        Ok(_) => panic!("a socket that is not listening was accepted by the workers"),
+    }
+}

@@ -477,6 +477,31 @@ impl<H: Handler> Server<H> {
     }
 }
 
+/// Whether `listener` is in the listening state (`SO_ACCEPTCONN`): a socket that is bound but
+/// not listening would never accept (every connect to it is refused). `None` where the kernel
+/// cannot be asked.
+pub(super) fn is_listening(listener: &std::net::TcpListener) -> Option<bool> {
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "fuchsia"
+    ))]
+    {
+        socket2::SockRef::from(listener).is_listener().ok()
+    }
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "fuchsia"
+    )))]
+    {
+        let _ = listener;
+        None
+    }
+}
+
 /// Makes an already listening socket (inherited) a nonblocking listener with the configured
 /// options, as [`bind_listener`] sets them before binding.
 pub(super) fn configure_listener(

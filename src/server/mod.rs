@@ -131,7 +131,8 @@ impl<H: Handler> Server<H> {
     /// (TCP_NODELAY, keepalive, buffer sizes), which their accepted sockets inherit.
     ///
     /// # Errors
-    /// As [`Server::bind`]; [`Error::Io`] if a listener cannot be configured.
+    /// As [`Server::bind`]; [`Error::Config`] for a socket that is bound but not listening (it
+    /// would never accept); [`Error::Io`] if a listener cannot be configured.
     pub fn bind_listeners(
         config: Config,
         listeners: Vec<std::net::TcpListener>,
@@ -147,6 +148,15 @@ impl<H: Handler> Server<H> {
     ) -> Result<Server<H>, Error> {
         if let Some(l) = &inherited {
             config.listen = l.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+            if let Some(addr) = l
+                .iter()
+                .zip(&config.listen)
+                .find_map(|(l, addr)| (accept::is_listening(l) == Some(false)).then_some(addr))
+            {
+                return Err(Error::Config(format!(
+                    "the socket bound to {addr} is not listening: it would never accept (call listen(2) on it before passing it)"
+                )));
+            }
         }
         config.validate()?;
         if config.listen.len() > MAX_LISTENERS {
