@@ -59,7 +59,7 @@ const UPSTREAM_FAMILIES: [Family<Counters>; 7] = [
     Family {
         name: "sockman_upstream_dial_failures_total",
         kind: "counter",
-        help: "Dials to this upstream that failed (refused, unreachable, timed out, at the cap).",
+        help: "Dials to this upstream that failed: refused, unreachable, timed out or reset. Dials the proxy refused itself (at its connection cap, out of descriptors) are not counted here.",
         field: |c| &c.dial_failures,
     },
     Family {

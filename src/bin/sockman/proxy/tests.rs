@@ -144,3 +144,22 @@ fn proxy_headers_name_the_client_and_the_listener() {
     assert_eq!(&v2[..12], b"\r\n\r\n\0\r\nQUIT\n");
     assert_eq!(v2.len(), 16 + 12);
 }
+
+#[test]
+fn the_dial_failures_help_says_what_it_counts() {
+    // A dial refused at the proxy's own cap (or for its own lack of descriptors) is not the
+    // upstream's failure and is not counted there: the help must not say it is.
+    let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let mut out = String::new();
+    Stats::new(&[addr], 1).write_metrics(&mut out);
+    let help = out
+        .lines()
+        .find(|l| l.starts_with("# HELP sockman_upstream_dial_failures_total "))
+        .expect("the dial failures family");
+    let counted = help.split('.').next().unwrap();
+    assert!(!counted.contains("cap"), "{help}");
+    assert!(
+        help.contains("refused") && help.contains("timed out"),
+        "{help}"
+    );
+}
