@@ -35,13 +35,10 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::group::Group;
 use crate::handler::Handler;
-use crate::limits;
+use crate::limits::{self, LoopFds};
 use crate::metrics::Metrics;
 use crate::remote::Handle;
 use crate::server::Server;
-
-/// Per-worker descriptors besides connections and listeners: the epoll fd, the waker, the spare.
-const WORKER_FDS: u64 = 3;
 
 /// N servers bound and ready to run on N threads. What they share and how a drain of their
 /// `SO_REUSEPORT` listeners proceeds is in the docs of `src/workers.rs`.
@@ -106,8 +103,11 @@ where
         }
         config.validate()?;
         let fd_limit = limits::fd_limit(config.raise_fd_limit);
-        let own = n as u64 * (config.listen.len() as u64 + WORKER_FDS)
-            + config.admin.map_or(0, |_| limits::ADMIN_FDS);
+        // What every worker opens itself (worker 0 the admin side too), as one loop would.
+        let listeners = inherited.as_ref().map_or(config.listen.len(), Vec::len);
+        let own = (0..n)
+            .map(|i| LoopFds::planned(listeners, i == 0 && config.admin.is_some()).total())
+            .sum();
         let total = limits::effective_max_connections(config.max_connections, fd_limit, own);
         let share = (total / n).max(1);
         let group = Arc::new(Group::new(n));

@@ -172,3 +172,66 @@ fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
     assert!(per_worker.iter().all(|&n| n > 0), "{per_worker:?}");
     bin.assert_log(&["SIGTERM: draining"], &["force-closing", "panicked"]);
 }
+
+/// The cap of a group of workers, from the `N workers on ADDR: ... (M in all)` line.
+#[track_caller]
+fn group_cap(line: &str) -> u64 {
+    line.split('(')
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no \"(N in all)\" in {line:?}"))
+}
+
+#[test]
+fn sixty_four_workers_under_a_1024_fd_limit_reach_their_cap_without_emfile() {
+    const CLIENTS: u64 = 3000;
+    // Each worker holds an epoll fd, a waker, a timerfd, the accept gate's spare and its
+    // listener: a reserve that leaves one of them out runs out of descriptors below the cap.
+    let mut bin = Bin::spawn_limited(
+        1024,
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--workers",
+            "64",
+            "--stats-interval",
+            "100ms",
+            "--fd-check-interval",
+            "0",
+        ],
+    );
+    let (addr, admin) = bin.wait_listening_with_admin();
+    let cap = group_cap(&bin.wait_line("the workers line", |l| l.contains("64 workers on ")));
+    bin.wait_first_stats();
+    let clients: Vec<TcpStream> = (0..CLIENTS).map(|_| connect(addr)).collect();
+    let line = bin.wait_line("stats line with every connect handled, or EMFILE", |l| {
+        let handled: u64 = ["accepted", "full", "shed"]
+            .iter()
+            .map(|k| stat(l, k).unwrap_or(0))
+            .sum();
+        is_stats(l) && (handled == CLIENTS || stat(l, "emfile").is_some())
+    });
+    assert_eq!(
+        stat(&line, "emfile"),
+        None,
+        "out of descriptors below the cap of {cap}: {line}"
+    );
+    assert_eq!(stat(&line, "active"), Some(cap), "{line}");
+    assert_eq!(stat(&line, "full"), Some(CLIENTS - cap), "{line}");
+    // The admin endpoint still gets descriptors.
+    let r = http::get(admin, "/metrics");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        http::value(&r.body, "sockman_connections_active", ""),
+        Some(cap),
+        "{}",
+        r.body
+    );
+    drop(clients);
+    bin.terminate();
+    bin.assert_log(&[], &["Too many open files", "panicked"]);
+}

@@ -58,7 +58,7 @@ use crate::conn::{OutputLimits, Phase, Timeouts};
 use crate::error::Error;
 use crate::group::{Group, Member};
 use crate::handler::{Context, Handler};
-use crate::limits::{self, ADMIN_FDS};
+use crate::limits::{self, LoopFds, ADMIN_FDS};
 use crate::metrics::Metrics;
 use crate::reason::{CloseReason, LingerEnd};
 use crate::remote::{Handle, Job, Msg, Remote, Shared};
@@ -171,8 +171,8 @@ impl<H: Handler> Server<H> {
             ));
         }
         let fd_limit = limits::fd_limit(config.raise_fd_limit);
-        // Besides FD_RESERVE: one fd per listener, and the admin listener with its connections.
-        let own_fds = config.listen.len() as u64 + config.admin.map_or(0, |_| ADMIN_FDS);
+        // Besides FD_RESERVE: what this loop opens itself.
+        let own_fds = LoopFds::planned(config.listen.len(), config.admin.is_some()).total();
         let max_connections =
             limits::effective_max_connections(config.max_connections, fd_limit, own_fds);
         let poll = Poll::new()?;

@@ -17,7 +17,7 @@ use log::{info, trace, warn};
 use super::Server;
 use crate::conn::{Due, Timeouts};
 use crate::handler::{Context, Handler, Idle};
-use crate::limits;
+use crate::limits::{self, LoopFds};
 use crate::reason::{CloseReason, LingerEnd, RejectReason};
 use crate::time::{Tick, NEVER};
 use crate::token::{self, ConnId};
@@ -369,14 +369,21 @@ impl<H: Handler> Server<H> {
         }
     }
 
-    /// Descriptors the loop itself holds besides connections: epoll, waker, listeners, the
-    /// spare, the admin side.
+    /// Descriptors the loop itself holds besides connections, as they are now: epoll, waker,
+    /// timer, listeners, the spare, the admin side (what the cap kept back for them is
+    /// [`LoopFds::planned`]).
     pub(super) fn own_fds(&self) -> i64 {
         #[cfg(target_os = "linux")]
-        let alarm = self.alarm.as_ref().map_or(0, |a| a.fds());
+        let alarm = self.alarm.is_some();
         #[cfg(not(target_os = "linux"))]
-        let alarm = 0;
-        (2 + alarm + self.accept.listeners.len() + self.accept.gate.fds() + self.admin.fds()) as i64
+        let alarm = false;
+        let fds = LoopFds {
+            alarm,
+            spare: self.accept.gate.fds() > 0,
+            listeners: self.accept.listeners.len(),
+            admin: self.admin.fds() as u64,
+        };
+        fds.total() as i64
     }
 
     /// Descriptors held by the other workers of this loop's group (connections and their own),
