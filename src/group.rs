@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::limits::SharedCap;
 use crate::metrics::Metrics;
 use crate::remote::Handle;
 
@@ -63,10 +64,14 @@ pub(crate) struct Group {
     pub(crate) slots: Vec<Slot>,
     /// Workers whose listeners are still open (the drain order).
     open_listeners: AtomicUsize,
+    /// The group's connection cap, which every worker's admission shares (`None` for a group
+    /// of one: its loop keeps its own plain check).
+    pub(crate) cap: Option<Arc<SharedCap>>,
 }
 
 impl Group {
-    pub(crate) fn new(n: usize) -> Group {
+    /// A group of `n` workers sharing a cap of `max_connections` (for more than one).
+    pub(crate) fn new(n: usize, max_connections: usize) -> Group {
         let width = Metrics::width();
         Group {
             start: Instant::now(),
@@ -81,6 +86,7 @@ impl Group {
                 })
                 .collect(),
             open_listeners: AtomicUsize::new(n),
+            cap: (n > 1).then(|| Arc::new(SharedCap::new(max_connections))),
         }
     }
 
@@ -229,7 +235,7 @@ mod tests {
 
     #[test]
     fn a_worker_busy_in_one_turn_for_too_long_is_wedged_and_a_polling_one_is_not() {
-        let g = Group::new(2);
+        let g = Group::new(2, 10);
         let t0 = g.start;
         g.beat(0, true, t0); // waiting in its poll: never wedged, however long
         g.beat(1, false, t0); // started a turn at t0
@@ -242,7 +248,7 @@ mod tests {
 
     #[test]
     fn a_late_answer_to_an_earlier_query_is_not_taken_for_the_next_one() {
-        let g = Group::new(2);
+        let g = Group::new(2, 10);
         g.request_connections(1, "limit=1");
         // Worker 1 takes the query, and is slow to answer: worker 0 gives up and asks anew.
         let first = g.take_request(1).expect("the first query");
@@ -257,7 +263,7 @@ mod tests {
 
     #[test]
     fn listeners_close_in_order() {
-        let g = Group::new(3);
+        let g = Group::new(3, 10);
         assert_eq!(g.open_listeners(), 3);
         assert_eq!(g.listeners_closed(), 2);
         assert_eq!(g.listeners_closed(), 1);

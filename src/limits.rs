@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use log::warn;
 
@@ -67,6 +68,52 @@ impl LoopFds {
             + u64::from(self.spare)
             + self.listeners as u64
             + self.admin
+    }
+}
+
+/// The connection cap of a group of workers, shared: one count of the group's open
+/// connections (slab entries: open, connecting, lingering, awaiting a header) that every
+/// worker's admission, accept and dial alike, takes a place in before it inserts a connection
+/// and gives back when it removes one. So the group holds at most `max` whatever worker the
+/// kernel's `SO_REUSEPORT` hash picks, and readiness judges the group. One loop alone has none:
+/// its slab's length is its count (no atomic on its hot path).
+#[derive(Debug)]
+pub(crate) struct SharedCap {
+    open: AtomicUsize,
+    max: usize,
+}
+
+impl SharedCap {
+    pub(crate) fn new(max: usize) -> SharedCap {
+        SharedCap {
+            open: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Takes a place if one is free; returns whether it did.
+    pub(crate) fn try_take(&self) -> bool {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives a place back (a connection was removed, or an admission failed after taking it).
+    pub(crate) fn give_back(&self) {
+        let was = self.open.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(was > 0, "a place given back that was never taken");
+    }
+
+    /// The group's open connections now.
+    pub(crate) fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// The group's cap.
+    pub(crate) fn max(&self) -> usize {
+        self.max
     }
 }
 
@@ -459,6 +506,25 @@ mod tests {
         p.remove(a);
         p.remove(b);
         assert!(p.counts.is_empty());
+    }
+
+    #[test]
+    fn a_shared_cap_admits_exactly_max_across_threads() {
+        let cap = std::sync::Arc::new(SharedCap::new(100));
+        let taken: usize = (0..4)
+            .map(|_| {
+                let cap = std::sync::Arc::clone(&cap);
+                std::thread::spawn(move || (0..60).filter(|_| cap.try_take()).count())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .sum();
+        assert_eq!((taken, cap.open()), (100, 100));
+        assert!(!cap.try_take());
+        cap.give_back();
+        assert!(cap.try_take());
+        assert_eq!(cap.max(), 100);
     }
 
     #[test]

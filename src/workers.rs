@@ -11,8 +11,11 @@
 //! # Which worker does what
 //! Worker 0 serves the admin endpoint (its `/metrics` has a total series and one per worker with
 //! a `worker="N"` label; its `/connections` gathers every worker's lines) and runs the leak
-//! self-check for the whole process. The connection cap is split evenly, so that the total stays
-//! under the fd limit.
+//! self-check for the whole process. The connection cap is the group's: one shared count of
+//! open connections that every worker's admission (accept and dial) checks, so the group holds
+//! at most the cap whatever worker the kernel hashes a connection to, and `/readyz` judges the
+//! group's count against it. The cap (configured, or derived from the fd limit) keeps every
+//! worker's own descriptors back, so that the total stays under the fd limit.
 //!
 //! # Draining without losing a handshake
 //! Closing one `SO_REUSEPORT` listener resets the connections still queued on it. A drain
@@ -67,8 +70,8 @@ where
     /// Binds `n` servers for `config`, each with its own `SO_REUSEPORT` listener on every listen
     /// address (a port 0 is resolved by the first, and the others bind the same), with
     /// `make(i)` as worker `i`'s handler. The connection cap (configured or derived from the fd
-    /// limit) is split evenly. Only worker 0 serves the admin endpoint and runs the leak
-    /// self-check.
+    /// limit) is the group's, shared by every worker's admission. Only worker 0 serves the admin
+    /// endpoint and runs the leak self-check.
     ///
     /// # Errors
     /// As [`Server::bind`], for any worker; `n` of 0 is [`Error::Config`].
@@ -109,8 +112,9 @@ where
             .map(|i| LoopFds::planned(listeners, i == 0 && config.admin.is_some()).total())
             .sum();
         let total = limits::effective_max_connections(config.max_connections, fd_limit, own);
-        let share = (total / n).max(1);
-        let group = Arc::new(Group::new(n));
+        // One cap for the group, shared by every worker's admission (see `limits::SharedCap`):
+        // whatever worker the kernel's hash picks, the group holds `total` at most.
+        let group = Arc::new(Group::new(n, total));
         let mut servers = Vec::with_capacity(n);
         let mut listen = match &inherited {
             Some(l) => l.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?,
@@ -119,7 +123,7 @@ where
         for i in 0..n {
             let worker_config = Config {
                 listen: listen.clone(),
-                max_connections: Some(share),
+                max_connections: Some(total),
                 reuse_port: inherited.is_none() && (config.reuse_port || n > 1),
                 raise_fd_limit: false,
                 admin: if i == 0 { config.admin } else { None },
@@ -145,13 +149,12 @@ where
             servers.push(server);
         }
         info!(
-            "{n} workers on {}: {share} connections each ({} in all)",
+            "{n} workers on {}: at most {total} connections in all, whichever worker takes them",
             listen
                 .iter()
                 .map(|a| a.to_string())
                 .collect::<Vec<_>>()
                 .join(","),
-            share * n
         );
         let admin = servers[0].admin_addr();
         Ok(Workers {

@@ -173,14 +173,12 @@ fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
     bin.assert_log(&["SIGTERM: draining"], &["force-closing", "panicked"]);
 }
 
-/// The cap of a group of workers, from the `N workers on ADDR: ... (M in all)` line.
+/// The cap of a group of workers, from its `N workers on ADDR: at most M connections in all`
+/// line.
 #[track_caller]
 fn group_cap(line: &str) -> u64 {
-    line.split('(')
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no \"(N in all)\" in {line:?}"))
+    stat(&line.replace("at most ", "cap="), "cap")
+        .unwrap_or_else(|| panic!("no \"at most M connections\" in {line:?}"))
 }
 
 #[test]

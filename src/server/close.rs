@@ -236,6 +236,7 @@ impl<H: Handler> Server<H> {
             trace!("deregister key={key}: {e}");
         }
         let mut conn = self.table.slab.remove(key);
+        self.table.give_back();
         if conn.has(flag::LEFTOVER) {
             let id = ConnId::new(key, conn.gen);
             self.leftover.retain(|(i, _)| *i != id);

@@ -369,8 +369,8 @@ impl<H: Handler> Server<H> {
     /// # Errors
     /// Why not, in a few words.
     pub fn readiness(&self) -> Result<(), &'static str> {
-        self.timers
-            .readiness(self.table.slab.len(), self.table.max_connections)
+        let (open, cap) = self.table.occupancy();
+        self.timers.readiness(open, cap)
     }
 
     /// The time of the last turn (the server's start before the first).
@@ -378,8 +378,18 @@ impl<H: Handler> Server<H> {
         self.table.now_at
     }
 
-    /// Makes this server worker `index` of `group`.
+    /// Makes this server worker `index` of `group`; its admission shares the group's cap, if
+    /// the group has one (more than one worker).
     pub(crate) fn join_group(&mut self, group: Arc<Group>, index: usize) {
+        debug_assert!(
+            self.table.slab.is_empty(),
+            "joined a group with connections open"
+        );
+        if let Some(cap) = &group.cap {
+            self.table.max_connections = cap.max();
+            self.table.metrics.max_connections = cap.max() as u64;
+            self.table.group_cap = Some(Arc::clone(cap));
+        }
         let own = self.own_fds() as u64;
         group.slots[index]
             .fds

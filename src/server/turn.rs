@@ -319,7 +319,10 @@ fn view<'a, H: Handler>(
         at: table.now_at,
         clock: table.clock,
         draining: timers.is_draining(),
-        ready: timers.readiness(table.slab.len(), table.max_connections),
+        ready: {
+            let (open, cap) = table.occupancy();
+            timers.readiness(open, cap)
+        },
         hooks: handler,
         group: member.map(|m| (&*m.group, m.index)),
     }

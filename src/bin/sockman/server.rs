@@ -128,7 +128,7 @@ pub(crate) struct ServerArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", env = "SOCKMAN_LINGER_TIMEOUT", value_parser = parse_duration)]
     linger_timeout: Duration,
     /// Loops (threads) to run, each with its own SO_REUSEPORT listener: a number, or `auto` for
-    /// one per available core. The connection cap is split between them.
+    /// one per available core. The connection cap is the group's, shared by all of them.
     #[arg(long, value_name = "N|auto", default_value = "1", env = "SOCKMAN_WORKERS", value_parser = parse_workers)]
     pub(crate) workers: usize,
     /// Require a PROXY protocol header (from a balancer such as HAProxy with send-proxy) on every
