@@ -64,6 +64,9 @@ pub(crate) struct Group {
     pub(crate) slots: Vec<Slot>,
     /// Workers whose listeners are still open (the drain order).
     open_listeners: AtomicUsize,
+    /// Workers that have not stopped yet: worker 0 keeps the admin endpoint up until it is the
+    /// last.
+    running: AtomicUsize,
     /// The group's connection cap, which every worker's admission shares (`None` for a group
     /// of one: its loop keeps its own plain check).
     pub(crate) cap: Option<Arc<SharedCap>>,
@@ -86,6 +89,7 @@ impl Group {
                 })
                 .collect(),
             open_listeners: AtomicUsize::new(n),
+            running: AtomicUsize::new(n),
             cap: (n > 1).then(|| Arc::new(SharedCap::new(max_connections))),
         }
     }
@@ -210,6 +214,20 @@ impl Group {
         self.open_listeners.load(Ordering::Acquire)
     }
 
+    /// A worker stopped (once per worker); wakes worker 0, which may be serving the admin
+    /// endpoint until every other worker has stopped.
+    pub(crate) fn worker_stopped(&self) {
+        self.running.fetch_sub(1, Ordering::AcqRel);
+        if let Some(h) = self.slots[0].handle.get() {
+            h.wake_loop();
+        }
+    }
+
+    /// Workers that have not stopped yet.
+    pub(crate) fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
+    }
+
     /// How many workers the group has.
     pub(crate) fn len(&self) -> usize {
         self.slots.len()
@@ -268,5 +286,8 @@ mod tests {
         assert_eq!(g.listeners_closed(), 2);
         assert_eq!(g.listeners_closed(), 1);
         assert_eq!(g.open_listeners(), 1);
+        assert_eq!(g.running(), 3);
+        g.worker_stopped();
+        assert_eq!(g.running(), 2);
     }
 }

@@ -17,6 +17,12 @@
 //! group's count against it. The cap (configured, or derived from the fd limit) keeps every
 //! worker's own descriptors back, so that the total stays under the fd limit.
 //!
+//! # The admin endpoint through a drain
+//! Worker 0 may finish its own drain while others still serve theirs: it then closes what is
+//! left of its own and serves the admin endpoint alone (`/livez`, `/readyz` failing with
+//! "draining", `/metrics` with every worker's figures) until every other worker has stopped
+//! (each one's stop wakes it), so that liveness never fails during a drain.
+//!
 //! # Draining without losing a handshake
 //! Closing one `SO_REUSEPORT` listener resets the connections still queued on it. A drain
 //! therefore has every worker accept its queue before it closes its listener, and worker 0 keep

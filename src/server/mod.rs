@@ -524,6 +524,26 @@ impl<H: Handler> Server<H> {
         }
         // No dials from the `on_close` calls below.
         self.table.stopped = true;
+        self.close_connections();
+        self.close_listeners();
+        self.admin.close_all(self.table.poll.registry());
+        self.timers.drain_deadline = None;
+        self.timers.awaiting_group = false;
+        if let Some(m) = &mut self.member {
+            m.published = Tick::MAX; // the final figures, whatever the tick
+                                     // Stopped: never "busy in a turn" for /livez.
+            m.group.beat(m.index, true, self.table.now_at);
+        }
+        self.publish();
+        if let Some(m) = &self.member {
+            m.group.worker_stopped();
+        }
+        info!("stopped: {}", self.table.metrics);
+    }
+
+    /// Closes every connection with [`CloseReason::Shutdown`] (lingering ones just close, ones
+    /// waiting for their PROXY header just go).
+    fn close_connections(&mut self) {
         for id in self.table.ids() {
             match self.table.get(id).map(|c| c.phase) {
                 Some(Phase::Lingering) => self.end_linger(id.key(), LingerEnd::Timeout),
@@ -533,16 +553,6 @@ impl<H: Handler> Server<H> {
                 None => {}
             }
         }
-        self.close_listeners();
-        self.admin.close_all(self.table.poll.registry());
-        self.timers.drain_deadline = None;
-        if let Some(m) = &mut self.member {
-            m.published = Tick::MAX; // the final figures, whatever the tick
-                                     // Stopped: never "busy in a turn" for /livez.
-            m.group.beat(m.index, true, self.table.now_at);
-        }
-        self.publish();
-        info!("stopped: {}", self.table.metrics);
     }
 }
 

@@ -50,6 +50,9 @@ pub(super) struct Timers {
     /// Draining, with the listeners still open: worker 0 of a group waits for the others to
     /// close theirs first.
     pub(super) close_pending: bool,
+    /// This loop's drain is over, but it serves the admin endpoint for a group whose other
+    /// workers still drain: it stops once they all have (still "draining" for `/readyz`).
+    pub(super) awaiting_group: bool,
     /// Next run of `Handler::on_periodic`, and its period.
     next_periodic: Option<Tick>,
     periodic: Tick,
@@ -74,6 +77,7 @@ impl Timers {
             lame_duck: None,
             lame_done: false,
             close_pending: false,
+            awaiting_group: false,
             next_periodic: (periodic > 0).then_some(periodic),
             periodic,
             next_fd_check: None,
@@ -83,9 +87,10 @@ impl Timers {
         }
     }
 
-    /// Whether a drain is under way (its lame-duck delay included).
+    /// Whether a drain is under way (its lame-duck delay included, and, for the worker that
+    /// serves a group's admin endpoint, until the whole group has stopped).
     pub(super) fn is_draining(&self) -> bool {
-        self.drain_deadline.is_some() || self.lame_duck.is_some()
+        self.drain_deadline.is_some() || self.lame_duck.is_some() || self.awaiting_group
     }
 
     /// What `/readyz` answers for a loop holding `open` of `cap` connections (see
@@ -93,7 +98,7 @@ impl Timers {
     pub(super) fn readiness(&self, open: usize, cap: usize) -> Result<(), &'static str> {
         if self.lame_duck.is_some() {
             Err("draining soon (lame duck)")
-        } else if self.drain_deadline.is_some() {
+        } else if self.drain_deadline.is_some() || self.awaiting_group {
             Err("draining")
         } else if open >= cap {
             Err("at the connection cap")
@@ -283,7 +288,7 @@ impl<H: Handler> Server<H> {
     /// Starts a drain at `now` (see [`Handle::drain`](crate::Handle::drain)); a second call only
     /// shortens the deadline.
     pub(super) fn begin_drain(&mut self, timeout: Duration, now: Tick) {
-        if self.table.stopped {
+        if self.table.stopped || self.timers.awaiting_group {
             return;
         }
         let deadline = crate::time::deadline(now, self.table.clock.ticks(timeout));
@@ -360,11 +365,38 @@ impl<H: Handler> Server<H> {
         }
         if self.table.slab.is_empty() {
             info!("drain complete: every connection ended");
-            self.shutdown();
+            self.end_drain();
         } else if now >= deadline {
             let left = self.table.slab.len() as u64;
             self.table.metrics.drain_forced += left;
             warn!("drain deadline: force-closing {left} connections");
+            self.end_drain();
+        }
+    }
+
+    /// This loop's drain is over: it stops, unless it serves the admin endpoint of a group
+    /// whose other workers still drain. Then it closes what is left of its own and serves the
+    /// admin side alone (`/livez`, `/readyz` failing, `/metrics` with the others' figures)
+    /// until every other worker has stopped ([`check_group`](Self::check_group)): liveness
+    /// must not fail during a drain.
+    fn end_drain(&mut self) {
+        let others = self.member.as_ref().map_or(0, |m| m.group.running() - 1);
+        if others == 0 || self.admin.addr().is_none() {
+            return self.shutdown();
+        }
+        self.close_connections();
+        self.close_listeners();
+        self.timers.drain_deadline = None;
+        self.timers.awaiting_group = true;
+        info!("serving the admin endpoint until every worker has stopped ({others} still running)");
+        self.check_group();
+    }
+
+    /// Serving a group's admin endpoint after this loop's drain: stops once every other worker
+    /// has (each one's stop wakes this loop).
+    pub(super) fn check_group(&mut self) {
+        if self.member.as_ref().is_none_or(|m| m.group.running() <= 1) {
+            info!("every worker has stopped");
             self.shutdown();
         }
     }

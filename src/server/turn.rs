@@ -134,6 +134,8 @@ impl<H: Handler> Server<H> {
         self.check_lame_duck(now);
         if let Some(deadline) = self.timers.drain_deadline {
             self.check_drain(deadline, now);
+        } else if self.timers.awaiting_group {
+            self.check_group();
         }
         self.publish();
         Ok(())
