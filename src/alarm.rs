@@ -76,9 +76,4 @@ impl Alarm {
         let _ = rustix::io::read(&self.fd, &mut count);
         self.armed = None;
     }
-
-    /// Descriptors it holds.
-    pub(crate) fn fds(&self) -> usize {
-        1
-    }
 }

@@ -61,7 +61,8 @@ pub struct Config {
     pub read_buffer: usize,
     /// Connection cap. `None` derives it from the open-file limit (raised to its hard limit when
     /// [`raise_fd_limit`](Self::raise_fd_limit) is set) minus [`FD_RESERVE`](crate::FD_RESERVE)
-    /// and the listeners' and admin endpoint's own descriptors;
+    /// and the loop's own descriptors (epoll, waker, timerfd, the spare, listeners, the admin
+    /// endpoint; for [`Workers`](crate::Workers), every worker's);
     /// a value above that is clamped with a warning.
     pub max_connections: Option<usize>,
     /// Policy at the connection cap. Default [`OnFull::Reject`].

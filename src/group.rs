@@ -3,8 +3,8 @@
 //! read by others without locks: the worker's metrics, published at most once per tick as plain
 //! atomics (relaxed stores of a snapshot; a reader sums the slots), the descriptors it holds (for
 //! the leak self-check), and a heartbeat (for `/livez`). Only the admin endpoint's
-//! `/connections`, which must ask each worker for its lines, goes through a mutex-guarded request
-//! slot, off the hot path.
+//! `/connections`, which must ask each worker for its lines, goes through a mutex-guarded
+//! exchange of tagged queries and answers, off the hot path.
 //!
 //! The loop ([`Server`](crate::Server)) knows its [`Member`]ship and nothing of its siblings;
 //! the admin side reads the group to answer for all; [`Workers`](crate::Workers) builds the group
@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::limits::SharedCap;
 use crate::metrics::Metrics;
 use crate::remote::Handle;
 
@@ -36,9 +37,24 @@ pub(crate) struct Slot {
     polling: AtomicBool,
     /// The worker's handle, to wake it.
     pub(crate) handle: OnceLock<Handle>,
-    /// A `/connections` query for this worker, and its answer (`Err` for a bad query).
-    request: Mutex<Option<String>>,
-    response: Mutex<Option<Result<String, String>>>,
+    /// `/connections` queries for this worker and its answers.
+    exchange: Mutex<Exchange>,
+}
+
+/// Worker 0's `/connections` queries to one worker and that worker's answers, tagged: each
+/// query gets the next tag, an answer carries the tag of the query the worker took, and worker
+/// 0 takes only the answer to the query it waits for. A late answer to a query it gave up on
+/// (its gather timed out) is dropped, never taken for the next query's.
+#[derive(Debug, Default)]
+struct Exchange {
+    /// Tag of the last query asked: the one worker 0 waits for (0: none yet).
+    asked: u64,
+    /// The query the worker has not taken yet, with its tag.
+    request: Option<(u64, String)>,
+    /// Tag of the query the worker took last: what its next answer answers.
+    taken: u64,
+    /// The worker's answer and the tag of the query it answers (`Err`: a bad query).
+    response: Option<(u64, Result<String, String>)>,
 }
 
 /// What the workers of one [`Workers`](crate::Workers) share; see the [module docs](self).
@@ -48,10 +64,17 @@ pub(crate) struct Group {
     pub(crate) slots: Vec<Slot>,
     /// Workers whose listeners are still open (the drain order).
     open_listeners: AtomicUsize,
+    /// Workers that have not stopped yet: worker 0 keeps the admin endpoint up until it is the
+    /// last.
+    running: AtomicUsize,
+    /// The group's connection cap, which every worker's admission shares (`None` for a group
+    /// of one: its loop keeps its own plain check).
+    pub(crate) cap: Option<Arc<SharedCap>>,
 }
 
 impl Group {
-    pub(crate) fn new(n: usize) -> Group {
+    /// A group of `n` workers sharing a cap of `max_connections` (for more than one).
+    pub(crate) fn new(n: usize, max_connections: usize) -> Group {
         let width = Metrics::width();
         Group {
             start: Instant::now(),
@@ -62,11 +85,12 @@ impl Group {
                     heartbeat_ms: AtomicU64::new(0),
                     polling: AtomicBool::new(true),
                     handle: OnceLock::new(),
-                    request: Mutex::new(None),
-                    response: Mutex::new(None),
+                    exchange: Mutex::new(Exchange::default()),
                 })
                 .collect(),
             open_listeners: AtomicUsize::new(n),
+            running: AtomicUsize::new(n),
+            cap: (n > 1).then(|| Arc::new(SharedCap::new(max_connections))),
         }
     }
 
@@ -121,45 +145,59 @@ impl Group {
         })
     }
 
+    /// Worker `i`'s query exchange (a poisoned lock is still whole: every write is one
+    /// assignment).
+    fn exchange(&self, i: usize) -> std::sync::MutexGuard<'_, Exchange> {
+        self.slots[i]
+            .exchange
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
-    /// Asks worker `i` for its `/connections` lines.
+    /// Asks worker `i` for its `/connections` lines: a new query, which any answer to an
+    /// earlier one no longer answers.
     pub(crate) fn request_connections(&self, i: usize, query: &str) {
-        let slot = &self.slots[i];
-        *slot.response.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        *slot.request.lock().unwrap_or_else(|e| e.into_inner()) = Some(query.to_string());
-        if let Some(h) = slot.handle.get() {
+        {
+            let mut ex = self.exchange(i);
+            ex.asked += 1;
+            ex.request = Some((ex.asked, query.to_string()));
+            ex.response = None;
+        }
+        if let Some(h) = self.slots[i].handle.get() {
             h.wake_loop();
         }
     }
 
-    /// Worker `i`'s pending `/connections` query, if any.
+    /// Worker `i`'s pending `/connections` query, if any; its next [`respond`](Self::respond)
+    /// answers this one.
     pub(crate) fn take_request(&self, i: usize) -> Option<String> {
-        self.slots[i]
-            .request
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        let mut ex = self.exchange(i);
+        let (tag, query) = ex.request.take()?;
+        ex.taken = tag;
+        Some(query)
     }
 
-    /// Worker `i` answers a `/connections` query; wakes worker 0, which gathers.
+    /// Worker `i` answers the `/connections` query it took last; wakes worker 0, which gathers.
     pub(crate) fn respond(&self, i: usize, lines: Result<String, String>) {
-        *self.slots[i]
-            .response
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(lines);
+        {
+            let mut ex = self.exchange(i);
+            ex.response = Some((ex.taken, lines));
+        }
         if let Some(h) = self.slots[0].handle.get() {
             h.wake_loop();
         }
     }
 
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
-    /// Worker `i`'s answer, once it has come.
+    /// Worker `i`'s answer to the last query asked, once it has come (an answer to an earlier
+    /// query is dropped).
     pub(crate) fn take_response(&self, i: usize) -> Option<Result<String, String>> {
-        self.slots[i]
-            .response
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        let mut ex = self.exchange(i);
+        match ex.response.take() {
+            Some((tag, lines)) if tag == ex.asked => Some(lines),
+            _ => None,
+        }
     }
 
     /// A worker closed its listeners; returns how many workers still have theirs open.
@@ -174,6 +212,20 @@ impl Group {
     /// Workers whose listeners are still open.
     pub(crate) fn open_listeners(&self) -> usize {
         self.open_listeners.load(Ordering::Acquire)
+    }
+
+    /// A worker stopped (once per worker); wakes worker 0, which may be serving the admin
+    /// endpoint until every other worker has stopped.
+    pub(crate) fn worker_stopped(&self) {
+        self.running.fetch_sub(1, Ordering::AcqRel);
+        if let Some(h) = self.slots[0].handle.get() {
+            h.wake_loop();
+        }
+    }
+
+    /// Workers that have not stopped yet.
+    pub(crate) fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
     }
 
     /// How many workers the group has.
@@ -201,7 +253,7 @@ mod tests {
 
     #[test]
     fn a_worker_busy_in_one_turn_for_too_long_is_wedged_and_a_polling_one_is_not() {
-        let g = Group::new(2);
+        let g = Group::new(2, 10);
         let t0 = g.start;
         g.beat(0, true, t0); // waiting in its poll: never wedged, however long
         g.beat(1, false, t0); // started a turn at t0
@@ -213,11 +265,29 @@ mod tests {
     }
 
     #[test]
+    fn a_late_answer_to_an_earlier_query_is_not_taken_for_the_next_one() {
+        let g = Group::new(2, 10);
+        g.request_connections(1, "limit=1");
+        // Worker 1 takes the query, and is slow to answer: worker 0 gives up and asks anew.
+        let first = g.take_request(1).expect("the first query");
+        g.request_connections(1, "limit=1000");
+        g.respond(1, Ok(format!("lines for {first}")));
+        assert_eq!(g.take_response(1), None, "the late answer was taken");
+        let second = g.take_request(1).expect("the second query");
+        assert_eq!(second, "limit=1000");
+        g.respond(1, Ok(format!("lines for {second}")));
+        assert_eq!(g.take_response(1), Some(Ok("lines for limit=1000".into())));
+    }
+
+    #[test]
     fn listeners_close_in_order() {
-        let g = Group::new(3);
+        let g = Group::new(3, 10);
         assert_eq!(g.open_listeners(), 3);
         assert_eq!(g.listeners_closed(), 2);
         assert_eq!(g.listeners_closed(), 1);
         assert_eq!(g.open_listeners(), 1);
+        assert_eq!(g.running(), 3);
+        g.worker_stopped();
+        assert_eq!(g.running(), 2);
     }
 }

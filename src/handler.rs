@@ -41,7 +41,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use crate::conn::{flag, Phase};
+use crate::conn::{flag, Conn, Ended, Phase};
 use crate::reason::CloseReason;
 use crate::table::{DialError, Table};
 use crate::time::NEVER;
@@ -158,8 +158,10 @@ pub trait Handler {
     /// The connection is gone for `reason`: called exactly once per connection that `on_open`
     /// was called for or that was dialed. After an abortive close the socket is already closed;
     /// after a graceful one the loop still owns it while it lingers (it is no longer the
-    /// handler's: [`Context::conn`] no longer finds it). `ctx` acts on the *other* connections
-    /// (`ctx.id()` is this one's id, for bookkeeping).
+    /// handler's: [`Context::conn`] no longer finds it). `ctx` acts on the *other* connections;
+    /// what it says of this one is still true ([`Context::id`], [`Context::peer`],
+    /// [`Context::origin`]: "reconnect if it was dialed" works here), and writes to it are
+    /// refused.
     fn on_close(
         &mut self,
         conn: Self::Conn,
@@ -199,8 +201,9 @@ pub struct Context<'a, S = ()> {
     pub(crate) table: &'a mut Table<S>,
     /// The connection the callback is about ([`ConnId::NONE`] for periodic and remote work).
     pub(crate) id: ConnId,
-    /// In `on_close`: the closed connection's peer (it is no longer in the table).
-    pub(crate) closed_peer: Option<SocketAddr>,
+    /// In `on_close`: what is kept of the closed connection (an abortive close has already
+    /// taken it out of the table; a lingering one is there but no longer the handler's).
+    pub(crate) closed: Option<Ended>,
 }
 
 impl<'a, S> Context<'a, S> {
@@ -208,11 +211,20 @@ impl<'a, S> Context<'a, S> {
         Context {
             table,
             id,
-            closed_peer: None,
+            closed: None,
         }
     }
 
-    /// The current connection's id.
+    /// The current connection's slab entry, whatever its phase (closing and lingering
+    /// included): what the accessors read when the connection is no longer the handler's.
+    fn entry(&self) -> Option<&Conn<S>> {
+        self.table
+            .slab
+            .get(self.id.key())
+            .filter(|c| c.gen == self.id.generation())
+    }
+
+    /// The current connection's id (in `on_close`, the closed connection's).
     pub fn id(&self) -> ConnId {
         self.id
     }
@@ -223,13 +235,14 @@ impl<'a, S> Context<'a, S> {
         self.table.now_at
     }
 
-    /// The current connection's peer address (in `on_close`, the closed connection's).
+    /// The current connection's peer address (for a dialed connection, the address dialed;
+    /// in `on_close`, the closed connection's). `0.0.0.0:0` where there is no current
+    /// connection (periodic and remote work).
     pub fn peer(&self) -> SocketAddr {
-        match self.table.slab.get(self.id.key()) {
-            Some(c) if c.gen == self.id.generation() => c.peer(),
-            _ => self
-                .closed_peer
-                .unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
+        match (&self.closed, self.entry()) {
+            (Some(ended), _) => ended.peer,
+            (None, Some(c)) => c.peer(),
+            (None, None) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         }
     }
 
@@ -259,24 +272,36 @@ impl<'a, S> Context<'a, S> {
         }
     }
 
-    /// Bytes written to the current connection but not yet taken by its socket.
+    /// Bytes written to the current connection but not yet taken by its socket (0 in
+    /// `on_close`: what was pending has been flushed or dropped).
     pub fn pending(&self) -> usize {
-        self.table
-            .slab
-            .get(self.id.key())
-            .filter(|c| c.gen == self.id.generation())
-            .map_or(0, |c| c.pending_len())
+        match self.closed {
+            Some(_) => 0,
+            None => self.entry().map_or(0, |c| c.pending_len()),
+        }
     }
 
     /// Whether the current connection is writable (its pending output is not above the high
-    /// watermark); see [`Handler::on_drained`].
+    /// watermark); see [`Handler::on_drained`]. `false` once it is closing (writes are
+    /// refused then), in `on_close` included.
     pub fn is_writable(&mut self) -> bool {
         self.current().is_some_and(|c| c.is_writable())
     }
 
-    /// Whether the current connection was accepted or dialed.
-    pub fn origin(&mut self) -> Origin {
-        self.current().map_or(Origin::Accepted, |c| c.origin())
+    /// Whether the current connection was accepted or dialed: in every callback about it,
+    /// `on_close` included (for a dial that failed too), and after the callback asked to close
+    /// it. [`Origin::Accepted`] where there is no current connection (periodic and remote work).
+    pub fn origin(&self) -> Origin {
+        let dialed = match (&self.closed, self.entry()) {
+            (Some(ended), _) => ended.dialed,
+            (None, Some(c)) => c.has(flag::DIALED),
+            (None, None) => false,
+        };
+        if dialed {
+            Origin::Dialed
+        } else {
+            Origin::Accepted
+        }
     }
 
     /// Arms the current connection's timer: [`Handler::on_timer`] runs `after` from now (rounded
@@ -309,8 +334,9 @@ impl<'a, S> Context<'a, S> {
     ///
     /// # Errors
     /// [`SendError::Gone`] if that connection is gone or closing; [`SendError::Refused`] if it
-    /// did not take the data (a write failed, or its pending cap overflowed: *it* then closes,
-    /// not the sender).
+    /// did not take the data: its write side is shut ([`ConnMut::shutdown_write`]: it stays
+    /// open, reading), or a write failed or its pending cap overflowed (*it* then closes, not
+    /// the sender).
     pub fn send(&mut self, id: ConnId, data: &[u8]) -> Result<(), SendError> {
         let mut conn = self.conn(id).ok_or(SendError::Gone)?;
         if conn.write(data) {
@@ -351,8 +377,9 @@ impl<'a, S> Context<'a, S> {
 pub enum SendError {
     /// No such open connection: it closed (or is closing), or the id is stale.
     Gone,
-    /// The connection did not take the data (a write failed, or its pending output would have
-    /// exceeded its cap: it is closing now).
+    /// The connection did not take the data: either its write side is shut
+    /// ([`ConnMut::shutdown_write`]; it stays open and is still read), or a write failed or its
+    /// pending output would have exceeded its cap (it is closing now).
     Refused,
 }
 

@@ -8,8 +8,9 @@
 //!   expire due deadlines; continue budgeted work. [`Server::run`] loops over turns until a
 //!   [`Handle`] stops it.
 //! - **Connections** live in a [`slab`], keyed by the low half of their `mio::Token`; the high
-//!   half is a generation, so an event, a timer or a [`ConnId`] for a connection that is gone
-//!   (and whose slot was reused) is recognised and dropped.
+//!   half is a generation (its low bits: a [`ConnId`] carries all 64), so an event, a timer or
+//!   a [`ConnId`] for a connection that is gone (and whose slot was reused) is recognised and
+//!   dropped.
 //! - **Deadlines** (idle, write stall, connect, the handler's timer, linger) share one entry per
 //!   connection in a hashed timer wheel with lazy re-arm: activity only stamps the connection;
 //!   the wheel re-inserts or acts when a slot fires.

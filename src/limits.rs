@@ -6,15 +6,18 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use log::warn;
 
 use crate::reason::AcceptError;
 use crate::time::Tick;
 
-/// File descriptors kept back from the connection cap: listeners, the epoll fd, the waker, the
-/// spare fd, stdio and logging, and a margin for an embedder's own files.
-pub const FD_RESERVE: u64 = 32;
+/// File descriptors kept back from the connection cap for the process as a whole, besides what
+/// each loop opens itself (its epoll fd, waker, timerfd, spare, listeners and admin side): stdio,
+/// logging, a signal thread's pipe, the leak check's listing, and a margin for an embedder's
+/// own files. One loop on Linux with one listener keeps back 33 in all.
+pub const FD_RESERVE: u64 = 28;
 
 /// Admin connections open at once: the admin endpoint's own cap.
 #[cfg_attr(not(feature = "admin"), allow(dead_code))]
@@ -27,6 +30,92 @@ pub(crate) const ADMIN_FDS: u64 = if cfg!(feature = "admin") {
 } else {
     0
 };
+
+/// The descriptors one loop holds besides its connections, in one place: what the cap keeps
+/// back for each loop ([`LoopFds::planned`], for [`Server`](crate::Server) and each of a group's
+/// [`Workers`](crate::Workers)), and what the leak self-check counts as the loop's own (the
+/// actual ones).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoopFds {
+    /// The deadline timerfd (Linux).
+    pub(crate) alarm: bool,
+    /// The accept gate's spare descriptor.
+    pub(crate) spare: bool,
+    /// One per data listener.
+    pub(crate) listeners: usize,
+    /// The admin listener and its connections (at most [`ADMIN_FDS`]).
+    pub(crate) admin: u64,
+}
+
+impl LoopFds {
+    /// The epoll fd and the waker's eventfd: every loop has both.
+    const POLL: u64 = 2;
+
+    /// The most a loop with `listeners` listeners (and the admin endpoint if `admin`) holds.
+    pub(crate) fn planned(listeners: usize, admin: bool) -> LoopFds {
+        LoopFds {
+            alarm: cfg!(target_os = "linux"),
+            spare: true,
+            listeners,
+            admin: if admin { ADMIN_FDS } else { 0 },
+        }
+    }
+
+    /// How many descriptors that is.
+    pub(crate) fn total(&self) -> u64 {
+        Self::POLL
+            + u64::from(self.alarm)
+            + u64::from(self.spare)
+            + self.listeners as u64
+            + self.admin
+    }
+}
+
+/// The connection cap of a group of workers, shared: one count of the group's open
+/// connections (slab entries: open, connecting, lingering, awaiting a header) that every
+/// worker's admission, accept and dial alike, takes a place in before it inserts a connection
+/// and gives back when it removes one. So the group holds at most `max` whatever worker the
+/// kernel's `SO_REUSEPORT` hash picks, and readiness judges the group. One loop alone has none:
+/// its slab's length is its count (no atomic on its hot path).
+#[derive(Debug)]
+pub(crate) struct SharedCap {
+    open: AtomicUsize,
+    max: usize,
+}
+
+impl SharedCap {
+    pub(crate) fn new(max: usize) -> SharedCap {
+        SharedCap {
+            open: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Takes a place if one is free; returns whether it did.
+    pub(crate) fn try_take(&self) -> bool {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives a place back (a connection was removed, or an admission failed after taking it).
+    pub(crate) fn give_back(&self) {
+        let was = self.open.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(was > 0, "a place given back that was never taken");
+    }
+
+    /// The group's open connections now.
+    pub(crate) fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// The group's cap.
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+}
 
 /// Connection cap used when the open-file limit cannot be read.
 pub const FALLBACK_MAX_CONNECTIONS: usize = 10_000;
@@ -45,7 +134,7 @@ pub(crate) fn fd_limit(raise: bool) -> Option<u64> {
 }
 
 /// The effective connection cap: the configured one, clamped to what the fd limit allows after
-/// [`FD_RESERVE`] and `own_fds` (listeners, the admin side) are kept back.
+/// [`FD_RESERVE`] and `own_fds` (every loop's own: [`LoopFds`]) are kept back.
 pub(crate) fn effective_max_connections(
     configured: Option<usize>,
     fd_limit: Option<u64>,
@@ -420,11 +509,47 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_cap_admits_exactly_max_across_threads() {
+        let cap = std::sync::Arc::new(SharedCap::new(100));
+        let taken: usize = (0..4)
+            .map(|_| {
+                let cap = std::sync::Arc::clone(&cap);
+                std::thread::spawn(move || (0..60).filter(|_| cap.try_take()).count())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .sum();
+        assert_eq!((taken, cap.open()), (100, 100));
+        assert!(!cap.try_take());
+        cap.give_back();
+        assert!(cap.try_take());
+        assert_eq!(cap.max(), 100);
+    }
+
+    #[test]
+    fn a_loop_keeps_back_every_descriptor_it_opens() {
+        let linux = u64::from(cfg!(target_os = "linux"));
+        // epoll, waker, spare, the listener (and the timerfd on Linux)...
+        assert_eq!(LoopFds::planned(1, false).total(), 4 + linux);
+        // ...and the admin listener with its connections.
+        assert_eq!(LoopFds::planned(2, true).total(), 5 + linux + ADMIN_FDS);
+        // Without the timer and the spare (as the leak check may find them).
+        let actual = LoopFds {
+            alarm: false,
+            spare: false,
+            listeners: 1,
+            admin: 0,
+        };
+        assert_eq!(actual.total(), 3);
+    }
+
+    #[test]
     fn cap_is_clamped_to_fd_limit() {
-        assert_eq!(effective_max_connections(None, Some(20_000), 0), 19_968);
-        assert_eq!(effective_max_connections(None, Some(20_000), 18), 19_950);
+        assert_eq!(effective_max_connections(None, Some(20_000), 0), 19_972);
+        assert_eq!(effective_max_connections(None, Some(20_000), 18), 19_954);
         assert_eq!(effective_max_connections(Some(50), Some(20_000), 1), 50);
-        assert_eq!(effective_max_connections(Some(50_000), Some(1_000), 0), 968);
+        assert_eq!(effective_max_connections(Some(50_000), Some(1_000), 0), 972);
         assert_eq!(
             effective_max_connections(None, None, 1),
             FALLBACK_MAX_CONNECTIONS

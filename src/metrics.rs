@@ -88,7 +88,8 @@ pub struct Metrics {
     /// connections, the loop's own fds and those open before the server started). Non-zero means
     /// a leak — or files the embedder opened since.
     pub fds_unaccounted: i64,
-    /// Gauge: the effective connection cap.
+    /// Gauge: the effective connection cap (in a group of workers, the group's, which each
+    /// worker reports and [`Metrics::sum`] does not add up).
     pub max_connections: u64,
     /// Gauge: the soft open-file limit in force (0 if unknown).
     pub fd_limit: u64,
@@ -212,10 +213,12 @@ impl Metrics {
 
     /// The metrics of several loops (workers) as one: counters and most gauges add up; the fd
     /// limit and the fds seen by the leak self-check are the process's, so they are taken, not
-    /// summed (from the first); `peak` is the sum of the loops' peaks.
+    /// summed (from the first); the connection cap is the group's, which every worker reports
+    /// (the largest is taken); `peak` is the sum of the loops' peaks.
     pub fn sum<'a>(all: impl IntoIterator<Item = &'a Metrics>) -> Metrics {
         let mut total = Metrics::default();
         let mut first = true;
+        let mut cap = 0;
         for m in all {
             let mut values = Vec::with_capacity(Metrics::width());
             m.clone().visit(|v| values.push(*v));
@@ -224,6 +227,7 @@ impl Metrics {
                 *v = v.wrapping_add(values[i]);
                 i += 1;
             });
+            cap = cap.max(m.max_connections);
             if first {
                 (total.fd_limit, total.fds_open, total.fds_unaccounted) =
                     (m.fd_limit, m.fds_open, m.fds_unaccounted);
@@ -234,6 +238,7 @@ impl Metrics {
                 total.fds_unaccounted = total.fds_unaccounted.wrapping_sub(m.fds_unaccounted);
             }
         }
+        total.max_connections = cap;
         total
     }
 
@@ -340,6 +345,10 @@ mod tests {
         assert_eq!(
             total.fd_limit, m.fd_limit,
             "the process's limit is not summed"
+        );
+        assert_eq!(
+            total.max_connections, m.max_connections,
+            "the group's cap is not summed"
         );
         assert_eq!(total.fds_unaccounted, m.fds_unaccounted);
     }

@@ -12,6 +12,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::debug;
@@ -21,9 +22,10 @@ use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::conn::{flag, Conn, OutputLimits, Phase};
+use crate::limits::SharedCap;
 use crate::metrics::Metrics;
 use crate::time::{Clock, Tick};
-use crate::token::{self, ConnId, GEN_MASK};
+use crate::token::{self, ConnId};
 
 /// Socket options applied to every connection the loop creates or accepts.
 #[derive(Debug, Clone, Copy)]
@@ -42,10 +44,16 @@ pub(crate) struct Table<S> {
     /// Connections a callback changed, to settle (close, arm deadlines, resume reading) once it
     /// returns, as ids: one that closed meanwhile is skipped.
     pub(crate) dirty: Vec<ConnId>,
-    /// Generation for the next connection (a wrapping counter, masked to what fits a token).
-    next_gen: u32,
-    /// The connection cap in force; dials count against it like accepts.
+    /// Generation for the next connection: a 64-bit count that never wraps in practice (see
+    /// the `token` module docs).
+    next_gen: u64,
+    /// The connection cap in force; dials count against it like accepts. In a group of
+    /// workers, the group's (see `group_cap`).
     pub(crate) max_connections: usize,
+    /// In a group of workers: the group's count of open connections against its cap, which
+    /// this loop's admission shares with every other worker's. `None` for one loop: the slab's
+    /// own length is the count.
+    pub(crate) group_cap: Option<Arc<SharedCap>>,
     pub(crate) limits: OutputLimits,
     pub(crate) clock: Clock,
     /// This turn's time, as a tick and as the instant it was given as.
@@ -119,6 +127,7 @@ impl<S> Table<S> {
             dirty: Vec::new(),
             next_gen: 0,
             max_connections,
+            group_cap: None,
             limits,
             clock,
             now: 0,
@@ -130,9 +139,42 @@ impl<S> Table<S> {
 
     /// The id the next connection inserted will have, and advances the generation.
     pub(crate) fn next_id(&mut self) -> ConnId {
-        let gen = self.next_gen & GEN_MASK;
+        let gen = self.next_gen;
+        // 2^64 connections at 100 k/s take 5.8 million years: wrapping is for the form.
         self.next_gen = self.next_gen.wrapping_add(1);
         ConnId::new(self.slab.vacant_key(), gen)
+    }
+
+    /// Tests: advances the generation as `n` connections made meanwhile would (without making
+    /// them).
+    #[cfg(test)]
+    pub(crate) fn skip_generations(&mut self, n: u64) {
+        self.next_gen = self.next_gen.wrapping_add(n);
+    }
+
+    /// Takes a place for one more connection under the cap (this loop's, or its group's);
+    /// returns whether there was one. Every slab insert is preceded by it, and every removal
+    /// (and an admission that fails after it) followed by [`give_back`](Self::give_back).
+    pub(crate) fn take_place(&mut self) -> bool {
+        match &self.group_cap {
+            None => self.slab.len() < self.max_connections,
+            Some(cap) => cap.try_take(),
+        }
+    }
+
+    /// Gives back a place [`take_place`](Self::take_place) took (nothing to do for one loop).
+    pub(crate) fn give_back(&mut self) {
+        if let Some(cap) = &self.group_cap {
+            cap.give_back();
+        }
+    }
+
+    /// Open connections and the cap they count against: the group's in a group of workers.
+    pub(crate) fn occupancy(&self) -> (usize, usize) {
+        match &self.group_cap {
+            None => (self.slab.len(), self.max_connections),
+            Some(cap) => (cap.open(), cap.max()),
+        }
     }
 
     /// The connection `id` names, if it is still the handler's (open or connecting, not
@@ -182,7 +224,7 @@ impl<S> Table<S> {
         if self.stopped {
             return fail(DialFailure::Stopped, state);
         }
-        if self.slab.len() >= self.max_connections {
+        if !self.take_place() {
             return fail(
                 DialFailure::Full {
                     max_connections: self.max_connections,
@@ -192,7 +234,10 @@ impl<S> Table<S> {
         }
         let mut stream = match connect_socket(addr, &self.options) {
             Ok(stream) => stream,
-            Err(e) => return fail(DialFailure::Socket(e), state),
+            Err(e) => {
+                self.give_back();
+                return fail(DialFailure::Socket(e), state);
+            }
         };
         let id = self.next_id();
         if let Err(e) = self.poll.registry().register(
@@ -200,6 +245,7 @@ impl<S> Table<S> {
             token::conn(id),
             Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
         ) {
+            self.give_back();
             return fail(DialFailure::Socket(e), state);
         }
         let mut conn = Conn::new(stream, addr, id.generation(), Phase::Connecting, self.now);

@@ -3,8 +3,8 @@
 //!
 //! # Layout
 //! - A connection's token is `generation << KEY_BITS | key`, with `KEY_BITS` half a `usize`
-//!   (32 bits on 64-bit targets, 16 on 32-bit ones). Keys stay below
-//!   [`MAX_CONNECTIONS_LIMIT`], far below `2^KEY_BITS`.
+//!   (32 bits on 64-bit targets, 16 on 32-bit ones): the generation's low bits only. Keys stay
+//!   below [`MAX_CONNECTIONS_LIMIT`], far below `2^KEY_BITS`.
 //! - The special tokens count down from `usize::MAX`: the waker, then [`MAX_LISTENERS`]
 //!   listeners, the deadline alarm, the admin listener, then the admin connections. Their low halves are all above
 //!   any slab key, so [`decode`] tells them apart from connections by distance from the top.
@@ -17,8 +17,30 @@
 //! wheel holds entries of connections long gone. So tokens, wheel entries and [`ConnId`]s carry
 //! the generation, and a mismatch means stale. (nginx's `instance` bit and tokio's pre-1.29
 //! token generation guard the same way.)
+//!
+//! # How many bits, where
+//! The generation is a 64-bit counter of the loop (every connection it accepts or dials takes
+//! the next value; not per slot: the slab reuses the most recently freed key first, so one slot
+//! can take almost every connection of a churning server). It is never reused in practice:
+//! 2^64 connections at 100 k/s take 5.8 million years. What each holder keeps of it:
+//!
+//! - **A [`ConnId`] and the slab entry keep all 64 bits**, and a `ConnId` reaches a connection
+//!   only if they are equal: an id held for any length of time never reaches a later occupant
+//!   of its slot. (With the 32-bit generation this replaced, an id held across 2^32
+//!   connections, 12 hours at 100 k/s, matched the slot's occupant then.)
+//! - **A token keeps the low 32 bits** (16 on 32-bit targets). A token only has to tell
+//!   connections apart within one poll batch: mio drops a deregistered token from later polls,
+//!   and a batch cannot span 2^32 connections into one slot.
+//! - **A wheel entry keeps the low 32 bits** (and its tick). An entry that outlived its
+//!   connection by exactly a multiple of 2^32 generations while its slot holds the match, *and*
+//!   whose tick equals the occupant's `scheduled` tick (else it is dropped as superseded),
+//!   stands for the occupant's own entry for that same tick: firing it only re-evaluates the
+//!   occupant's own deadline at its due time (`Conn::deadline`), and the occupant's real entry
+//!   is then dropped as superseded. So a stale entry can cost a recheck, never a wrong action.
+//!   Keeping 32 bits keeps an entry at 16 bytes.
 
 use std::fmt;
+use std::num::NonZeroU32;
 
 use mio::Token;
 
@@ -69,7 +91,7 @@ pub(crate) enum Kind {
     AdminListener,
     /// Admin connection `k` (its key in the admin side's own slab).
     AdminConn(usize),
-    /// A connection: slab key and generation (masked to what fits a token).
+    /// A connection: slab key and the low bits of its generation (what fits a token).
     Conn { key: usize, gen: u32 },
 }
 
@@ -110,50 +132,65 @@ pub(crate) fn admin_conn(k: usize) -> Token {
     Token(usize::MAX - ADMIN_CONN_AT - k)
 }
 
-/// The token of the connection `id`.
-pub(crate) fn conn(id: ConnId) -> Token {
-    debug_assert!(
-        (id.key as usize) < KEY_MASK - SPECIAL,
-        "{id} does not fit a token"
-    );
-    Token((((id.gen & GEN_MASK) as usize) << KEY_BITS) | id.key as usize)
+/// The low bits of generation `gen` that a token and a wheel entry keep (see the
+/// [module docs](self)).
+pub(crate) fn gen_low(gen: u64) -> u32 {
+    gen as u32 & GEN_MASK
 }
 
-/// Identifies one connection for its whole life: its slab key and the generation of that slot's
-/// occupant. A later connection that reuses the slot gets another generation, so an id of a
-/// connection that is gone never reaches the slot's new occupant.
+/// The token of the connection `id`.
+pub(crate) fn conn(id: ConnId) -> Token {
+    debug_assert!(id.key() < KEY_MASK - SPECIAL, "{id} does not fit a token");
+    Token(((gen_low(id.generation()) as usize) << KEY_BITS) | id.key())
+}
+
+/// Identifies one connection for its whole life: its slab key and its generation, a 64-bit
+/// count of the loop's connections that is never reused in practice (see the `token` module
+/// docs). A later connection that reuses the slot has another generation, so an id of a
+/// connection that is gone never reaches the slot's new occupant, however long it was held.
+///
+/// Ids are the loop's own: an id of one [`Server`](crate::Server) means nothing to another.
+/// 12 bytes, and `Option<ConnId>` is no larger.
 ///
 /// Printed as `key#generation`, e.g. `3#17`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId {
-    key: u32,
-    gen: u32,
+    /// The slab key plus one: never zero, which gives `Option<ConnId>` a niche. (Keys stay
+    /// below [`MAX_CONNECTIONS_LIMIT`]; [`ConnId::NONE`] holds `u32::MAX`.)
+    key: NonZeroU32,
+    /// The generation as two halves (high first, so that the derived order is the numeric
+    /// one): a `u64` would align the id to 8 and make it 16 bytes.
+    gen_hi: u32,
+    gen_lo: u32,
 }
 
 impl ConnId {
     /// An id no connection ever has: [`Context::id`](crate::Context::id) in callbacks that are
     /// not about one connection (periodic callbacks, work from other threads).
     pub const NONE: ConnId = ConnId {
-        key: u32::MAX,
-        gen: u32::MAX,
+        key: NonZeroU32::MAX,
+        gen_hi: u32::MAX,
+        gen_lo: u32::MAX,
     };
 
-    pub(crate) fn new(key: usize, gen: u32) -> ConnId {
+    pub(crate) fn new(key: usize, gen: u64) -> ConnId {
+        debug_assert!(key < MAX_CONNECTIONS_LIMIT, "key {key}");
         ConnId {
-            key: key as u32,
-            gen,
+            key: NonZeroU32::MIN.saturating_add(key as u32),
+            gen_hi: (gen >> 32) as u32,
+            gen_lo: gen as u32,
         }
     }
 
     /// The connection's slab key (reused by later connections once this one is gone).
     pub fn key(self) -> usize {
-        self.key as usize
+        (self.key.get() - 1) as usize
     }
 
-    /// The generation of the slot's occupant: what tells this connection from a later one in
-    /// the same slot.
-    pub fn generation(self) -> u32 {
-        self.gen
+    /// The connection's generation: what tells this connection from every other one this loop
+    /// had in the same slot.
+    pub fn generation(self) -> u64 {
+        (u64::from(self.gen_hi) << 32) | u64::from(self.gen_lo)
     }
 }
 
@@ -162,7 +199,7 @@ impl fmt::Display for ConnId {
         if *self == ConnId::NONE {
             return f.write_str("none");
         }
-        write!(f, "{}#{}", self.key, self.gen)
+        write!(f, "{}#{}", self.key(), self.generation())
     }
 }
 
@@ -184,11 +221,14 @@ mod tests {
         for (key, gen) in [
             (0, 0),
             (1, 7),
-            (12345, GEN_MASK),
+            (12345, u64::from(GEN_MASK)),
             (MAX_CONNECTIONS_LIMIT - 1, 3),
+            (5, (9 << 32) | 4),
+            (6, u64::MAX - 1),
         ] {
             let id = ConnId::new(key, gen);
-            assert_eq!(decode(conn(id)), Kind::Conn { key, gen });
+            let low = gen_low(gen);
+            assert_eq!(decode(conn(id)), Kind::Conn { key, gen: low });
             assert_eq!((id.key(), id.generation()), (key, gen));
         }
         // The lowest special token is still above the highest connection token's key half.
@@ -203,7 +243,19 @@ mod tests {
     #[test]
     fn ids_print_key_and_generation() {
         assert_eq!(ConnId::new(3, 17).to_string(), "3#17");
-        assert_eq!(ConnId::new(0, u32::MAX - 1).to_string(), "0#4294967294");
+        assert_eq!(ConnId::new(0, 1 << 32).to_string(), "0#4294967296");
         assert_eq!(ConnId::NONE.to_string(), "none");
+    }
+
+    #[test]
+    fn ids_are_12_bytes_order_by_key_then_generation_and_have_a_niche() {
+        assert_eq!(std::mem::size_of::<ConnId>(), 12);
+        assert_eq!(std::mem::size_of::<Option<ConnId>>(), 12);
+        assert!(ConnId::new(1, 1 << 32) > ConnId::new(1, u64::from(u32::MAX)));
+        assert!(ConnId::new(2, 0) > ConnId::new(1, u64::MAX - 1));
+        // Ids a generation 2^32 apart share a token, never an id.
+        let (a, b) = (ConnId::new(4, 7), ConnId::new(4, 7 + (1 << 32)));
+        assert_ne!(a, b);
+        assert_eq!(conn(a), conn(b));
     }
 }

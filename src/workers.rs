@@ -11,8 +11,17 @@
 //! # Which worker does what
 //! Worker 0 serves the admin endpoint (its `/metrics` has a total series and one per worker with
 //! a `worker="N"` label; its `/connections` gathers every worker's lines) and runs the leak
-//! self-check for the whole process. The connection cap is split evenly, so that the total stays
-//! under the fd limit.
+//! self-check for the whole process. The connection cap is the group's: one shared count of
+//! open connections that every worker's admission (accept and dial) checks, so the group holds
+//! at most the cap whatever worker the kernel hashes a connection to, and `/readyz` judges the
+//! group's count against it. The cap (configured, or derived from the fd limit) keeps every
+//! worker's own descriptors back, so that the total stays under the fd limit.
+//!
+//! # The admin endpoint through a drain
+//! Worker 0 may finish its own drain while others still serve theirs: it then closes what is
+//! left of its own and serves the admin endpoint alone (`/livez`, `/readyz` failing with
+//! "draining", `/metrics` with every worker's figures) until every other worker has stopped
+//! (each one's stop wakes it), so that liveness never fails during a drain.
 //!
 //! # Draining without losing a handshake
 //! Closing one `SO_REUSEPORT` listener resets the connections still queued on it. A drain
@@ -35,13 +44,10 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::group::Group;
 use crate::handler::Handler;
-use crate::limits;
+use crate::limits::{self, LoopFds};
 use crate::metrics::Metrics;
 use crate::remote::Handle;
 use crate::server::Server;
-
-/// Per-worker descriptors besides connections and listeners: the epoll fd, the waker, the spare.
-const WORKER_FDS: u64 = 3;
 
 /// N servers bound and ready to run on N threads. What they share and how a drain of their
 /// `SO_REUSEPORT` listeners proceeds is in the docs of `src/workers.rs`.
@@ -70,8 +76,8 @@ where
     /// Binds `n` servers for `config`, each with its own `SO_REUSEPORT` listener on every listen
     /// address (a port 0 is resolved by the first, and the others bind the same), with
     /// `make(i)` as worker `i`'s handler. The connection cap (configured or derived from the fd
-    /// limit) is split evenly. Only worker 0 serves the admin endpoint and runs the leak
-    /// self-check.
+    /// limit) is the group's, shared by every worker's admission. Only worker 0 serves the admin
+    /// endpoint and runs the leak self-check.
     ///
     /// # Errors
     /// As [`Server::bind`], for any worker; `n` of 0 is [`Error::Config`].
@@ -84,7 +90,8 @@ where
     /// `SO_REUSEPORT`: the kernel wakes whichever worker is waiting).
     ///
     /// # Errors
-    /// As [`Workers::bind`]; [`Error::Io`] if a descriptor cannot be duplicated.
+    /// As [`Workers::bind`] and [`Server::bind_listeners`] (a socket that is not listening is
+    /// [`Error::Config`]); [`Error::Io`] if a descriptor cannot be duplicated.
     pub fn bind_listeners(
         config: Config,
         listeners: Vec<std::net::TcpListener>,
@@ -105,11 +112,15 @@ where
         }
         config.validate()?;
         let fd_limit = limits::fd_limit(config.raise_fd_limit);
-        let own = n as u64 * (config.listen.len() as u64 + WORKER_FDS)
-            + config.admin.map_or(0, |_| limits::ADMIN_FDS);
+        // What every worker opens itself (worker 0 the admin side too), as one loop would.
+        let listeners = inherited.as_ref().map_or(config.listen.len(), Vec::len);
+        let own = (0..n)
+            .map(|i| LoopFds::planned(listeners, i == 0 && config.admin.is_some()).total())
+            .sum();
         let total = limits::effective_max_connections(config.max_connections, fd_limit, own);
-        let share = (total / n).max(1);
-        let group = Arc::new(Group::new(n));
+        // One cap for the group, shared by every worker's admission (see `limits::SharedCap`):
+        // whatever worker the kernel's hash picks, the group holds `total` at most.
+        let group = Arc::new(Group::new(n, total));
         let mut servers = Vec::with_capacity(n);
         let mut listen = match &inherited {
             Some(l) => l.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?,
@@ -118,7 +129,7 @@ where
         for i in 0..n {
             let worker_config = Config {
                 listen: listen.clone(),
-                max_connections: Some(share),
+                max_connections: Some(total),
                 reuse_port: inherited.is_none() && (config.reuse_port || n > 1),
                 raise_fd_limit: false,
                 admin: if i == 0 { config.admin } else { None },
@@ -144,13 +155,12 @@ where
             servers.push(server);
         }
         info!(
-            "{n} workers on {}: {share} connections each ({} in all)",
+            "{n} workers on {}: at most {total} connections in all, whichever worker takes them",
             listen
                 .iter()
                 .map(|a| a.to_string())
                 .collect::<Vec<_>>()
                 .join(","),
-            share * n
         );
         let admin = servers[0].admin_addr();
         Ok(Workers {

@@ -499,3 +499,63 @@ fn bad_requests_get_an_answer_and_a_close_and_data_connections_are_undisturbed()
     assert_eq!(m.closed_total(), 1, "admin requests counted as data: {m}");
     eprintln!("data connection echoed {rounds} times during the bad requests");
 }
+
+/// What a client that sends `GET /livez` reads until the server closes (possibly nothing: a
+/// newcomer turned away is closed unanswered), while the test turns `server` at `now`.
+#[track_caller]
+fn livez_text_at(server: &mut Server<Echo>, now: Instant, admin: SocketAddr) -> String {
+    util::turn_while_at(server, now, "a /livez attempt", move || {
+        let mut c = connect(admin);
+        c.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = Vec::new();
+        let _ = c.read_to_end(&mut text); // EOF, or a reset: either ends the attempt
+        String::from_utf8_lossy(&text).into_owned()
+    })
+}
+
+/// Every admin slot held by a client that sent one byte of a request: the slots are not
+/// silent, yet none completes a request. Within a short time (1 s) they keep their slots; past
+/// it the oldest yields to a newcomer, so `/livez` gets in long before the admin timeout (5 s)
+/// would free them.
+#[test]
+fn admin_slots_held_by_one_byte_requests_yield_to_a_newcomer_after_a_second() {
+    const SLOTS: usize = 16; // `limits::ADMIN_CONNS`
+    let (mut server, _addr, admin) = bind_with_admin(local_config(), Echo);
+    let t0 = server.now();
+    let mut holders: Vec<TcpStream> = (0..SLOTS)
+        .map(|_| {
+            let mut c = connect(admin);
+            c.write_all(b"G").unwrap();
+            c
+        })
+        .collect();
+    util::turn_until_at(&mut server, t0, "the admin accepts", |s| {
+        s.poll_delay(t0).is_some()
+    });
+    // The bytes were queued before the accepts: the reads come with the next polls.
+    for _ in 0..3 {
+        util::step(&mut server, t0);
+    }
+    let young = livez_text_at(&mut server, t0 + Duration::from_millis(500), admin);
+    assert_eq!(young, "", "a slot half a second into its request was taken");
+    let later = t0 + Duration::from_millis(1100);
+    let answer = livez_text_at(&mut server, later, admin);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "/livez locked out by {SLOTS} one-byte requests a second old: {answer:?}"
+    );
+    // Exactly one holder made room (the oldest); the others keep their slots.
+    let mut closed = 0;
+    for c in &mut holders {
+        c.set_nonblocking(true).unwrap();
+        match c.read(&mut [0; 64]) {
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("a holder read {other:?}"),
+        }
+    }
+    assert_eq!(closed, 1, "holders closed to make room");
+    util::stop_at(&mut server, later);
+}

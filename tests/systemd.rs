@@ -195,3 +195,28 @@ fn listen_fds_naming_a_file_that_is_not_a_socket_is_a_clear_error() {
         started.elapsed()
     );
 }
+
+#[test]
+fn a_passed_tcp_socket_that_is_not_listening_is_a_clear_error() {
+    // Bound by the "manager" but never put into the listening state: served, it would never
+    // accept (every connect to it is refused).
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let mut service = activated(
+        socket.as_raw_fd(),
+        None,
+        &["serve", "--listen", "127.0.0.1:0"],
+    );
+    let status = service.wait_exit();
+    let log = service.log();
+    assert_eq!(status.code(), Some(1), "exit {status}; log:\n{log}");
+    assert!(
+        log.contains(
+            "sockman: inherited descriptor 3 (LISTEN_FDS) is a TCP socket that is not listening"
+        ),
+        "the error does not say which descriptor or why:\n{log}"
+    );
+    service.assert_log(&[], &["panicked", "listening on"]);
+}

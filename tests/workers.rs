@@ -133,3 +133,159 @@ fn listeners_bound_elsewhere_are_served() {
     let accepted: u64 = running.wait().unwrap().iter().map(|m| m.accepted).sum();
     assert_eq!(accepted, 20);
 }
+
+/// A TCP socket bound to 127.0.0.1 but not listening, as a `std::net::TcpListener` (what a
+/// caller could pass by mistake, or systemd for a misconfigured unit).
+fn bound_not_listening() -> (std::net::TcpListener, std::net::SocketAddr) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    (socket.into(), addr)
+}
+
+#[test]
+fn listeners_that_are_not_listening_are_refused_with_a_clear_error() {
+    // Accepted, such a socket would never accept: every connect to it is refused.
+    let (socket, addr) = bound_not_listening();
+    match sockman::Server::bind_listeners(local_config(), vec![socket], Echo) {
+        Err(Error::Config(msg)) => assert!(
+            msg.contains(&addr.to_string()) && msg.contains("not listening"),
+            "{msg}"
+        ),
+        Err(other) => panic!("expected a configuration error, got {other}"),
+        Ok(_) => panic!("a socket that is not listening was accepted"),
+    }
+    let (socket, addr) = bound_not_listening();
+    match Workers::bind_listeners(local_config(), vec![socket], 2, |_| Echo) {
+        Err(Error::Config(msg)) => assert!(
+            msg.contains(&addr.to_string()) && msg.contains("not listening"),
+            "{msg}"
+        ),
+        Err(other) => panic!("expected a configuration error, got {other}"),
+        Ok(_) => panic!("a socket that is not listening was accepted by the workers"),
+    }
+}
+
+/// Greets each connection with its worker's index (`b'0' + i`), then echoes.
+struct Greeter {
+    i: u8,
+}
+
+impl Handler for Greeter {
+    type Conn = ();
+    fn on_open(&mut self, ctx: &mut Context<'_>) {
+        ctx.write(&[b'0' + self.i]);
+    }
+    fn on_data(&mut self, _: &mut (), ctx: &mut Context<'_>, data: &[u8]) {
+        ctx.write(data);
+    }
+}
+
+/// A new connection and the worker it landed on (`None`: refused, closed before its greeting).
+#[track_caller]
+fn connect_to_a_worker(addr: std::net::SocketAddr) -> (std::net::TcpStream, Option<u8>) {
+    use std::io::Read;
+    let mut c = connect(addr);
+    let mut b = [0u8; 1];
+    let worker = match c.read(&mut b) {
+        Ok(1) => Some(b[0] - b'0'),
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+        Err(e) => panic!("reading the greeting: {e}"),
+    };
+    (c, worker)
+}
+
+/// Waits until the group's published figures show `n` open connections (published once per
+/// tick: there is no event to wait for).
+#[track_caller]
+fn wait_active(running: &sockman::RunningWorkers, n: u64) {
+    let deadline = std::time::Instant::now() + util::WAIT;
+    while running.metrics().active != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not {n} open: {}",
+            running.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn the_connection_cap_is_the_groups_whatever_worker_the_kernel_picks() {
+    const CAP: usize = 20;
+    let config = with_admin(sockman::Config {
+        max_connections: Some(CAP),
+        ..local_config()
+    });
+    let workers = Workers::bind(config, 2, |i| Greeter { i: i as u8 }).unwrap();
+    let addr = workers.local_addrs()[0];
+    let admin = workers.admin_addr().unwrap();
+    let running = workers.start().unwrap();
+    // Worker 1 alone takes 15 (more than half of the cap): those on worker 0 are let go.
+    let mut kept = Vec::new();
+    for _ in 0..1000 {
+        if kept.len() == 15 {
+            break;
+        }
+        match connect_to_a_worker(addr) {
+            (c, Some(1)) => kept.push(c),
+            (c, Some(_)) => {
+                drop(c);
+                wait_active(&running, kept.len() as u64);
+            }
+            (_, None) => panic!(
+                "connection {} on worker 1 refused, below the group's cap of {CAP}: {}",
+                kept.len() + 1,
+                running.metrics()
+            ),
+        }
+    }
+    assert_eq!(kept.len(), 15, "the kernel never picked worker 1");
+    // Then any worker, up to one below the cap: /readyz still says yes.
+    while kept.len() < CAP - 1 {
+        let (c, worker) = connect_to_a_worker(addr);
+        assert!(worker.is_some(), "refused at {} of {CAP}", kept.len());
+        kept.push(c);
+    }
+    wait_active(&running, CAP as u64 - 1);
+    assert_eq!(http::get(admin, "/readyz").status, 200, "one below the cap");
+    // The 20th fills the cap: /readyz says no exactly then; the 21st is refused.
+    let (c, worker) = connect_to_a_worker(addr);
+    assert!(worker.is_some(), "the {CAP}th was refused");
+    kept.push(c);
+    wait_active(&running, CAP as u64);
+    let r = http::get(admin, "/readyz");
+    assert_eq!(r.status, 503, "at the group's cap: {r:?}");
+    let (_refused, worker) = connect_to_a_worker(addr);
+    assert_eq!(
+        worker, None,
+        "a connection over the group's cap was accepted"
+    );
+    let deadline = std::time::Instant::now() + util::WAIT;
+    while running.metrics().rejected_by(sockman::RejectReason::Full) != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            running.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // One leaves: room again.
+    drop(kept.pop());
+    wait_active(&running, CAP as u64 - 1);
+    assert_eq!(
+        http::get(admin, "/readyz").status,
+        200,
+        "below the cap again"
+    );
+    running.handle().shutdown();
+    let finals = running.wait().unwrap();
+    let rejected: u64 = finals
+        .iter()
+        .map(|m| m.rejected_by(sockman::RejectReason::Full))
+        .sum();
+    assert_eq!(rejected, 1, "{finals:?}");
+}

@@ -172,3 +172,132 @@ fn a_drain_of_two_workers_serves_every_handshake_queued_while_stopped() {
     assert!(per_worker.iter().all(|&n| n > 0), "{per_worker:?}");
     bin.assert_log(&["SIGTERM: draining"], &["force-closing", "panicked"]);
 }
+
+/// The cap of a group of workers, from its `N workers on ADDR: at most M connections in all`
+/// line.
+#[track_caller]
+fn group_cap(line: &str) -> u64 {
+    stat(&line.replace("at most ", "cap="), "cap")
+        .unwrap_or_else(|| panic!("no \"at most M connections\" in {line:?}"))
+}
+
+#[test]
+fn sixty_four_workers_under_a_1024_fd_limit_reach_their_cap_without_emfile() {
+    const CLIENTS: u64 = 3000;
+    // Each worker holds an epoll fd, a waker, a timerfd, the accept gate's spare and its
+    // listener: a reserve that leaves one of them out runs out of descriptors below the cap.
+    let mut bin = Bin::spawn_limited(
+        1024,
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--workers",
+            "64",
+            "--stats-interval",
+            "100ms",
+            "--fd-check-interval",
+            "0",
+        ],
+    );
+    let (addr, admin) = bin.wait_listening_with_admin();
+    let cap = group_cap(&bin.wait_line("the workers line", |l| l.contains("64 workers on ")));
+    bin.wait_first_stats();
+    let clients: Vec<TcpStream> = (0..CLIENTS).map(|_| connect(addr)).collect();
+    let line = bin.wait_line("stats line with every connect handled, or EMFILE", |l| {
+        let handled: u64 = ["accepted", "full", "shed"]
+            .iter()
+            .map(|k| stat(l, k).unwrap_or(0))
+            .sum();
+        is_stats(l) && (handled == CLIENTS || stat(l, "emfile").is_some())
+    });
+    assert_eq!(
+        stat(&line, "emfile"),
+        None,
+        "out of descriptors below the cap of {cap}: {line}"
+    );
+    assert_eq!(stat(&line, "active"), Some(cap), "{line}");
+    assert_eq!(stat(&line, "full"), Some(CLIENTS - cap), "{line}");
+    // The admin endpoint still gets descriptors.
+    let r = http::get(admin, "/metrics");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        http::value(&r.body, "sockman_connections_active", ""),
+        Some(cap),
+        "{}",
+        r.body
+    );
+    drop(clients);
+    bin.terminate();
+    bin.assert_log(&[], &["Too many open files", "panicked"]);
+}
+
+/// The status of `GET path` on the admin endpoint, or why there is none (refused, reset).
+fn admin_status(admin: SocketAddr, path: &str) -> Result<u16, String> {
+    let mut c = TcpStream::connect(admin).map_err(|e| format!("connect: {e}"))?;
+    c.set_read_timeout(Some(util::IO_TIMEOUT)).unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut text = String::new();
+    c.read_to_string(&mut text)
+        .map_err(|e| format!("read: {e}"))?;
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status in {text:?}"))
+}
+
+#[test]
+fn the_admin_endpoint_answers_until_every_worker_has_drained() {
+    let (mut bin, addr, admin) =
+        spawn_two_workers(&["--drain-timeout", "20s", "--drain-idle", "10s"]);
+    // One connection held on worker 1 (worker 0 serves the admin endpoint); the rest let go.
+    let mut held = None;
+    for _ in 0..200 {
+        let mut c = connect(addr);
+        echo(&mut c, b"which worker?");
+        let me = c.local_addr().unwrap();
+        let on_1 = http::connections(admin, "")
+            .iter()
+            .any(|(peer, line)| *peer == me && line.contains(" worker=1"));
+        if on_1 {
+            held = Some(c);
+            break;
+        }
+    }
+    let mut held = held.expect("no connection landed on worker 1");
+    bin.wait_line("stats line with the held connection alone", |l| {
+        is_stats(l) && stat(l, "active") == Some(1)
+    });
+    bin.signal("TERM");
+    // Worker 0 has nothing left to drain: it is done at once, worker 1 is not.
+    bin.wait_line("worker 0's drain complete", |l| {
+        l.contains("drain complete")
+    });
+    for path in ["/livez", "/readyz", "/metrics", "/livez"] {
+        let want = if path == "/readyz" { 503 } else { 200 };
+        assert_eq!(
+            admin_status(admin, path),
+            Ok(want),
+            "GET {path} while worker 1 still drains; log:\n{}",
+            bin.log()
+        );
+    }
+    let m = http::get(admin, "/metrics").body;
+    assert_eq!(
+        http::value(&m, "sockman_connections_active", ""),
+        Some(1),
+        "{m}"
+    );
+    // The held connection still echoes; when it leaves, the drain ends and every worker stops.
+    echo(&mut held, b"still served");
+    util::close_gracefully(held);
+    bin.wait_success();
+    assert_eq!(
+        bin.log.iter().filter(|l| l.contains(" stopped: ")).count(),
+        2
+    );
+    bin.assert_log(&["SIGTERM: draining"], &["force-closing", "panicked"]);
+}

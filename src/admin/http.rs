@@ -10,8 +10,11 @@
 //! otherwise get a reset that destroys the end of the answer.
 //!
 //! A monitoring system must always get in: when every slot is taken, the oldest connection that
-//! has not sent a byte yet is closed to make room, and accepting is budgeted per turn and retried
-//! after an error instead of waiting for an edge that may never come.
+//! is not answering a request now is closed to make room, if it has not sent a byte yet or has
+//! held its slot for [`YIELD_AFTER`] without completing a request (or lingers that long after
+//! its answer): so clients that each send one byte and stall hold the endpoint for a second at
+//! most, not for the admin timeout. Accepting is budgeted per turn and retried after an error
+//! instead of waiting for an edge that may never come.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
@@ -39,6 +42,10 @@ const ACCEPT_BUDGET: usize = 16;
 const MAX_REQUEST: usize = 8 * 1024;
 /// An admin connection that has not completed its request and response within this is closed.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// When every slot is taken, a connection that has held its slot this long without completing a
+/// request (or lingers this long after its answer) yields to a newcomer: a real client's
+/// request arrives in one segment, well within it.
+const YIELD_AFTER: Duration = Duration::from_secs(1);
 /// After an accept error, the admin listener is tried again this much later (the data side
 /// handles fd exhaustion; this only keeps queued admin clients from waiting for an edge).
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -81,9 +88,16 @@ struct Gather {
 const GATHER_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl AdminConn {
-    /// Nothing received yet: the first to go when every slot is taken.
-    fn is_silent(&self) -> bool {
-        self.request.is_empty() && self.response.is_empty()
+    /// Whether this connection yields its slot to a newcomer at `now` (every slot taken): it is
+    /// not answering a request (writing an answer, gathering one), and it has sent nothing
+    /// yet, or has had `yield_ticks` to complete its request (or to end its linger).
+    fn may_yield(&self, now: Tick, yield_ticks: Tick) -> bool {
+        let old = now >= crate::time::deadline(self.opened, yield_ticks);
+        match self.lingering {
+            Some(since) => now >= crate::time::deadline(since, yield_ticks),
+            None if self.gather.is_some() || !self.response.is_empty() => false,
+            None => self.request.is_empty() || old,
+        }
     }
 }
 
@@ -94,6 +108,8 @@ pub(crate) struct Admin {
     pub(crate) addr: SocketAddr,
     conns: Slab<AdminConn>,
     timeout_ticks: Tick,
+    /// [`YIELD_AFTER`] in ticks.
+    yield_ticks: Tick,
     retry_ticks: Tick,
     /// Linger deadline and byte cap (the data connections' settings).
     linger_ticks: Tick,
@@ -121,6 +137,7 @@ impl Admin {
             addr,
             conns: Slab::with_capacity(MAX_ADMIN_CONNS),
             timeout_ticks: clock.ticks(ADMIN_TIMEOUT).max(1),
+            yield_ticks: clock.ticks(YIELD_AFTER).max(1),
             retry_ticks: clock.ticks(ACCEPT_RETRY).max(1),
             linger_ticks,
             linger_bytes,
@@ -128,14 +145,14 @@ impl Admin {
         })
     }
 
-    /// Accepts up to [`ACCEPT_BUDGET`] connections; when every slot is taken, the oldest silent
-    /// connection makes room (else the newcomer is closed at once).
+    /// Accepts up to [`ACCEPT_BUDGET`] connections; when every slot is taken, the oldest
+    /// connection that may yield makes room (else the newcomer is closed at once).
     pub(crate) fn accept(&mut self, registry: &Registry, now: Tick) {
         self.accept_at = None;
         for _ in 0..ACCEPT_BUDGET {
             match self.listener.accept() {
                 Ok((mut stream, peer)) => {
-                    if self.conns.len() >= MAX_ADMIN_CONNS && !self.evict_silent(registry) {
+                    if self.conns.len() >= MAX_ADMIN_CONNS && !self.make_room(registry, now) {
                         // Dropped here: admin connections are never counted as data ones.
                         debug!("admin: every slot busy with a request, closing peer={peer}");
                         continue;
@@ -177,17 +194,18 @@ impl Admin {
         self.accept_at = Some(0); // the budget ran out: continue next turn
     }
 
-    /// Closes the oldest connection that has not sent a byte. Returns whether one was found.
-    fn evict_silent(&mut self, registry: &Registry) -> bool {
+    /// Closes the oldest connection that may yield its slot at `now` (see
+    /// [`AdminConn::may_yield`]). Returns whether one was found.
+    fn make_room(&mut self, registry: &Registry, now: Tick) -> bool {
         let oldest = self
             .conns
             .iter()
-            .filter(|(_, c)| c.is_silent())
+            .filter(|(_, c)| c.may_yield(now, self.yield_ticks))
             .min_by_key(|(_, c)| c.opened)
             .map(|(k, _)| k);
         match oldest {
             Some(k) => {
-                debug!("admin: every slot taken, closing the oldest silent connection");
+                debug!("admin: every slot taken, closing the oldest connection without a request under way");
                 self.close(k, registry);
                 true
             }

@@ -143,7 +143,7 @@ fn prometheus<S>(view: &View<'_, S>) -> String {
         &mut out,
         "connections_max",
         "gauge",
-        "The connection cap in force.",
+        "The connection cap in force (with workers, the group's: every worker's admission shares it).",
         |m| m.max_connections,
     );
     p.metric(

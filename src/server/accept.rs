@@ -249,11 +249,10 @@ impl<H: Handler> Server<H> {
         if !header && !self.per_ip_admits(peer) {
             return;
         }
-        // Evicting runs the evicted connection's `on_close`, which may dial into the freed slot:
-        // look again.
-        if self.table.slab.len() >= self.table.max_connections
-            && (!self.evict_for(now) || self.table.slab.len() >= self.table.max_connections)
-        {
+        // Evicting runs the evicted connection's `on_close`, which may dial into the freed slot
+        // (and in a group another worker may take it): look again.
+        let placed = self.table.take_place() || (self.evict_for(now) && self.table.take_place());
+        if !placed {
             if let (Some(per_ip), false) = (&mut self.accept.per_ip, header) {
                 per_ip.remove(peer.ip());
             }
@@ -270,6 +269,7 @@ impl<H: Handler> Server<H> {
             token::conn(id),
             Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
         ) {
+            self.table.give_back();
             self.table.metrics.rejected[RejectReason::Register.index()] += 1;
             if let (Some(per_ip), false) = (&mut self.accept.per_ip, header) {
                 per_ip.remove(peer.ip());
@@ -474,6 +474,31 @@ impl<H: Handler> Server<H> {
         if let Some(lru) = &mut self.accept.lru {
             lru.push(id.key());
         }
+    }
+}
+
+/// Whether `listener` is in the listening state (`SO_ACCEPTCONN`): a socket that is bound but
+/// not listening would never accept (every connect to it is refused). `None` where the kernel
+/// cannot be asked.
+pub(super) fn is_listening(listener: &std::net::TcpListener) -> Option<bool> {
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "fuchsia"
+    ))]
+    {
+        socket2::SockRef::from(listener).is_listener().ok()
+    }
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "fuchsia"
+    )))]
+    {
+        let _ = listener;
+        None
     }
 }
 

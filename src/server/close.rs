@@ -212,7 +212,7 @@ impl<H: Handler> Server<H> {
             .micros(self.table.now.saturating_sub(ended.opened));
         if let Some(state) = state {
             let mut ctx = Context::new(&mut self.table, id);
-            ctx.closed_peer = Some(peer);
+            ctx.closed = Some(ended);
             self.handler.on_close(state, &mut ctx, reason);
         }
         self.table
@@ -236,6 +236,7 @@ impl<H: Handler> Server<H> {
             trace!("deregister key={key}: {e}");
         }
         let mut conn = self.table.slab.remove(key);
+        self.table.give_back();
         if conn.has(flag::LEFTOVER) {
             let id = ConnId::new(key, conn.gen);
             self.leftover.retain(|(i, _)| *i != id);

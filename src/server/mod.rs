@@ -58,7 +58,7 @@ use crate::conn::{OutputLimits, Phase, Timeouts};
 use crate::error::Error;
 use crate::group::{Group, Member};
 use crate::handler::{Context, Handler};
-use crate::limits::{self, ADMIN_FDS};
+use crate::limits::{self, LoopFds, ADMIN_FDS};
 use crate::metrics::Metrics;
 use crate::reason::{CloseReason, LingerEnd};
 use crate::remote::{Handle, Job, Msg, Remote, Shared};
@@ -131,7 +131,8 @@ impl<H: Handler> Server<H> {
     /// (TCP_NODELAY, keepalive, buffer sizes), which their accepted sockets inherit.
     ///
     /// # Errors
-    /// As [`Server::bind`]; [`Error::Io`] if a listener cannot be configured.
+    /// As [`Server::bind`]; [`Error::Config`] for a socket that is bound but not listening (it
+    /// would never accept); [`Error::Io`] if a listener cannot be configured.
     pub fn bind_listeners(
         config: Config,
         listeners: Vec<std::net::TcpListener>,
@@ -147,6 +148,15 @@ impl<H: Handler> Server<H> {
     ) -> Result<Server<H>, Error> {
         if let Some(l) = &inherited {
             config.listen = l.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+            if let Some(addr) = l
+                .iter()
+                .zip(&config.listen)
+                .find_map(|(l, addr)| (accept::is_listening(l) == Some(false)).then_some(addr))
+            {
+                return Err(Error::Config(format!(
+                    "the socket bound to {addr} is not listening: it would never accept (call listen(2) on it before passing it)"
+                )));
+            }
         }
         config.validate()?;
         if config.listen.len() > MAX_LISTENERS {
@@ -161,8 +171,8 @@ impl<H: Handler> Server<H> {
             ));
         }
         let fd_limit = limits::fd_limit(config.raise_fd_limit);
-        // Besides FD_RESERVE: one fd per listener, and the admin listener with its connections.
-        let own_fds = config.listen.len() as u64 + config.admin.map_or(0, |_| ADMIN_FDS);
+        // Besides FD_RESERVE: what this loop opens itself.
+        let own_fds = LoopFds::planned(config.listen.len(), config.admin.is_some()).total();
         let max_connections =
             limits::effective_max_connections(config.max_connections, fd_limit, own_fds);
         let poll = Poll::new()?;
@@ -359,8 +369,8 @@ impl<H: Handler> Server<H> {
     /// # Errors
     /// Why not, in a few words.
     pub fn readiness(&self) -> Result<(), &'static str> {
-        self.timers
-            .readiness(self.table.slab.len(), self.table.max_connections)
+        let (open, cap) = self.table.occupancy();
+        self.timers.readiness(open, cap)
     }
 
     /// The time of the last turn (the server's start before the first).
@@ -368,8 +378,18 @@ impl<H: Handler> Server<H> {
         self.table.now_at
     }
 
-    /// Makes this server worker `index` of `group`.
+    /// Makes this server worker `index` of `group`; its admission shares the group's cap, if
+    /// the group has one (more than one worker).
     pub(crate) fn join_group(&mut self, group: Arc<Group>, index: usize) {
+        debug_assert!(
+            self.table.slab.is_empty(),
+            "joined a group with connections open"
+        );
+        if let Some(cap) = &group.cap {
+            self.table.max_connections = cap.max();
+            self.table.metrics.max_connections = cap.max() as u64;
+            self.table.group_cap = Some(Arc::clone(cap));
+        }
         let own = self.own_fds() as u64;
         group.slots[index]
             .fds
@@ -504,6 +524,26 @@ impl<H: Handler> Server<H> {
         }
         // No dials from the `on_close` calls below.
         self.table.stopped = true;
+        self.close_connections();
+        self.close_listeners();
+        self.admin.close_all(self.table.poll.registry());
+        self.timers.drain_deadline = None;
+        self.timers.awaiting_group = false;
+        if let Some(m) = &mut self.member {
+            m.published = Tick::MAX; // the final figures, whatever the tick
+                                     // Stopped: never "busy in a turn" for /livez.
+            m.group.beat(m.index, true, self.table.now_at);
+        }
+        self.publish();
+        if let Some(m) = &self.member {
+            m.group.worker_stopped();
+        }
+        info!("stopped: {}", self.table.metrics);
+    }
+
+    /// Closes every connection with [`CloseReason::Shutdown`] (lingering ones just close, ones
+    /// waiting for their PROXY header just go).
+    fn close_connections(&mut self) {
         for id in self.table.ids() {
             match self.table.get(id).map(|c| c.phase) {
                 Some(Phase::Lingering) => self.end_linger(id.key(), LingerEnd::Timeout),
@@ -513,16 +553,6 @@ impl<H: Handler> Server<H> {
                 None => {}
             }
         }
-        self.close_listeners();
-        self.admin.close_all(self.table.poll.registry());
-        self.timers.drain_deadline = None;
-        if let Some(m) = &mut self.member {
-            m.published = Tick::MAX; // the final figures, whatever the tick
-                                     // Stopped: never "busy in a turn" for /livez.
-            m.group.beat(m.index, true, self.table.now_at);
-        }
-        self.publish();
-        info!("stopped: {}", self.table.metrics);
     }
 }
 

@@ -73,7 +73,10 @@ fn stale_event_for_reused_slot_is_dropped() {
     b.read_exact(&mut reply).unwrap();
     assert_eq!(&reply, b"ping");
     // A stale wheel entry for the old generation is dropped as well.
-    server.timers.wheel.insert(key as u32, old_gen, 0);
+    server
+        .timers
+        .wheel
+        .insert(key as u32, token::gen_low(old_gen), 0);
     // An entry inserted for a tick the wheel has passed fires at its next tick.
     let now = server.table.now.max(server.timers.wheel.elapsed());
     server.expire(now);
@@ -123,4 +126,31 @@ fn bind_reports_address_in_use() {
         }
         other => panic!("expected a bind error, got {other:?}"),
     }
+}
+
+#[test]
+fn an_id_held_across_2_pow_32_connections_does_not_reach_the_slots_new_occupant() {
+    let mut server = Server::bind(local_config(), Echo).unwrap();
+    let addr = server.local_addrs()[0];
+    let a = std::net::TcpStream::connect(addr).unwrap();
+    turn_until(&mut server, |s| s.metrics().accepted == 1);
+    let held = server.table.ids()[0];
+    drop(a);
+    turn_until(&mut server, |s| s.metrics().active == 0);
+    // 2^32 connections later (at 100 k/s, 12 hours), the slot is refilled.
+    server.table.skip_generations((1 << 32) - 1);
+    let b = std::net::TcpStream::connect(addr).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    turn_until(&mut server, |s| s.metrics().accepted == 2);
+    let now_there = server.table.ids()[0];
+    assert_eq!(now_there.key(), held.key(), "the slot was reused");
+    assert_ne!(now_there, held, "a new occupant has a new id");
+    let reached = server.with_context(|_, ctx| ctx.send(held, b"stale"));
+    assert_eq!(
+        reached,
+        Err(crate::SendError::Gone),
+        "an id held for 2^32 connections reached the slot's new occupant {now_there}"
+    );
+    assert_eq!(server.metrics().bytes_out, 0);
+    server.shutdown();
 }

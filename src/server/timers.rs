@@ -17,10 +17,10 @@ use log::{info, trace, warn};
 use super::Server;
 use crate::conn::{Due, Timeouts};
 use crate::handler::{Context, Handler, Idle};
-use crate::limits;
+use crate::limits::{self, LoopFds};
 use crate::reason::{CloseReason, LingerEnd, RejectReason};
 use crate::time::{Tick, NEVER};
-use crate::token::ConnId;
+use crate::token::{self, ConnId};
 use crate::wheel::{Entry, Wheel};
 
 /// Dead wheel entries tolerated before a sweep.
@@ -50,6 +50,9 @@ pub(super) struct Timers {
     /// Draining, with the listeners still open: worker 0 of a group waits for the others to
     /// close theirs first.
     pub(super) close_pending: bool,
+    /// This loop's drain is over, but it serves the admin endpoint for a group whose other
+    /// workers still drain: it stops once they all have (still "draining" for `/readyz`).
+    pub(super) awaiting_group: bool,
     /// Next run of `Handler::on_periodic`, and its period.
     next_periodic: Option<Tick>,
     periodic: Tick,
@@ -74,6 +77,7 @@ impl Timers {
             lame_duck: None,
             lame_done: false,
             close_pending: false,
+            awaiting_group: false,
             next_periodic: (periodic > 0).then_some(periodic),
             periodic,
             next_fd_check: None,
@@ -83,9 +87,10 @@ impl Timers {
         }
     }
 
-    /// Whether a drain is under way (its lame-duck delay included).
+    /// Whether a drain is under way (its lame-duck delay included, and, for the worker that
+    /// serves a group's admin endpoint, until the whole group has stopped).
     pub(super) fn is_draining(&self) -> bool {
-        self.drain_deadline.is_some() || self.lame_duck.is_some()
+        self.drain_deadline.is_some() || self.lame_duck.is_some() || self.awaiting_group
     }
 
     /// What `/readyz` answers for a loop holding `open` of `cap` connections (see
@@ -93,7 +98,7 @@ impl Timers {
     pub(super) fn readiness(&self, open: usize, cap: usize) -> Result<(), &'static str> {
         if self.lame_duck.is_some() {
             Err("draining soon (lame duck)")
-        } else if self.drain_deadline.is_some() {
+        } else if self.drain_deadline.is_some() || self.awaiting_group {
             Err("draining")
         } else if open >= cap {
             Err("at the connection cap")
@@ -128,7 +133,7 @@ impl<H: Handler> Server<H> {
                 if conn.scheduled != NEVER {
                     t.stale += 1; // the later entry is superseded
                 }
-                t.wheel.insert(key as u32, conn.gen, when);
+                t.wheel.insert(key as u32, token::gen_low(conn.gen), when);
                 conn.scheduled = when;
             }
         }
@@ -145,7 +150,14 @@ impl<H: Handler> Server<H> {
         for entry in fired.drain(..) {
             let key = entry.key as usize;
             let t = &mut self.timers;
-            let Some(conn) = self.table.slab.get_mut(key).filter(|c| c.gen == entry.gen) else {
+            // The entry's low generation bits, and below its tick, tell the occupant's own entry
+            // from a dead one (see the `token` docs for why low bits are enough).
+            let Some(conn) = self
+                .table
+                .slab
+                .get_mut(key)
+                .filter(|c| token::gen_low(c.gen) == entry.gen)
+            else {
                 self.table.metrics.stale += 1;
                 t.stale = t.stale.saturating_sub(1);
                 continue;
@@ -199,7 +211,8 @@ impl<H: Handler> Server<H> {
                     if conn.scheduled != NEVER {
                         self.timers.stale += 1; // the entry it had is superseded
                     }
-                    self.timers.wheel.insert(key as u32, conn.gen, again);
+                    let gen = token::gen_low(conn.gen);
+                    self.timers.wheel.insert(key as u32, gen, again);
                     conn.scheduled = again;
                 } else {
                     conn.close_gracefully(CloseReason::Shutdown);
@@ -252,7 +265,7 @@ impl<H: Handler> Server<H> {
         self.timers.wheel.retain(|e| {
             conns
                 .get(e.key as usize)
-                .is_some_and(|c| c.gen == e.gen && c.scheduled == e.when)
+                .is_some_and(|c| token::gen_low(c.gen) == e.gen && c.scheduled == e.when)
         });
         trace!(
             "wheel compacted: {} dead entries dropped, {} kept",
@@ -275,7 +288,7 @@ impl<H: Handler> Server<H> {
     /// Starts a drain at `now` (see [`Handle::drain`](crate::Handle::drain)); a second call only
     /// shortens the deadline.
     pub(super) fn begin_drain(&mut self, timeout: Duration, now: Tick) {
-        if self.table.stopped {
+        if self.table.stopped || self.timers.awaiting_group {
             return;
         }
         let deadline = crate::time::deadline(now, self.table.clock.ticks(timeout));
@@ -352,23 +365,57 @@ impl<H: Handler> Server<H> {
         }
         if self.table.slab.is_empty() {
             info!("drain complete: every connection ended");
-            self.shutdown();
+            self.end_drain();
         } else if now >= deadline {
             let left = self.table.slab.len() as u64;
             self.table.metrics.drain_forced += left;
             warn!("drain deadline: force-closing {left} connections");
+            self.end_drain();
+        }
+    }
+
+    /// This loop's drain is over: it stops, unless it serves the admin endpoint of a group
+    /// whose other workers still drain. Then it closes what is left of its own and serves the
+    /// admin side alone (`/livez`, `/readyz` failing, `/metrics` with the others' figures)
+    /// until every other worker has stopped ([`check_group`](Self::check_group)): liveness
+    /// must not fail during a drain.
+    fn end_drain(&mut self) {
+        let others = self.member.as_ref().map_or(0, |m| m.group.running() - 1);
+        if others == 0 || self.admin.addr().is_none() {
+            return self.shutdown();
+        }
+        self.close_connections();
+        self.close_listeners();
+        self.timers.drain_deadline = None;
+        self.timers.awaiting_group = true;
+        info!("serving the admin endpoint until every worker has stopped ({others} still running)");
+        self.check_group();
+    }
+
+    /// Serving a group's admin endpoint after this loop's drain: stops once every other worker
+    /// has (each one's stop wakes this loop).
+    pub(super) fn check_group(&mut self) {
+        if self.member.as_ref().is_none_or(|m| m.group.running() <= 1) {
+            info!("every worker has stopped");
             self.shutdown();
         }
     }
 
-    /// Descriptors the loop itself holds besides connections: epoll, waker, listeners, the
-    /// spare, the admin side.
+    /// Descriptors the loop itself holds besides connections, as they are now: epoll, waker,
+    /// timer, listeners, the spare, the admin side (what the cap kept back for them is
+    /// [`LoopFds::planned`]).
     pub(super) fn own_fds(&self) -> i64 {
         #[cfg(target_os = "linux")]
-        let alarm = self.alarm.as_ref().map_or(0, |a| a.fds());
+        let alarm = self.alarm.is_some();
         #[cfg(not(target_os = "linux"))]
-        let alarm = 0;
-        (2 + alarm + self.accept.listeners.len() + self.accept.gate.fds() + self.admin.fds()) as i64
+        let alarm = false;
+        let fds = LoopFds {
+            alarm,
+            spare: self.accept.gate.fds() > 0,
+            listeners: self.accept.listeners.len(),
+            admin: self.admin.fds() as u64,
+        };
+        fds.total() as i64
     }
 
     /// Descriptors held by the other workers of this loop's group (connections and their own),

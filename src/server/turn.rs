@@ -134,6 +134,8 @@ impl<H: Handler> Server<H> {
         self.check_lame_duck(now);
         if let Some(deadline) = self.timers.drain_deadline {
             self.check_drain(deadline, now);
+        } else if self.timers.awaiting_group {
+            self.check_group();
         }
         self.publish();
         Ok(())
@@ -160,7 +162,8 @@ impl<H: Handler> Server<H> {
                 admin.drive(k, registry, &view);
             }
             Kind::Conn { key, gen } => match self.table.slab.get(key) {
-                Some(conn) if conn.gen == gen => self.drive(key, ready),
+                // The token's low generation bits tell connections apart within a batch.
+                Some(conn) if token::gen_low(conn.gen) == gen => self.drive(key, ready),
                 _ => {
                     self.table.metrics.stale += 1;
                     trace!("stale event token={} key={key} gen={gen}", token.0);
@@ -318,7 +321,10 @@ fn view<'a, H: Handler>(
         at: table.now_at,
         clock: table.clock,
         draining: timers.is_draining(),
-        ready: timers.readiness(table.slab.len(), table.max_connections),
+        ready: {
+            let (open, cap) = table.occupancy();
+            timers.readiness(open, cap)
+        },
         hooks: handler,
         group: member.map(|m| (&*m.group, m.index)),
     }

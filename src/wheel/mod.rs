@@ -83,7 +83,8 @@ fn trim(bucket: &mut Vec<Entry>) {
 pub struct Entry {
     /// The connection's slab key.
     pub key: u32,
-    /// The connection's generation at insert time; a mismatch on fire means the key was reused.
+    /// The connection's generation at insert time (its low 32 bits: the server's `token`
+    /// module says why that is enough); a mismatch on fire means the key was reused.
     pub gen: u32,
     /// The tick at or after which the entry is due.
     pub when: u64,

@@ -128,7 +128,7 @@ pub(crate) struct ServerArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", env = "SOCKMAN_LINGER_TIMEOUT", value_parser = parse_duration)]
     linger_timeout: Duration,
     /// Loops (threads) to run, each with its own SO_REUSEPORT listener: a number, or `auto` for
-    /// one per available core. The connection cap is split between them.
+    /// one per available core. The connection cap is the group's, shared by all of them.
     #[arg(long, value_name = "N|auto", default_value = "1", env = "SOCKMAN_WORKERS", value_parser = parse_workers)]
     pub(crate) workers: usize,
     /// Require a PROXY protocol header (from a balancer such as HAProxy with send-proxy) on every
@@ -214,6 +214,15 @@ fn inherited_listeners() -> Result<Option<Vec<std::net::TcpListener>>, String> {
     let mut listeners = Vec::with_capacity(fds.len());
     for i in 0..fds.len() {
         match fds.take_tcp_listener(i) {
+            // Bound but never put into the listening state (SO_ACCEPTCONN off): served, it
+            // would never accept.
+            Ok(Some(l)) if is_not_listening(&l) => {
+                let addr = l.local_addr().map_or("?".into(), |a| a.to_string());
+                return Err(format!(
+                    "inherited descriptor {} (LISTEN_FDS) is a TCP socket that is not listening (bound to {addr}): pass a listening socket (systemd: ListenStream=)",
+                    i + 3
+                ));
+            }
             Ok(Some(l)) => listeners.push(l),
             Ok(None) => return Err(format!("inherited descriptor {} is already taken", i + 3)),
             Err(e) => {
@@ -225,6 +234,30 @@ fn inherited_listeners() -> Result<Option<Vec<std::net::TcpListener>>, String> {
         }
     }
     Ok(Some(listeners))
+}
+
+/// Whether `l` is known not to be listening (`SO_ACCEPTCONN` off; unknown where the kernel
+/// cannot be asked: the library then serves it as it is).
+fn is_not_listening(l: &std::net::TcpListener) -> bool {
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "fuchsia"
+    ))]
+    {
+        socket2::SockRef::from(l).is_listener().ok() == Some(false)
+    }
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "fuchsia"
+    )))]
+    {
+        let _ = l;
+        false
+    }
 }
 
 /// Tells systemd (if it started us with `NOTIFY_SOCKET`) how the service is doing.

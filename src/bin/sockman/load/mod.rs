@@ -78,6 +78,7 @@ use crate::units::{parse_duration, parse_size};
 
 pub use mode::Mode;
 pub use report::Report;
+pub(crate) use schedule::{MAX_RATE, MIN_RATE};
 
 /// How long one connect may take before it counts as a `timed_out` error; also how long the
 /// generator waits for the *first* connection before it calls the server unreachable.
@@ -149,8 +150,9 @@ pub struct LoadArgs {
         env = "SOCKMAN_LOAD_DEPTH"
     )]
     pub depth: usize,
-    /// Fixed total message rate per second, spread over the connections (pingpong, pipeline);
-    /// latency is then measured from each message's scheduled send time. Spins a core.
+    /// Fixed total message rate per second, spread over the connections (pingpong, pipeline;
+    /// from 0.001 to 10000000); latency is then measured from each message's scheduled send
+    /// time. Spins a core.
     #[arg(long, value_name = "R", env = "SOCKMAN_LOAD_RATE")]
     pub rate: Option<f64>,
     /// Loopback source addresses to spread connections over, e.g. 127.0.0.2,127.0.0.3.
@@ -270,7 +272,7 @@ impl LoadConfig {
     /// # Errors
     /// A one-line message naming the offending flag: connections, size or depth below 1; size
     /// above [`MAX_SIZE`]; depth above 1 outside pipeline mode or above [`MAX_DEPTH`]; a rate that is not a positive finite
-    /// number, or a rate in stream, idle or churn mode; a zero duration; a connect or source
+    /// number, outside [`MIN_RATE`]..=[`MAX_RATE`], or in stream, idle or churn mode; a zero duration; a connect or source
     /// address that is not loopback, or a source address of the other IP family.
     pub fn validate(&self) -> Result<(), String> {
         if self.connections == 0 {
@@ -304,6 +306,11 @@ impl LoadConfig {
             if !(rate.is_finite() && rate > 0.0) {
                 return Err(format!(
                     "--rate must be a positive number of messages per second, not {rate}"
+                ));
+            }
+            if !(MIN_RATE..=MAX_RATE).contains(&rate) {
+                return Err(format!(
+                    "--rate {rate} is out of range: from {MIN_RATE} to {MAX_RATE} messages per second over all connections"
                 ));
             }
             if !matches!(self.mode, Mode::Pingpong | Mode::Pipeline) {

@@ -13,7 +13,7 @@ use mio::net::TcpStream;
 
 use super::mode::Mode;
 use super::pattern::{seed_for, Pattern};
-use super::schedule::Schedule;
+use super::schedule::{self, Schedule};
 use super::stats::Stats;
 
 /// The one loop-wide receive buffer; also the longest write. 256 KiB lets a streaming
@@ -189,8 +189,11 @@ impl Conn {
     /// `depth`.
     pub(super) fn issue_due(&mut self, key: usize, p: &Params, now: Instant) {
         let Some(s) = p.schedule else { return };
-        while self.inflight.len() < p.depth {
-            let due = p.t0 + s.due(key, self.next_k);
+        while self.inflight.len() < p.depth && self.next_k < u64::MAX {
+            // Past what an `Instant` holds: never due.
+            let Some(due) = schedule::at(p.t0, s.due(key, self.next_k)) else {
+                break;
+            };
             if due > now || !p.may_issue(due) {
                 break;
             }

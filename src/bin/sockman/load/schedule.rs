@@ -6,8 +6,22 @@
 //! connection that falls behind needs no queue: it remembers the next `k` it owes and sends
 //! every due one as soon as it can, and each message's latency runs from its due time (no
 //! coordinated omission).
+//!
+//! # Bounds
+//! [`MIN_RATE`] and [`MAX_RATE`] bound `--rate` (validation refuses the rest), and the arithmetic
+//! saturates anyway: a due offset too large for a `Duration` is `Duration::MAX`, a due time past
+//! what an `Instant` holds is never ([`at`] is `None`), and message indices stop at `u64::MAX`
+//! instead of wrapping to 0 (which made every message due again and spun forever).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Lowest `--rate`: one message per 1 000 s over all connections. Below it a run of any
+/// sensible length sends only message 0 (due at the start).
+pub(crate) const MIN_RATE: f64 = 1e-3;
+/// Highest `--rate`: 10 M messages/s over all connections, ten times what one generator thread
+/// completes on loopback (BENCHMARKS.md); beyond it the schedule says nothing a plain run
+/// (without `--rate`, as fast as the server answers) does not.
+pub(crate) const MAX_RATE: f64 = 1e7;
 
 /// The schedule for `n` connections sharing `rate` messages per second.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +72,11 @@ impl Schedule {
     pub(super) fn first_j_at(&self, elapsed: Duration) -> u64 {
         (elapsed.as_secs_f64() * self.rate).ceil() as u64
     }
+}
+
+/// `t0 + offset`, or `None` when that is past what an `Instant` holds (never due).
+pub(super) fn at(t0: Instant, offset: Duration) -> Option<Instant> {
+    t0.checked_add(offset)
 }
 
 /// Seconds to a `Duration`, saturating instead of panicking on absurd values.
@@ -125,5 +144,9 @@ mod tests {
     fn absurd_offsets_saturate() {
         let s = Schedule::new(1e-300, 1);
         assert_eq!(s.global_due(u64::MAX), Duration::MAX);
+        assert_eq!(at(Instant::now(), s.global_due(1)), None);
+        let s = Schedule::new(1e20, 1);
+        assert_eq!(s.first_j_at(Duration::from_secs(3600)), u64::MAX);
+        assert_eq!(s.first_k_at(0, Duration::from_secs(3600)), u64::MAX);
     }
 }

@@ -484,3 +484,57 @@ fn send_proxy_starts_every_connection_with_a_header_the_server_accepts() {
     assert_eq!(m.rejected.iter().sum::<u64>(), 0, "{m}");
     assert!(m.accepted >= r.ops, "{m}");
 }
+
+#[test]
+fn rates_outside_the_supported_range_are_refused_with_the_range() {
+    // 1e20/s once spun a core forever past --duration (a saturated message index wrapped);
+    // 1e-300/s panicked (a due time past what an Instant holds).
+    for rate in ["1e20", "10000001", "1e-300", "0.0009"] {
+        match config(&["--rate", rate]) {
+            Ok(c) => panic!("--rate {rate} accepted: {c:?}"),
+            Err(e) => assert!(
+                e.contains("--rate") && e.contains("0.001") && e.contains("10000000"),
+                "--rate {rate}: {e:?} does not give the range"
+            ),
+        }
+    }
+    for rate in ["0.001", "10000000"] {
+        let c = config(&["--rate", rate]).unwrap_or_else(|e| panic!("--rate {rate}: {e}"));
+        assert_eq!(c.rate, Some(rate.parse().unwrap()));
+    }
+}
+
+/// Runs the engine itself (no validation) at `rate` in another thread; its report, within a
+/// bound that only keeps a broken schedule from hanging the test.
+#[track_caller]
+fn run_unvalidated_at(rate: f64) -> Report {
+    let server = TestServer::start(Behaviour::Echo);
+    let mut cfg = quick(server.addr, Mode::Pingpong);
+    cfg.rate = Some(rate);
+    cfg.duration = Duration::from_millis(300);
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(engine::run(&cfg).map_err(|e| e.to_string()));
+    });
+    let started = Instant::now();
+    let report = rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("--rate {rate}: the run panicked or did not end in 10 s"))
+        .unwrap_or_else(|e| panic!("--rate {rate}: {e}"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "--rate {rate}: a 300 ms run took {:?}",
+        started.elapsed()
+    );
+    report
+}
+
+#[test]
+fn the_schedule_saturates_at_absurd_rates_instead_of_wrapping_or_panicking() {
+    // Every message is due at once: as fast as the server echoes, and the run still ends.
+    let fast = run_unvalidated_at(1e20);
+    assert!(fast.ops > 0 && fast.errors.is_empty(), "{fast}");
+    // Message 0 is due at the start, every later one past the end of time: one each at most.
+    let slow = run_unvalidated_at(1e-300);
+    assert!(slow.ops <= 4 && slow.errors.is_empty(), "{slow}");
+}

@@ -49,6 +49,27 @@ fn is_dial_failure(reason: CloseReason) -> bool {
     )
 }
 
+/// Whether a dial's socket error is the proxy's own failure, not the upstream's: out of
+/// descriptors (EMFILE, ENFILE), kernel memory (ENOBUFS, ENOMEM) or local ports
+/// (EADDRNOTAVAIL). Another upstream would fare no better, and none of them is to blame.
+fn is_local(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// How dialing for a client went.
+#[derive(Debug)]
+enum Dialed {
+    /// A dial started: the upstream's id and index.
+    Started(ConnId, u16),
+    /// Every try failed at once, or the proxy is at its cap or stopping.
+    NoUpstream,
+    /// The proxy itself could not dial (see [`is_local`]): the client is shed.
+    Local,
+}
+
 /// A client's `(upstream, index)` while it has no upstream: after its last dial failed, or
 /// when every try did.
 const NO_UPSTREAM: (ConnId, u16) = (ConnId::NONE, 0);
@@ -57,7 +78,7 @@ const NO_UPSTREAM: (ConnId, u16) = (ConnId::NONE, 0);
 #[derive(Debug)]
 pub(crate) enum Side {
     /// The accepted connection. `upstream` is [`ConnId::NONE`] only between a failed dial and
-    /// the next (not an `Option`: a session's two sides fit 12 bytes each this way).
+    /// the next (not an `Option`: a session's two sides fit 16 bytes each this way).
     Client {
         upstream: ConnId,
         index: u16,
@@ -102,6 +123,9 @@ pub(crate) struct Proxy {
     /// The counters of every worker, and this one's index there.
     stats: Arc<Stats>,
     me: usize,
+    /// Dials failed for the proxy's own lack of descriptors, memory or ports, and none has
+    /// started since: the warning is logged on this flag's transitions only.
+    local_failing: bool,
 }
 
 impl Proxy {
@@ -133,6 +157,7 @@ impl Proxy {
             idle_timeout,
             stats,
             me,
+            local_failing: false,
         }
     }
 
@@ -165,18 +190,11 @@ impl Proxy {
         i
     }
 
-    /// Dials for `client` until one dial starts or `tries` runs out; returns the upstream's id
-    /// and index.
-    fn dial(
-        &mut self,
-        ctx: &mut Context<'_, Side>,
-        client: ConnId,
-        tries: &mut u8,
-    ) -> Option<(ConnId, u16)> {
+    /// Dials for `client` until one dial starts or `tries` runs out.
+    fn dial(&mut self, ctx: &mut Context<'_, Side>, client: ConnId, tries: &mut u8) -> Dialed {
         while (*tries as usize) < self.tries {
             *tries += 1;
             let i = self.pick(ctx.now());
-            self.counters(i).dials.fetch_add(1, Relaxed);
             let addr = self.upstreams[i].addr;
             let state = Side::Upstream {
                 client,
@@ -184,19 +202,35 @@ impl Proxy {
                 connected: false,
             };
             match ctx.connect(addr, state) {
-                Ok(id) => return Some((id, i as u16)),
+                Ok(id) => {
+                    self.counters(i).dials.fetch_add(1, Relaxed);
+                    return Dialed::Started(id, i as u16);
+                }
                 Err(e) => {
                     debug!("{e}");
                     // Only the upstream's own failures count against its health: at the
-                    // connection cap or stopping, another upstream would fare no better.
-                    match e.failure {
-                        DialFailure::Socket(_) => self.dial_failed(i, ctx.now()),
-                        _ => return None,
+                    // connection cap, stopping, or out of descriptors, another upstream would
+                    // fare no better, and this one is not to blame.
+                    match &e.failure {
+                        DialFailure::Socket(err) if is_local(err) => {
+                            self.my().local_dial_errors.fetch_add(1, Relaxed);
+                            if !std::mem::replace(&mut self.local_failing, true) {
+                                warn!(
+                                    "cannot dial {addr}: {err}: the proxy is out of descriptors, memory or local ports; shedding clients (upstream health unchanged)"
+                                );
+                            }
+                            return Dialed::Local;
+                        }
+                        DialFailure::Socket(_) => {
+                            self.counters(i).dials.fetch_add(1, Relaxed);
+                            self.dial_failed(i, ctx.now());
+                        }
+                        _ => return Dialed::NoUpstream,
                     }
                 }
             }
         }
-        None
+        Dialed::NoUpstream
     }
 
     /// Counts a failed dial to upstream `i`; `max_fails` in a row mark it down for `down_for`.
@@ -240,12 +274,19 @@ impl Proxy {
         }) = c.state_mut()
         {
             *t = tries;
-            (*upstream, *index) = next.unwrap_or(NO_UPSTREAM);
+            (*upstream, *index) = match next {
+                Dialed::Started(id, i) => (id, i),
+                _ => NO_UPSTREAM,
+            };
         }
-        if next.is_none() {
-            debug!("client {client}: no upstream after {tries} dials ({reason})");
-            self.my().no_upstream.fetch_add(1, Relaxed);
-            c.close();
+        match next {
+            Dialed::Started(..) => {}
+            Dialed::NoUpstream => {
+                debug!("client {client}: no upstream after {tries} dials ({reason})");
+                self.my().no_upstream.fetch_add(1, Relaxed);
+                c.close();
+            }
+            Dialed::Local => c.close(), // counted in `dial`
         }
     }
 
@@ -295,11 +336,18 @@ impl Handler for Proxy {
             c.pause_reading();
         }
         let mut tries = 0;
-        let (upstream, index) = self.dial(ctx, client, &mut tries).unwrap_or_else(|| {
-            self.my().no_upstream.fetch_add(1, Relaxed);
-            ctx.close();
-            NO_UPSTREAM
-        });
+        let (upstream, index) = match self.dial(ctx, client, &mut tries) {
+            Dialed::Started(id, i) => (id, i),
+            Dialed::NoUpstream => {
+                self.my().no_upstream.fetch_add(1, Relaxed);
+                ctx.close();
+                NO_UPSTREAM
+            }
+            Dialed::Local => {
+                ctx.close(); // shed: counted in `dial`
+                NO_UPSTREAM
+            }
+        };
         Side::Client {
             upstream,
             index,
@@ -317,6 +365,7 @@ impl Handler for Proxy {
             return;
         };
         *connected = true;
+        self.local_failing = false;
         // A session is idle only when both sides are: the client side's idle deadline asks
         // (`on_idle`), so the upstream side needs none of its own (one wheel entry less).
         let me = ctx.id();

@@ -53,13 +53,13 @@ const UPSTREAM_FAMILIES: [Family<Counters>; 7] = [
     Family {
         name: "sockman_upstream_dials_total",
         kind: "counter",
-        help: "Dials started to this upstream.",
+        help: "Dials started to this upstream (not those the proxy could not start itself).",
         field: |c| &c.dials,
     },
     Family {
         name: "sockman_upstream_dial_failures_total",
         kind: "counter",
-        help: "Dials to this upstream that failed (refused, unreachable, timed out, at the cap).",
+        help: "Dials to this upstream that failed: refused, unreachable, timed out or reset. Dials the proxy refused itself (at its connection cap, out of descriptors) are not counted here.",
         field: |c| &c.dial_failures,
     },
     Family {
@@ -95,7 +95,7 @@ const UPSTREAM_FAMILIES: [Family<Counters>; 7] = [
 ];
 
 /// The proxy-wide counters of `/metrics`, after the upstream families.
-const PROXY_TOTALS: [Family<WorkerStats>; 2] = [
+const PROXY_TOTALS: [Family<WorkerStats>; 3] = [
     Family {
         name: "sockman_proxy_no_upstream_total",
         kind: "counter",
@@ -107,6 +107,12 @@ const PROXY_TOTALS: [Family<WorkerStats>; 2] = [
         kind: "counter",
         help: "Dials that skipped an upstream marked down.",
         field: |w| &w.skipped,
+    },
+    Family {
+        name: "sockman_proxy_local_dial_errors_total",
+        kind: "counter",
+        help: "Dials the proxy could not start for its own lack of descriptors, memory or local ports (EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL): the client was shed, no upstream blamed.",
+        field: |w| &w.local_dial_errors,
     },
 ];
 
@@ -120,6 +126,8 @@ pub(super) struct WorkerStats {
     pub(super) no_upstream: AtomicU64,
     /// Dials that skipped an upstream marked down.
     pub(super) skipped: AtomicU64,
+    /// Dials the proxy could not start itself (out of descriptors, memory, local ports).
+    pub(super) local_dial_errors: AtomicU64,
 }
 
 /// The proxy's counters for every worker (see [`Counters`]).
@@ -168,11 +176,12 @@ impl Stats {
     /// The proxy's part of the stats line.
     pub(crate) fn line(&self) -> String {
         format!(
-            " sessions={} active_sessions={} dial_failures={} no_upstream={}",
+            " sessions={} active_sessions={} dial_failures={} no_upstream={} local_dial_errors={}",
             self.all(|c| &c.sessions),
             self.all(|c| &c.active),
             self.all(|c| &c.dial_failures),
             self.worker_sum(|w| &w.no_upstream),
+            self.worker_sum(|w| &w.local_dial_errors),
         )
     }
 

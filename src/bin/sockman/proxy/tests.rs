@@ -12,9 +12,10 @@ use super::stats::Stats;
 #[test]
 fn a_sessions_state_is_small() {
     // Each of a session's two connections carries one; with a slab entry and no buffer,
-    // an idle session is meant to cost at most 256 B in all (BENCHMARKS.md).
+    // an idle session is meant to cost at most 256 B in all (BENCHMARKS.md): two entries of
+    // at most 96 + 16 B and the client side's one wheel entry of 16 B.
     assert!(
-        std::mem::size_of::<Side>() <= 12,
+        std::mem::size_of::<Side>() <= 16,
         "{}",
         std::mem::size_of::<Side>()
     );
@@ -142,4 +143,23 @@ fn proxy_headers_name_the_client_and_the_listener() {
     let v2 = Proxy::proxy_header(ProxyVersion::V2, c, l);
     assert_eq!(&v2[..12], b"\r\n\r\n\0\r\nQUIT\n");
     assert_eq!(v2.len(), 16 + 12);
+}
+
+#[test]
+fn the_dial_failures_help_says_what_it_counts() {
+    // A dial refused at the proxy's own cap (or for its own lack of descriptors) is not the
+    // upstream's failure and is not counted there: the help must not say it is.
+    let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let mut out = String::new();
+    Stats::new(&[addr], 1).write_metrics(&mut out);
+    let help = out
+        .lines()
+        .find(|l| l.starts_with("# HELP sockman_upstream_dial_failures_total "))
+        .expect("the dial failures family");
+    let counted = help.split('.').next().unwrap();
+    assert!(!counted.contains("cap"), "{help}");
+    assert!(
+        help.contains("refused") && help.contains("timed out"),
+        "{help}"
+    );
 }

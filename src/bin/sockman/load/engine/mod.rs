@@ -33,7 +33,7 @@ use super::pattern::Pattern;
 use super::procfs::{self, ServerSample};
 use super::protocol::{stream_chunk, Conn, Params, Phase, IO_CHUNK};
 use super::report::{Latency, Report};
-use super::schedule::Schedule;
+use super::schedule::{self, Schedule};
 use super::source::Sources;
 use super::stats::{kind_label, Stats};
 use super::{LoadConfig, LoadError, CONNECT_TIMEOUT, IDLE_SETUP_TIMEOUT};
@@ -322,10 +322,19 @@ impl<'a> Engine<'a> {
         // messages when poked, so poking each connection once is enough.
         let n = self.slots.len() as u64;
         let first_not_due = s.first_j_at(elapsed);
-        if first_not_due > self.next_j + n {
+        if first_not_due > self.next_j.saturating_add(n) {
             self.next_j = first_not_due - n;
         }
-        while self.params.t0 + s.global_due(self.next_j) <= now {
+        // At most one poke per connection per call, which is enough (see above): at a rate
+        // where one nanosecond holds many messages, due times rounded to the nanosecond would
+        // otherwise keep this loop going long past `first_not_due`. The index saturates: at
+        // `u64::MAX` the schedule is spent (never reached at a valid rate); wrapping to 0
+        // would make every message due again.
+        for _ in 0..n {
+            let due = schedule::at(self.params.t0, s.global_due(self.next_j));
+            if self.next_j == u64::MAX || due.is_none_or(|t| t > now) {
+                break;
+            }
             let key = s.conn_of(self.next_j);
             self.next_j += 1;
             let open = self.slots[key]
@@ -419,7 +428,8 @@ impl<'a> Engine<'a> {
         }
         let mut timeout = wake.saturating_duration_since(now);
         if let Some(s) = self.params.schedule {
-            let due = (t0 + s.global_due(self.next_j)).saturating_duration_since(now);
+            let due = schedule::at(t0, s.global_due(self.next_j))
+                .map_or(MAX_POLL_WAIT, |t| t.saturating_duration_since(now));
             // mio rounds a timeout up to whole milliseconds, which would send scheduled
             // messages up to 1 ms late. Sleep whole milliseconds only, and spin (zero
             // timeout) through the last one, so sends leave on time.
