@@ -41,6 +41,8 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use crate::conn::{flag, Phase};
 use crate::reason::CloseReason;
 use crate::table::{DialError, Table};
@@ -239,14 +241,22 @@ impl<'a, S> Context<'a, S> {
         self.conn(id)
     }
 
-    /// Writes `data` to the current connection: straight to the socket, and only what the socket
-    /// does not take at once is kept (up to the pending-output cap).
+    /// Writes `data` to the current connection (see [`ConnMut::write`]: it is copied and
+    /// leaves with everything else written to the connection this turn, in one write at the
+    /// end of the turn).
     ///
-    /// Returns `false` if the data was not accepted: the connection is closing, a write failed,
-    /// or the pending output would exceed the cap (the connection then closes with
+    /// Returns `false` if the data was not accepted: the connection is closing, its write side
+    /// is shut, or the bytes copied for it would exceed
+    /// [`Config::max_pending`](crate::Config::max_pending) (the connection then closes with
     /// [`CloseReason::Overflow`]).
     pub fn write(&mut self, data: &[u8]) -> bool {
         self.current().is_some_and(|mut c| c.write(data))
+    }
+
+    /// Writes a shared buffer to the current connection without copying it (see
+    /// [`ConnMut::write_shared`]).
+    pub fn write_shared(&mut self, data: Bytes) -> bool {
+        self.current().is_some_and(|mut c| c.write_shared(data))
     }
 
     /// Closes the current connection once what was written so far is flushed (reason
@@ -270,13 +280,20 @@ impl<'a, S> Context<'a, S> {
 
     /// Whether the current connection is writable (its pending output is not above the high
     /// watermark); see [`Handler::on_drained`].
-    pub fn is_writable(&mut self) -> bool {
-        self.current().is_some_and(|c| c.is_writable())
+    pub fn is_writable(&self) -> bool {
+        self.table
+            .slab
+            .get(self.id.key())
+            .filter(|c| c.gen == self.id.generation() && c.is_live())
+            .is_some_and(|c| !c.has(flag::UNWRITABLE))
     }
 
     /// Whether the current connection was accepted or dialed.
-    pub fn origin(&mut self) -> Origin {
-        self.current().map_or(Origin::Accepted, |c| c.origin())
+    pub fn origin(&self) -> Origin {
+        match self.table.slab.get(self.id.key()) {
+            Some(c) if c.gen == self.id.generation() && c.has(flag::DIALED) => Origin::Dialed,
+            _ => Origin::Accepted,
+        }
     }
 
     /// Arms the current connection's timer: [`Handler::on_timer`] runs `after` from now (rounded
@@ -314,6 +331,21 @@ impl<'a, S> Context<'a, S> {
     pub fn send(&mut self, id: ConnId, data: &[u8]) -> Result<(), SendError> {
         let mut conn = self.conn(id).ok_or(SendError::Gone)?;
         if conn.write(data) {
+            Ok(())
+        } else {
+            Err(SendError::Refused)
+        }
+    }
+
+    /// Writes a shared buffer to connection `id` without copying it (see
+    /// [`ConnMut::write_shared`]): how one message reaches many connections at the cost of
+    /// one copy in memory.
+    ///
+    /// # Errors
+    /// As [`Context::send`].
+    pub fn send_shared(&mut self, id: ConnId, data: Bytes) -> Result<(), SendError> {
+        let mut conn = self.conn(id).ok_or(SendError::Gone)?;
+        if conn.write_shared(data) {
             Ok(())
         } else {
             Err(SendError::Refused)
@@ -440,12 +472,42 @@ impl<S> ConnMut<'_, S> {
     /// side is shut, a write failed, or the cap overflowed (the connection then closes with
     /// [`CloseReason::Overflow`]).
     pub fn write(&mut self, data: &[u8]) -> bool {
-        let (limits, now) = (self.table.limits, self.table.now);
-        let table = &mut *self.table;
+        let id = self.id;
+        let (conn, mut out) = self.table.outbox(id.key());
+        let ok = conn.write(id, data, &mut out);
+        self.settle_later(ok);
+        ok
+    }
+
+    /// Writes a shared buffer without copying it: it is queued as it is (a reference count)
+    /// between the bytes written before and after it, and leaves with them in one `writev`.
+    /// Its bytes count in the watermarks ([`is_writable`](Self::is_writable)) and the pending
+    /// gauge, but not against [`Config::max_pending`](crate::Config::max_pending), which bounds
+    /// the bytes *copied* on a connection's behalf: memory for N connections sent one
+    /// shared buffer stays one copy. A reader that stops reading is still ended by the write
+    /// timeout. Buffers under 512 bytes are copied (cheaper than a segment of their own).
+    ///
+    /// Returns `false` if it was not taken (as [`write`](Self::write)).
+    pub fn write_shared(&mut self, data: Bytes) -> bool {
+        let id = self.id;
+        let (conn, mut out) = self.table.outbox(id.key());
+        let ok = conn.write_shared(id, data, &mut out);
+        self.settle_later(ok);
+        ok
+    }
+
+    /// After a write to another connection than the callback's own: the loop settles it if
+    /// the write changed more than its queue (it failed, the socket blocked, or bytes went
+    /// out now: a deadline to arm, a close to make, activity to record). Output merely queued
+    /// waits for the end of the turn without any settling. (The callback's own connection is
+    /// settled after the callback anyway.)
+    fn settle_later(&mut self, ok: bool) {
         if !self.current {
-            table.mark_dirty(self.id);
+            let c = &self.table.slab[self.id.key()];
+            if !ok || c.is_blocked() || c.last_active == self.table.now {
+                self.table.mark_dirty(self.id);
+            }
         }
-        table.slab[self.id.key()].write(data, &limits, now, &mut table.metrics)
     }
 
     /// Bytes written but not yet taken by the socket.

@@ -56,7 +56,8 @@
 //! | `server/accept.rs` | listeners, the accept gate, admission (cap, per-IP, evict-idle), PROXY headers |
 //! | `server/timers.rs` | the wheel's use: arming, expiry, the drain's schedule, periodic work, the leak self-check |
 //! | `table.rs` | the slab and what a callback may touch; dialing |
-//! | `conn.rs` | one connection: socket, pending output, phase, flags, its deadlines |
+//! | `conn.rs` | one connection: socket, queued output, phase, flags, its deadlines |
+//! | `output.rs` | a connection's output queue: copied runs and shared buffers, one `writev` |
 //! | `handler.rs` | [`Handler`], [`Context`], [`ConnMut`], [`Echo`], [`Discard`] |
 //! | `remote.rs` | [`Handle`] and [`Remote`]: other threads to the loop |
 //! | `group.rs` | what the loops of a [`Workers`] group share: published figures, heartbeats |
@@ -93,6 +94,7 @@ mod group;
 mod handler;
 mod limits;
 mod metrics;
+mod output;
 mod proxy_header;
 mod reason;
 mod remote;

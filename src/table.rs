@@ -20,8 +20,9 @@ use mio::{Interest, Poll};
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::conn::{flag, Conn, OutputLimits, Phase};
+use crate::conn::{flag, Conn, Outbox, OutputLimits, Phase};
 use crate::metrics::Metrics;
+use crate::output::Output;
 use crate::time::{Clock, Tick};
 use crate::token::{self, ConnId, GEN_MASK};
 
@@ -42,6 +43,13 @@ pub(crate) struct Table<S> {
     /// Connections a callback changed, to settle (close, arm deadlines, resume reading) once it
     /// returns, as ids: one that closed meanwhile is skipped.
     pub(crate) dirty: Vec<ConnId>,
+    /// Connections with output queued this turn, written once each at the end of the turn
+    /// (as ids: one that closed meanwhile is skipped).
+    pub(crate) flushing: Vec<ConnId>,
+    /// Drained output buffers kept for reuse, so that a connection's output allocates nothing
+    /// in steady state.
+    #[allow(clippy::vec_box, reason = "the boxes are what is reused: a connection holds one")]
+    pub(crate) spare: Vec<Box<Output>>,
     /// Generation for the next connection (a wrapping counter, masked to what fits a token).
     next_gen: u32,
     /// The connection cap in force; dials count against it like accepts.
@@ -117,6 +125,8 @@ impl<S> Table<S> {
             poll,
             metrics,
             dirty: Vec::new(),
+            flushing: Vec::new(),
+            spare: Vec::new(),
             next_gen: 0,
             max_connections,
             limits,
@@ -157,6 +167,40 @@ impl<S> Table<S> {
             .iter()
             .map(|(key, c)| ConnId::new(key, c.gen))
             .collect()
+    }
+
+    /// Connection `key` and what a write to it needs, borrowed apart.
+    pub(crate) fn outbox(&mut self, key: usize) -> (&mut Conn<S>, Outbox<'_>) {
+        let Table {
+            slab,
+            metrics,
+            flushing,
+            spare,
+            limits,
+            now,
+            ..
+        } = self;
+        (
+            &mut slab[key],
+            Outbox {
+                limits: *limits,
+                now: *now,
+                metrics,
+                spare,
+                flushing,
+            },
+        )
+    }
+
+    /// What a write needs, for a connection already out of the slab (its output is dropped).
+    pub(crate) fn outbox_only(&mut self) -> Outbox<'_> {
+        Outbox {
+            limits: self.limits,
+            now: self.now,
+            metrics: &mut self.metrics,
+            spare: &mut self.spare,
+            flushing: &mut self.flushing,
+        }
     }
 
     /// Puts `id` on the list of connections to settle after the callback (once).

@@ -335,7 +335,7 @@ impl<H: Handler> Server<H> {
         use crate::proxy_header::{self, Parsed, MAX_HEADER};
         loop {
             let conn = &mut self.table.slab[key];
-            let had = conn.header_bytes().len();
+            let had = conn.header_bytes();
             // Never more than the read buffer holds (it may be smaller than a header: then the
             // header is read in pieces).
             let room = (MAX_HEADER + 1 - had).min(self.buf.len());
@@ -358,7 +358,7 @@ impl<H: Handler> Server<H> {
             let mut joined = conn.take_header_bytes();
             joined.extend_from_slice(&self.buf[..n]);
             match proxy_header::parse(&joined, self.accept.proxy_protocol) {
-                Parsed::Incomplete => self.table.slab[key].set_header_bytes(joined),
+                Parsed::Incomplete => self.table.slab[key].set_header_bytes(&joined),
                 Parsed::Missing => {
                     return self.reject_header(key, RejectReason::ProxyHeaderMissing)
                 }

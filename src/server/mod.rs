@@ -398,13 +398,15 @@ impl<H: Handler> Server<H> {
     }
 
     /// Runs `f` with the handler and a context (no current connection) between turns: how an
-    /// embedder that drives the loop itself writes to connections, closes them or dials.
+    /// embedder that drives the loop itself writes to connections, closes them or dials. What
+    /// `f` writes leaves before this returns (one write per connection), as at a turn's end.
     pub fn with_context<R>(&mut self, f: impl FnOnce(&mut H, &mut Context<'_, H::Conn>) -> R) -> R {
         let r = f(
             &mut self.handler,
             &mut Context::new(&mut self.table, ConnId::NONE),
         );
         self.process_dirty();
+        self.flush_queued();
         r
     }
 

@@ -31,6 +31,7 @@ impl<H: Handler> Server<H> {
             || self.timers.expire_ready
             || self.accept.has_ready()
             || self.remote_ready
+            || !self.table.flushing.is_empty()
     }
 
     /// The tick of the loop's next deadline of any kind, if any.
@@ -135,6 +136,8 @@ impl<H: Handler> Server<H> {
         if let Some(deadline) = self.timers.drain_deadline {
             self.check_drain(deadline, now);
         }
+        // Last: what every step above wrote leaves now, once per connection.
+        self.flush_queued();
         self.publish();
         Ok(())
     }
