@@ -90,7 +90,10 @@ pub(crate) struct Outbox<'a> {
     pub(crate) limits: OutputLimits,
     pub(crate) now: Tick,
     pub(crate) metrics: &'a mut Metrics,
-    #[allow(clippy::vec_box, reason = "the boxes are what is reused: a connection holds one")]
+    #[allow(
+        clippy::vec_box,
+        reason = "the boxes are what is reused: a connection holds one"
+    )]
     pub(crate) spare: &'a mut Vec<Box<Output>>,
     pub(crate) flushing: &'a mut Vec<ConnId>,
 }

@@ -106,6 +106,9 @@ mod token;
 pub mod wheel;
 mod workers;
 
+/// The shared, immutable byte buffer that [`ConnMut::write_shared`] queues without a copy (the
+/// `bytes` crate's, re-exported).
+pub use bytes::Bytes;
 pub use config::{Config, OnFull, ProxyProtocol};
 pub use error::Error;
 pub use handler::{ConnMut, Context, Discard, Echo, Eof, Handler, Idle, Origin, SendError};

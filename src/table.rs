@@ -48,7 +48,10 @@ pub(crate) struct Table<S> {
     pub(crate) flushing: Vec<ConnId>,
     /// Drained output buffers kept for reuse, so that a connection's output allocates nothing
     /// in steady state.
-    #[allow(clippy::vec_box, reason = "the boxes are what is reused: a connection holds one")]
+    #[allow(
+        clippy::vec_box,
+        reason = "the boxes are what is reused: a connection holds one"
+    )]
     pub(crate) spare: Vec<Box<Output>>,
     /// Generation for the next connection (a wrapping counter, masked to what fits a token).
     next_gen: u32,
