@@ -362,6 +362,24 @@ impl<'a, S> Context<'a, S> {
         Ok(())
     }
 
+    /// Asks the server to stop, as [`Handle::shutdown`](crate::Handle::shutdown) does from
+    /// another thread: from now on other threads' work is refused
+    /// ([`RemoteError::Stopped`](crate::RemoteError::Stopped)); at the end of this turn the
+    /// loop does the work it had accepted, writes what is queued and closes every connection
+    /// ([`CloseReason::Shutdown`]).
+    pub fn shutdown(&mut self) {
+        self.table
+            .stop
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Asks the server to drain, as [`Handle::drain`](crate::Handle::drain) does from another
+    /// thread; it starts at the end of this turn. A second drain only shortens the deadline.
+    pub fn drain(&mut self, timeout: Duration) {
+        let asked = self.table.drain_asked.get_or_insert(timeout);
+        *asked = (*asked).min(timeout);
+    }
+
     /// Dials `addr`: a nonblocking TCP connection in the same table, with `state` as its handler
     /// state from the start. [`Handler::on_connected`] runs when the handshake completes; a
     /// refused, unreachable or timed-out dial ([`Config::connect_timeout`](crate::Config::connect_timeout))

@@ -12,7 +12,9 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use log::debug;
 use mio::net::TcpStream;
@@ -65,6 +67,13 @@ pub(crate) struct Table<S> {
     pub(crate) options: SocketOptions,
     /// The server stopped: no more dials.
     pub(crate) stopped: bool,
+    /// The server is asked to stop (shared with the handles of other threads, which are
+    /// refused from then on): a callback's [`Context::shutdown`](crate::Context::shutdown)
+    /// sets it, the loop stops at the end of the turn.
+    pub(crate) stop: Arc<AtomicBool>,
+    /// A callback asked for a drain ([`Context::drain`](crate::Context::drain)), with this
+    /// timeout: the loop starts it at the end of the turn.
+    pub(crate) drain_asked: Option<Duration>,
 }
 
 /// Why a dial failed at once; the state given to [`Context::connect`](crate::Context::connect)
@@ -120,6 +129,7 @@ impl<S> Table<S> {
         clock: Clock,
         options: SocketOptions,
         metrics: Metrics,
+        stop: Arc<AtomicBool>,
     ) -> Table<S> {
         Table {
             // Reserve up to 64 Ki slots up front: untouched pages cost no RSS, and growth by
@@ -138,6 +148,8 @@ impl<S> Table<S> {
             now_at: clock.start(),
             options,
             stopped: false,
+            stop,
+            drain_asked: None,
         }
     }
 

@@ -43,6 +43,7 @@ mod io;
 mod timers;
 mod turn;
 
+use std::cell::OnceCell;
 use std::mem;
 use std::net::SocketAddr;
 use std::sync::mpsc::Receiver;
@@ -101,7 +102,7 @@ pub struct Server<H: Handler> {
     /// Messages from [`Handle::send`] and [`Handle::close`].
     mail: Receiver<Msg>,
     /// Closures from [`Remote::run`], once a `Remote` exists.
-    jobs: Option<JobQueue<H>>,
+    jobs: OnceCell<JobQueue<H>>,
     /// The remote budget ran out with messages left.
     remote_ready: bool,
     /// Membership in a group of workers ([`crate::Workers`]), if any.
@@ -244,7 +245,8 @@ impl<H: Handler> Server<H> {
             high,
             low,
         };
-        let (shared, mail) = Shared::new(waker, config.remote_queue);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (shared, mail) = Shared::new(waker, config.remote_queue, Arc::clone(&stop));
         #[cfg(target_os = "linux")]
         let alarm = match crate::alarm::Alarm::new(poll.registry(), token::alarm()) {
             Ok(a) => Some(a),
@@ -261,6 +263,7 @@ impl<H: Handler> Server<H> {
                 clock,
                 socket_options(&config),
                 metrics,
+                stop,
             ),
             handler,
             events: Some(Events::with_capacity(EVENTS_CAPACITY)),
@@ -277,7 +280,7 @@ impl<H: Handler> Server<H> {
             admin,
             shared,
             mail,
-            jobs: None,
+            jobs: OnceCell::new(),
             remote_ready: false,
             member: None,
             leftover: Vec::new(),
@@ -305,10 +308,10 @@ impl<H: Handler> Server<H> {
     }
 
     /// A sender of closures to run on this server's loop from any thread (a bounded queue of
-    /// [`Config::remote_queue`] closures).
-    pub fn remote(&mut self) -> Remote<H> {
+    /// [`Config::remote_queue`] closures, made at the first call).
+    pub fn remote(&self) -> Remote<H> {
         let capacity = self.config.remote_queue;
-        let (_, tx) = self.jobs.get_or_insert_with(|| {
+        let (_, tx) = self.jobs.get_or_init(|| {
             let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
             (rx, tx)
         });
@@ -406,7 +409,14 @@ impl<H: Handler> Server<H> {
             &mut Context::new(&mut self.table, ConnId::NONE),
         );
         self.process_dirty();
-        self.flush_queued();
+        if let Some(timeout) = self.table.drain_asked.take() {
+            self.drain(timeout);
+        }
+        if self.shared.is_stopping() {
+            self.shutdown(); // `f` asked (Context::shutdown), or another thread did
+        } else {
+            self.flush_queued();
+        }
         r
     }
 
@@ -503,6 +513,14 @@ impl<H: Handler> Server<H> {
     pub fn shutdown(&mut self) {
         if self.table.stopped {
             return;
+        }
+        // Other threads are refused from now on; what they were told was accepted is done
+        // first (its output then goes out as each connection closes: `close` writes what is
+        // queued for a reason like this one).
+        self.shared.close_queues();
+        self.remote_ready = true;
+        while self.remote_ready {
+            self.drain_remote();
         }
         // No dials from the `on_close` calls below.
         self.table.stopped = true;

@@ -136,6 +136,14 @@ impl<H: Handler> Server<H> {
         if let Some(deadline) = self.timers.drain_deadline {
             self.check_drain(deadline, now);
         }
+        // A callback asked for a drain or the stop (`Context::drain`, `Context::shutdown`).
+        if let Some(timeout) = self.table.drain_asked.take() {
+            self.begin_drain(timeout, now);
+        }
+        if self.shared.is_stopping() {
+            self.shutdown();
+            return Ok(());
+        }
         // Last: what every step above wrote leaves now, once per connection.
         self.flush_queued();
         self.publish();
@@ -176,8 +184,8 @@ impl<H: Handler> Server<H> {
     pub(super) fn wake_up(&mut self, now: Tick) {
         self.shared.clear_wake();
         self.answer_group();
-        if self.shared.stop.load(std::sync::atomic::Ordering::Acquire) {
-            return self.shutdown();
+        if self.shared.is_stopping() {
+            return self.shutdown(); // it does what was accepted before the stop first
         }
         let ns = self
             .shared
@@ -203,7 +211,7 @@ impl<H: Handler> Server<H> {
             };
             let mut ctx = Context::new(&mut self.table, ConnId::NONE);
             let delivered = match msg {
-                Msg::Send(id, data) => ctx.send(id, &data).is_ok(),
+                Msg::Send(id, data) => ctx.send_shared(id, data).is_ok(),
                 Msg::Close(id) => ctx.close_conn(id).is_ok(),
             };
             if !delivered {
@@ -211,7 +219,7 @@ impl<H: Handler> Server<H> {
             }
             self.process_dirty();
         }
-        if let Some((jobs, _)) = &self.jobs {
+        if let Some((jobs, _)) = self.jobs.get() {
             let mut batch = Vec::new();
             for n in 0.. {
                 if n == budget {
