@@ -290,7 +290,22 @@ fn connect_socket(addr: SocketAddr, options: &SocketOptions) -> io::Result<TcpSt
     Ok(TcpStream::from_std(socket.into()))
 }
 
-/// Sets `SO_RCVBUF` / `SO_SNDBUF` where configured.
+/// Unsent bytes the kernel keeps per socket at most (`TCP_NOTSENT_LOWAT`), set on every
+/// listener (accepted sockets inherit it) and dialed socket.
+///
+/// Why: the write timeout means "no progress of the pending output", and the loop sees
+/// progress as writability. With autotuned send buffers of megabytes and no such limit,
+/// writability comes back only once half of the buffer has drained (a reader taking 20 KB/s
+/// from 4 MB is "stalled" for 100 s, though it never stopped), and a write can succeed without
+/// any progress of the peer (acknowledgements of bytes that were already in flight free
+/// space). With it, the kernel accepts more only once it has *sent* some, which it does only
+/// when the peer's window opens: writability every few hundred KB a reader takes, and a
+/// write that succeeds is the peer's progress. It also bounds the kernel memory a slow reader
+/// holds. Costs nothing per connection (inherited from the listener) and nothing per write.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) const UNSENT_LOWAT: u32 = 256 * 1024;
+
+/// Sets `SO_RCVBUF` / `SO_SNDBUF` where configured, and the unsent limit ([`UNSENT_LOWAT`]).
 pub(crate) fn apply_buffers(socket: &Socket, options: &SocketOptions) -> io::Result<()> {
     if let Some(n) = options.recv_buffer {
         socket.set_recv_buffer_size(n)?;
@@ -298,5 +313,7 @@ pub(crate) fn apply_buffers(socket: &Socket, options: &SocketOptions) -> io::Res
     if let Some(n) = options.send_buffer {
         socket.set_send_buffer_size(n)?;
     }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    socket.set_tcp_notsent_lowat(UNSENT_LOWAT)?;
     Ok(())
 }

@@ -574,5 +574,11 @@ mod tests {
         // Linux doubles the value set (for its bookkeeping overhead) and reports the double.
         assert_eq!(sock.recv_buffer_size().unwrap(), 2 * 16 * 1024, "SO_RCVBUF");
         assert_eq!(sock.send_buffer_size().unwrap(), 2 * 24 * 1024, "SO_SNDBUF");
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            sock.tcp_notsent_lowat().unwrap(),
+            crate::table::UNSENT_LOWAT,
+            "TCP_NOTSENT_LOWAT"
+        );
     }
 }
