@@ -13,9 +13,10 @@
 //! - **Deadlines** (idle, write stall, connect, the handler's timer, linger) share one entry per
 //!   connection in a hashed timer wheel with lazy re-arm: activity only stamps the connection;
 //!   the wheel re-inserts or acts when a slot fires.
-//! - **I/O**: reads go into one loop-wide buffer (an idle connection owns no buffer); writes go
-//!   straight out and only the unsent remainder is kept, up to a cap. While output is pending
-//!   the connection is not read, which pushes back on the peer through TCP.
+//! - **I/O**: reads go into one loop-wide buffer (an idle connection owns no buffer); what a
+//!   turn writes to a connection leaves at the end of the turn in one `write` (or `writev`),
+//!   only the unsent remainder is kept, and copied output is capped. While the socket refuses
+//!   output the connection is not read, which pushes back on the peer through TCP.
 //! - **One close path** deregisters, closes the fd, frees the slot, calls
 //!   [`Handler::on_close`] and counts the [`CloseReason`] in the [`Metrics`]. A graceful close
 //!   lingers first (write side shut, input discarded until the peer's EOF), so a reply is never
@@ -25,8 +26,10 @@
 //!   pauses accepting instead of spinning.
 //!
 //! The protocol is a [`Handler`]; [`Echo`] and [`Discard`] ship with the crate. The
-//! [`handler`](Handler) docs explain the API's shape: reaching other connections by [`ConnId`],
-//! dialing, timers, writability, other threads.
+//! [`Handler`] docs explain the API's shape: what a callback may touch, reaching other
+//! connections by [`ConnId`], dialing, timers, output (once per connection per turn; shared
+//! [`Bytes`] without a copy) and its bounds, writability, other threads ([`Handle`],
+//! [`Remote`]: stop means stopped).
 //!
 //! # Example
 //! ```no_run
@@ -58,7 +61,8 @@
 //! | `table.rs` | the slab and what a callback may touch; dialing |
 //! | `conn.rs` | one connection: socket, queued output, phase, flags, its deadlines |
 //! | `output.rs` | a connection's output queue: copied runs and shared buffers, one `writev` |
-//! | `handler.rs` | [`Handler`], [`Context`], [`ConnMut`], [`Echo`], [`Discard`] |
+//! | `handler.rs` | [`Handler`] (its docs: the API's shape), [`Echo`], [`Discard`] |
+//! | `context.rs` | [`Context`] and [`ConnMut`]: what a callback acts through |
 //! | `remote.rs` | [`Handle`] and [`Remote`]: other threads to the loop |
 //! | `group.rs` | what the loops of a [`Workers`] group share: published figures, heartbeats |
 //! | `workers.rs` | [`Workers`]: N loops on N threads with `SO_REUSEPORT` |
@@ -89,6 +93,7 @@ mod admin;
 mod alarm;
 mod config;
 mod conn;
+mod context;
 mod error;
 mod group;
 mod handler;
@@ -110,8 +115,9 @@ mod workers;
 /// `bytes` crate's, re-exported).
 pub use bytes::Bytes;
 pub use config::{Config, OnFull, ProxyProtocol};
+pub use context::{ConnMut, Context, Origin, SendError};
 pub use error::Error;
-pub use handler::{ConnMut, Context, Discard, Echo, Eof, Handler, Idle, Origin, SendError};
+pub use handler::{Discard, Echo, Eof, Handler, Idle};
 pub use limits::{FALLBACK_MAX_CONNECTIONS, FD_RESERVE};
 pub use metrics::{Metrics, ACCEPT_ERROR_NAMES, LIFETIME_BUCKETS_MS, LINGER_END_NAMES};
 pub use reason::{CloseReason, RejectReason};

@@ -25,7 +25,8 @@ use bytes::Bytes;
 use log::warn;
 use mio::Waker;
 
-use crate::handler::{Context, Handler};
+use crate::context::Context;
+use crate::handler::Handler;
 use crate::token::ConnId;
 
 /// Work from another thread for connection `id`.
@@ -160,6 +161,13 @@ impl<T> RemoteError<T> {
 
 /// Stops, drains or feeds a [`Server`](crate::Server) from any thread (a signal thread, a test,
 /// a supervisor, a producer).
+///
+/// Stop means stopped: work a sender was told was accepted (`Ok`) is done, even if the stop
+/// comes before its turn (a closure runs, a message is written, a close is made); from the
+/// moment a stop is asked for ([`Handle::shutdown`], or
+/// [`Context::shutdown`](crate::Context::shutdown) from a callback) every sender gets
+/// [`RemoteError::Stopped`] with its work handed back, while the `Server` value lives and after.
+/// A producer that retries on [`RemoteError::Full`] therefore ends.
 #[derive(Debug, Clone)]
 pub struct Handle {
     pub(crate) shared: Arc<Shared>,

@@ -173,3 +173,23 @@ fn a_callback_can_stop_the_server() {
     );
     assert_eq!(server.metrics().closed_by(CloseReason::Shutdown), 1);
 }
+
+#[test]
+fn serve_keeps_the_server_and_its_handler_for_afterwards() {
+    let (server, addr) = util::bind(local_config(), Recorder::default());
+    let serving = std::thread::spawn(move || {
+        let mut server = server;
+        server.serve().expect("serve");
+        server
+    });
+    let mut client = util::connect(addr);
+    std::io::Write::write_all(&mut client, b"q").unwrap(); // the handler stops the server
+    let server = serving.join().expect("the serving thread");
+    assert!(server.is_stopped());
+    assert_eq!(
+        server.handler().ids.len(),
+        1,
+        "the handler's state is still there"
+    );
+    assert_eq!(server.metrics().closed_by(CloseReason::Shutdown), 1);
+}

@@ -16,7 +16,8 @@ use log::{debug, trace};
 
 use super::Server;
 use crate::conn::{flag, Conn, Ended, Phase};
-use crate::handler::{Context, Handler};
+use crate::context::Context;
+use crate::handler::Handler;
 use crate::reason::{CloseReason, LingerEnd};
 use crate::time::NEVER;
 use crate::token::ConnId;

@@ -14,7 +14,8 @@ use mio::event::Event;
 
 use super::Server;
 use crate::conn::{flag, Phase};
-use crate::handler::{Context, Eof, Handler};
+use crate::context::Context;
+use crate::handler::{Eof, Handler};
 use crate::reason::CloseReason;
 use crate::token::ConnId;
 

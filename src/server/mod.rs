@@ -56,9 +56,10 @@ use mio::{Events, Interest, Poll};
 use crate::admin::AdminSide;
 use crate::config::Config;
 use crate::conn::{OutputLimits, Phase, Timeouts};
+use crate::context::Context;
 use crate::error::Error;
 use crate::group::{Group, Member};
-use crate::handler::{Context, Handler};
+use crate::handler::Handler;
 use crate::limits::{self, ADMIN_FDS};
 use crate::metrics::Metrics;
 use crate::reason::{CloseReason, LingerEnd};
@@ -421,16 +422,38 @@ impl<H: Handler> Server<H> {
     }
 
     /// Runs turns until the server stops ([`Handle::shutdown`], or a drain that ended), then
-    /// returns the final metrics.
+    /// returns the final metrics. Consumes the server; [`serve`](Self::serve) does the same and
+    /// keeps it, so that the handler's state can be read back afterwards.
     ///
     /// # Errors
     /// [`Error::Io`] if polling fails (anything but EINTR). Connections still open are then
     /// closed with [`CloseReason::Shutdown`] as the server is dropped (`on_close` runs for each).
     pub fn run(mut self) -> Result<Metrics, Error> {
+        self.serve()?;
+        Ok(mem::take(&mut self.table.metrics))
+    }
+
+    /// Runs turns until the server stops, like [`run`](Self::run), without consuming it: the
+    /// handler (its counters, its store) is there afterwards ([`handler`](Self::handler),
+    /// [`handler_mut`](Self::handler_mut)), with the final [`metrics`](Self::metrics).
+    ///
+    /// ```no_run
+    /// # use sockman::{Config, Echo, Server};
+    /// let mut server = Server::bind(Config::default(), Echo)?;
+    /// server.serve()?; // until a Handle stops it
+    /// let (handler, metrics) = (server.handler(), server.metrics());
+    /// # let _ = (handler, metrics);
+    /// # Ok::<(), sockman::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`run`](Self::run); the server can then still be shut down (or dropped), which closes
+    /// what is left through the close path.
+    pub fn serve(&mut self) -> Result<(), Error> {
         while !self.table.stopped {
             self.turn(None)?;
         }
-        Ok(mem::take(&mut self.table.metrics))
+        Ok(())
     }
 
     /// Runs one turn of the loop on the real clock: waits for readiness at most `max_wait` (or
@@ -453,7 +476,8 @@ impl<H: Handler> Server<H> {
     /// a deadline of the loop's own; `None` = as long as needed). Prefer this to
     /// [`turn`](Self::turn) with a `max_wait` when the caller's deadline is fixed for a while
     /// (a stats line every few seconds): on Linux the loop then waits without a poll timeout,
-    /// on a timer it arms only when the next deadline moves earlier (see the `alarm` module).
+    /// on a `timerfd` it arms only when the next deadline moves earlier (an `epoll_wait` with a
+    /// timeout arms and cancels a kernel timer at every wait: a measured 5 % of the CPU per echo).
     ///
     /// # Errors
     /// [`Error::Io`] if polling fails (anything but EINTR).

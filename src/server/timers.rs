@@ -16,7 +16,8 @@ use log::{info, trace, warn};
 
 use super::Server;
 use crate::conn::{Due, Timeouts};
-use crate::handler::{Context, Handler, Idle};
+use crate::context::Context;
+use crate::handler::{Handler, Idle};
 use crate::limits;
 use crate::reason::{CloseReason, LingerEnd, RejectReason};
 use crate::time::{Tick, NEVER};
