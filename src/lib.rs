@@ -83,7 +83,7 @@
 //! the loop (httparse). `proxy-protocol` (default) reads PROXY protocol v1/v2 headers on
 //! listeners (ppp). `cli` (default) adds the dependencies only the `sockman` binary needs: clap,
 //! env_logger, signal-hook, listenfd, sd-notify, hdrhistogram, serde and serde_json. With
-//! `default-features = false` the library depends on mio, slab, log, socket2, rlimit and libc
+//! `default-features = false` the library depends on mio, slab, bytes, log, socket2, rlimit and libc
 //! only, and rustix on Linux (the timerfd of `alarm.rs`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
