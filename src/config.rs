@@ -50,12 +50,18 @@ pub struct Config {
     /// `idle_timeout` after its last activity and no later than one tick after that.
     /// At least 1 ms. Default 10 ms.
     pub tick: Duration,
-    /// Close a connection whose pending output made no progress for this long
-    /// (a peer that never reads). `Duration::ZERO` turns it off. Default 30 s.
+    /// Close a connection whose pending output made no progress for this long (a peer that
+    /// stopped reading). Progress is judged at the socket: when the deadline comes the loop
+    /// tries to write, and a socket that takes bytes (the kernel takes more only once it has
+    /// sent some, as the peer's window opens) restarts it, so a reader that keeps taking bytes,
+    /// however slowly, is never closed. `Duration::ZERO` turns it off. Default 30 s.
     pub write_timeout: Duration,
-    /// Cap on output buffered for one connection; a write beyond it closes the connection with
-    /// `Overflow`. A read never takes more than this many bytes, so a handler that writes back at
-    /// most what it read (echo) never overflows. Default 64 KiB.
+    /// Cap on the output *copied* for one connection and not yet written
+    /// ([`Context::write`](crate::Context::write)); a write beyond it closes the connection
+    /// with `Overflow`. Shared buffers ([`Context::write_shared`](crate::Context::write_shared))
+    /// do not count: they are the caller's, not copied, and the write timeout bounds a reader
+    /// that stops. A read never takes more than this many bytes, so a handler that writes back
+    /// at most what it read (echo) never overflows. Default 64 KiB.
     pub max_pending: usize,
     /// Size of the one loop-wide read buffer. Default 64 KiB.
     pub read_buffer: usize,

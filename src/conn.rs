@@ -18,9 +18,11 @@
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 
+use bytes::Bytes;
 use mio::net::TcpStream;
 
 use crate::metrics::Metrics;
+use crate::output::{Output, Status, COPY_SHARED_BELOW};
 use crate::reason::{CloseReason, LingerEnd};
 use crate::time::{Tick, NEVER};
 use crate::token::ConnId;
@@ -71,17 +73,48 @@ pub(crate) mod flag {
     pub(crate) const LEFTOVER: u16 = 1 << 12;
     /// The idle timeout does not apply (the handler said so).
     pub(crate) const NO_IDLE: u16 = 1 << 13;
+    /// The socket would not take all of the queued output: it waits for writability (and
+    /// the write-stall deadline runs); reading is paused with
+    /// [`Handler::PAUSE_READING_WHILE_PENDING`](crate::Handler::PAUSE_READING_WHILE_PENDING).
+    pub(crate) const BLOCKED: u16 = 1 << 14;
+    /// Already in the table's list of connections whose output leaves at the end of the turn.
+    pub(crate) const FLUSH: u16 = 1 << 15;
 }
 
-/// Output the socket did not take yet. Boxed so that a connection without pending output pays
-/// one pointer for it, not a `Vec` header plus counters.
+/// What a write needs besides the connection: the limits, this turn's tick, the counters, the
+/// loop's spare output buffers (so that a connection's output allocates nothing in steady
+/// state) and the list of connections whose output leaves at the end of the turn. Borrowed
+/// from the table for one write.
 #[derive(Debug)]
-pub(crate) struct Pending {
-    buf: Vec<u8>,
-    /// Bytes of `buf` already written.
-    off: usize,
-    /// Tick of the last write progress: the write-stall deadline counts from here.
-    last_progress: Tick,
+pub(crate) struct Outbox<'a> {
+    pub(crate) limits: OutputLimits,
+    pub(crate) now: Tick,
+    pub(crate) metrics: &'a mut Metrics,
+    #[allow(
+        clippy::vec_box,
+        reason = "the boxes are what is reused: a connection holds one"
+    )]
+    pub(crate) spare: &'a mut Vec<Box<Output>>,
+    pub(crate) flushing: &'a mut Vec<ConnId>,
+}
+
+/// Spare output buffers the loop keeps for reuse at most (each with up to
+/// [`KEEP_CAPACITY`](crate::output::KEEP_CAPACITY) of capacity: 4 MiB in all).
+const SPARE_OUTPUTS: usize = 64;
+
+impl Outbox<'_> {
+    fn take(&mut self) -> Box<Output> {
+        let mut o = self.spare.pop().unwrap_or_default();
+        o.last_progress = self.now;
+        o
+    }
+
+    fn give_back(&mut self, mut o: Box<Output>) {
+        if self.spare.len() < SPARE_OUTPUTS {
+            o.clear();
+            self.spare.push(o);
+        }
+    }
 }
 
 /// Limits on a connection's output, from the configuration.
@@ -170,8 +203,9 @@ pub(crate) struct Conn<S, T = TcpStream> {
     pub(crate) stream: T,
     /// This connection's generation, all 64 bits (see `token`).
     pub(crate) gen: u64,
-    /// Unsent output, if any.
-    pending: Option<Box<Pending>>,
+    /// Output queued and not yet written, if any (boxed: a connection without any pays one
+    /// pointer).
+    out: Option<Box<Output>>,
     /// The peer's address, kept as IP and port: a `SocketAddr` is 32 bytes (IPv6 flow info and
     /// scope id), this is 19, and an idle connection's whole cost is this struct.
     peer_ip: IpAddr,
@@ -211,7 +245,7 @@ impl<S> Conn<S> {
         Conn {
             stream,
             gen,
-            pending: None,
+            out: None,
             peer_ip: peer.ip(),
             peer_port: peer.port(),
             phase,
@@ -267,33 +301,38 @@ impl<S> Conn<S> {
     }
 
     /// While in [`Phase::Header`]: the partial header read so far.
-    pub(crate) fn header_bytes(&self) -> &[u8] {
-        self.pending.as_ref().map_or(&[], |p| &p.buf)
+    pub(crate) fn header_bytes(&self) -> usize {
+        self.out.as_ref().map_or(0, |o| o.len())
     }
 
     /// While in [`Phase::Header`]: keeps `data` as the partial header (no output exists yet, so
-    /// the pending box is free to hold it; it is not counted as pending output).
-    pub(crate) fn set_header_bytes(&mut self, data: Vec<u8>) {
+    /// the output box is free to hold it; it is not counted as pending output).
+    pub(crate) fn set_header_bytes(&mut self, data: &[u8]) {
         debug_assert_eq!(self.phase, Phase::Header);
-        self.pending = Some(Box::new(Pending {
-            buf: data,
-            off: 0,
-            last_progress: 0,
-        }));
+        self.out.get_or_insert_with(Box::default).push_copy(data);
     }
 
-    /// Leaves [`Phase::Header`]: drops the partial header without touching the output gauge.
+    /// Leaves [`Phase::Header`]: the partial header, without touching the output gauge.
     pub(crate) fn take_header_bytes(&mut self) -> Vec<u8> {
         debug_assert_eq!(self.phase, Phase::Header);
-        self.pending.take().map_or_else(Vec::new, |p| p.buf)
+        self.out
+            .take()
+            .map_or_else(Vec::new, |mut o| o.take_copied())
     }
 
+    /// Bytes queued and not yet taken by the socket (copied and shared).
     pub(crate) fn pending_len(&self) -> usize {
-        self.pending.as_ref().map_or(0, |p| p.buf.len() - p.off)
+        self.out.as_ref().map_or(0, |o| o.len())
     }
 
+    /// Whether output is queued (this turn's, or what the socket would not take).
     pub(crate) fn has_pending(&self) -> bool {
-        self.pending.is_some()
+        self.out.is_some()
+    }
+
+    /// Whether the socket would not take all of the queued output (it waits for writability).
+    pub(crate) fn is_blocked(&self) -> bool {
+        self.out.is_some() && self.has(flag::BLOCKED)
     }
 
     /// Open for the handler: neither closing nor closed (nor waiting for its PROXY header).
@@ -316,99 +355,174 @@ impl<S> Conn<S> {
         false
     }
 
-    /// Writes `data` straight to the socket and keeps only what it did not take (while
-    /// connecting, keeps all of it). See [`Context::write`](crate::Context::write).
-    pub(crate) fn write(
-        &mut self,
-        data: &[u8],
-        limits: &OutputLimits,
-        now: Tick,
-        metrics: &mut Metrics,
-    ) -> bool {
+    /// Queues a copy of `data` for connection `id` (this one): it leaves with everything else
+    /// written to the connection this turn, in one write at the end of the turn (the table's
+    /// `flushing` list). Output that would pass the high watermark leaves at once instead:
+    /// what is queued first, then `data` straight from the caller's buffer (no copy) if nothing
+    /// is left queued; only what the socket does not take is kept. See
+    /// [`Context::write`](crate::Context::write).
+    ///
+    /// Returns `false` if it was refused: closing, write side shut, or the copied bytes would
+    /// pass `max_pending` (the connection is then marked to close with `Overflow`).
+    pub(crate) fn write(&mut self, id: ConnId, data: &[u8], out: &mut Outbox<'_>) -> bool {
         if !self.is_live() || self.has(flag::SHUT_WANTED) {
             return false;
         }
-        let mut off = 0;
-        if self.pending.is_none() && self.phase == Phase::Open {
-            while off < data.len() {
-                match self.stream.write(&data[off..]) {
-                    Ok(0) => return self.fail(CloseReason::Io(io::ErrorKind::WriteZero)),
-                    Ok(n) => off += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return self.fail(CloseReason::from_io(&e)),
-                }
-            }
-            self.bytes_out += off as u64;
-            metrics.bytes_out += off as u64;
-            if off > 0 {
-                self.last_active = now; // write progress is activity
-            }
-            if off == data.len() {
-                return true;
-            }
+        let data = match self.write_now(data, out) {
+            Ok(rest) => rest,
+            Err(reason) => return self.fail(reason),
+        };
+        if data.is_empty() {
+            return true;
         }
-        let rest = &data[off..];
-        let pending = self.pending_len() + rest.len();
-        if pending > limits.max_pending {
+        if self.copied_len() + data.len() > out.limits.max_pending {
             return self.fail(CloseReason::Overflow);
         }
-        if pending > limits.high {
-            self.set(flag::UNWRITABLE);
-        }
-        let p = self.pending.get_or_insert_with(|| {
-            Box::new(Pending {
-                buf: Vec::with_capacity(rest.len()),
-                off: 0,
-                last_progress: now,
-            })
-        });
-        p.buf.extend_from_slice(rest);
-        metrics.pending_bytes += rest.len() as u64;
+        let o = match &mut self.out {
+            Some(o) => o,
+            None => self.out.insert(out.take()),
+        };
+        o.push_copy(data);
+        out.metrics.pending_bytes += data.len() as u64;
+        self.after_queue(id, out);
         true
     }
 
-    /// Writes pending output until the socket would block. Returns whether everything is out.
-    /// Sets [`flag::DRAINED`] when an unwritable connection falls to the low watermark.
+    /// Queues a shared buffer for connection `id` without copying it (a small one is copied):
+    /// as [`write`](Self::write), but its bytes do not count against `max_pending` (they are
+    /// the caller's, shared); they count in the watermarks and the pending gauge.
+    pub(crate) fn write_shared(&mut self, id: ConnId, data: Bytes, out: &mut Outbox<'_>) -> bool {
+        if data.len() < COPY_SHARED_BELOW {
+            return self.write(id, &data, out);
+        }
+        if !self.is_live() || self.has(flag::SHUT_WANTED) {
+            return false;
+        }
+        let taken = match self.write_now(&data, out) {
+            Ok(rest) => data.len() - rest.len(),
+            Err(reason) => return self.fail(reason),
+        };
+        if taken == data.len() {
+            return true;
+        }
+        let data = data.slice(taken..);
+        let o = match &mut self.out {
+            Some(o) => o,
+            None => self.out.insert(out.take()),
+        };
+        out.metrics.pending_bytes += data.len() as u64;
+        o.push_shared(data);
+        self.after_queue(id, out);
+        true
+    }
+
+    /// When `data` would take an open connection's output past the high watermark, writes now:
+    /// what is queued, then `data` itself if nothing is left queued. Returns the part of `data`
+    /// still to queue (all of it below the watermark, or while connecting or blocked).
+    fn write_now<'d>(
+        &mut self,
+        data: &'d [u8],
+        out: &mut Outbox<'_>,
+    ) -> Result<&'d [u8], CloseReason> {
+        if self.phase != Phase::Open
+            || self.has(flag::BLOCKED)
+            || self.pending_len() + data.len() <= out.limits.high
+        {
+            return Ok(data);
+        }
+        if self.out.is_some() && !self.flush(out)? {
+            return Ok(data);
+        }
+        let n = self.write_through(data, out)?;
+        Ok(&data[n..])
+    }
+
+    /// After output was queued: an open connection that the socket is not blocking leaves it
+    /// for the end of the turn (put on the list once); then the writability threshold.
+    fn after_queue(&mut self, id: ConnId, out: &mut Outbox<'_>) {
+        if self.phase == Phase::Open && !self.has(flag::BLOCKED | flag::FLUSH) {
+            self.set(flag::FLUSH);
+            out.flushing.push(id);
+        }
+        if self.pending_len() > out.limits.high {
+            self.set(flag::UNWRITABLE);
+        }
+    }
+
+    /// Writes `data` straight to the socket (nothing is queued before it); returns how much it
+    /// took. A socket that would block with data left is [`flag::BLOCKED`].
+    fn write_through(&mut self, data: &[u8], out: &mut Outbox<'_>) -> Result<usize, CloseReason> {
+        let mut off = 0;
+        let mut result = Ok(());
+        while off < data.len() {
+            out.metrics.write_calls += 1;
+            match self.stream.write(&data[off..]) {
+                Ok(0) => {
+                    result = Err(CloseReason::Io(io::ErrorKind::WriteZero));
+                    break;
+                }
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.set(flag::BLOCKED);
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    result = Err(CloseReason::from_io(&e));
+                    break;
+                }
+            }
+        }
+        self.wrote(off, out);
+        result.map(|()| off)
+    }
+
+    /// Counts `n` bytes written: the connection's and the loop's totals, and activity.
+    fn wrote(&mut self, n: usize, out: &mut Outbox<'_>) {
+        if n > 0 {
+            self.bytes_out += n as u64;
+            out.metrics.bytes_out += n as u64;
+            self.last_active = out.now; // write progress is activity
+        }
+    }
+
+    /// Bytes queued that were copied into this connection's buffer.
+    fn copied_len(&self) -> usize {
+        self.out.as_ref().map_or(0, |o| o.copied())
+    }
+
+    /// Writes queued output until the socket would block: one `write` (or `writev`, with
+    /// shared buffers) per attempt. Returns whether everything is out; a drained output goes
+    /// back to the loop's spares. Sets [`flag::BLOCKED`] when the socket would block with
+    /// output left, and [`flag::DRAINED`] when an unwritable connection falls to the low
+    /// watermark.
     ///
     /// # Errors
     /// The reason to close with when a write fails.
-    pub(crate) fn flush(
-        &mut self,
-        limits: &OutputLimits,
-        now: Tick,
-        metrics: &mut Metrics,
-    ) -> Result<bool, CloseReason> {
-        let Some(p) = self.pending.as_mut() else {
+    pub(crate) fn flush(&mut self, out: &mut Outbox<'_>) -> Result<bool, CloseReason> {
+        let Some(o) = self.out.as_mut() else {
+            self.clear(flag::BLOCKED);
             return Ok(true);
         };
-        let start = p.off;
-        let result = loop {
-            if p.off == p.buf.len() {
-                break Ok(());
-            }
-            match self.stream.write(&p.buf[p.off..]) {
-                Ok(0) => break Err(CloseReason::Io(io::ErrorKind::WriteZero)),
-                Ok(n) => p.off += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(CloseReason::from_io(&e)),
-            }
-        };
-        let written = (p.off - start) as u64;
-        let left = p.buf.len() - p.off;
-        if written > 0 {
-            p.last_progress = now;
-            self.last_active = now;
-            self.bytes_out += written;
-            metrics.bytes_out += written;
-            metrics.pending_bytes -= written;
+        let wrote = o.write_to(&mut self.stream);
+        out.metrics.write_calls += wrote.calls;
+        if wrote.bytes > 0 {
+            o.last_progress = out.now;
+            out.metrics.pending_bytes -= wrote.bytes as u64;
         }
-        result?;
+        let left = o.len();
+        self.wrote(wrote.bytes, out);
+        match wrote.status {
+            Status::Done => self.clear(flag::BLOCKED),
+            Status::Blocked => self.set(flag::BLOCKED),
+            Status::Failed(e) => return Err(CloseReason::from_io(&e)),
+        }
         if left == 0 {
-            self.pending = None;
+            if let Some(o) = self.out.take() {
+                out.give_back(o);
+            }
         }
-        if self.has(flag::UNWRITABLE) && left <= limits.low {
+        if self.has(flag::UNWRITABLE) && left <= out.limits.low {
             self.clear(flag::UNWRITABLE);
             self.set(flag::DRAINED);
         }
@@ -417,15 +531,17 @@ impl<S> Conn<S> {
 
     /// Restarts the write-stall clock (a dial's queued output has just become writable).
     pub(crate) fn restart_progress(&mut self, now: Tick) {
-        if let Some(p) = &mut self.pending {
-            p.last_progress = now;
+        if let Some(o) = &mut self.out {
+            o.last_progress = now;
         }
     }
 
-    /// Drops pending output (the connection is closing), keeping the gauge exact.
-    pub(crate) fn discard_pending(&mut self, metrics: &mut Metrics) {
-        metrics.pending_bytes -= self.pending_len() as u64;
-        self.pending = None;
+    /// Drops queued output (the connection is closing), keeping the gauge exact.
+    pub(crate) fn discard_pending(&mut self, out: &mut Outbox<'_>) {
+        if let Some(o) = self.out.take() {
+            out.metrics.pending_bytes -= o.len() as u64;
+            out.give_back(o);
+        }
     }
 
     /// Reads and discards while lingering, into `buf`, until the read would block (`None`),
@@ -486,8 +602,12 @@ impl<S> Conn<S> {
         if self.phase != Phase::Lingering {
             // A dial's queued output cannot stall before the handshake: the connect timeout
             // bounds that phase.
-            if let (Some(w), Some(p), Phase::Open) = (t.write, &self.pending, self.phase) {
-                offer(after(p.last_progress, w), Due::WriteStall);
+            // Output waiting for the end of the turn is not stalled: only output the socket
+            // would not take.
+            if let (Some(w), Some(o), Phase::Open, true) =
+                (t.write, &self.out, self.phase, self.has(flag::BLOCKED))
+            {
+                offer(after(o.last_progress, w), Due::WriteStall);
             }
             if self.timer != NEVER {
                 offer(self.timer, Due::Timer);

@@ -1,60 +1,9 @@
-//! The protocol side: the [`Handler`] trait, the [`Context`] its callbacks act through, and the
-//! two handlers that ship with the crate, [`Echo`] and [`Discard`].
-//!
-//! The loop owns sockets, buffers, deadlines and the close path; a handler sees bytes and
-//! events and decides what to write, to whom, and when to close. Its per-connection state
-//! ([`Handler::Conn`]) lives in the connection's slab entry, so it costs nothing beyond its own
-//! size.
-//!
-//! # Shape of the API
-//! A single-threaded, slab-indexed core wants callbacks, not futures: the loop calls the
-//! handler with `&mut` access to its own state and to a [`Context`]. From the peers studied:
-//! - **Reaching other connections** by id, as Netty's `ChannelGroup` or a libuv program keeping
-//!   `uv_tcp_t` pointers would, but through a generation-checked [`ConnId`]:
-//!   [`Context::conn`] fails for a connection that is gone, so a stale id never reaches the
-//!   slot's next occupant. A write to another connection obeys *its* pending cap.
-//! - **Dialing** ([`Context::connect`], like `uv_tcp_connect`) puts the new connection in the
-//!   same slab with its handler state from the start; the handshake's end is
-//!   [`Handler::on_connected`], and a dial that fails (refused, unreachable, timed out) ends in
-//!   [`Handler::on_close`] with its own [`CloseReason`], like any other close.
-//! - **Timers** are one per connection ([`Context::set_timer`] → [`Handler::on_timer`]) riding
-//!   the same lazy wheel entry as the idle deadline: no allocation and no wheel operation per
-//!   re-arm, like a `uv_timer_t` embedded in the connection. [`Handler::on_idle`] lets a
-//!   protocol keep an idle connection (after writing a ping), as Netty's `IdleStateHandler` does.
-//! - **Writability** is a threshold with hysteresis (Netty's `channelWritabilityChanged`): a
-//!   connection whose pending output passes the high watermark is not writable until it falls
-//!   to the low one, when [`Handler::on_drained`] runs.
-//! - **Other threads** reach the loop through bounded queues and mio's waker
-//!   ([`Handle::send`](crate::Handle::send), [`Remote::run`](crate::Remote::run)).
-//!
-//! None of it costs [`Echo`] anything: its callbacks are the same two, an idle connection's
-//! entry is the same size, and nothing is queued or armed unless a handler asks.
-//!
-//! # Re-entrancy
-//! A callback never runs inside another. Closing a connection from a callback
-//! ([`ConnMut::close`], an overflowing write to another connection) only marks it; the loop
-//! closes it, and calls its `on_close`, once the callback has returned.
-//!
-//! A handler that panics unwinds through [`Server::turn`](crate::Server::turn): on one thread that
-//! stops every connection. The loop does not catch panics; make handlers total.
+//! The protocol side: the [`Handler`] trait (its docs explain the shape of the whole API),
+//! what its callbacks return ([`Eof`], [`Idle`]), and the two handlers that ship with the
+//! crate, [`Echo`] and [`Discard`].
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
-
-use crate::conn::{flag, Conn, Ended, Phase};
+use crate::context::Context;
 use crate::reason::CloseReason;
-use crate::table::{DialError, Table};
-use crate::time::NEVER;
-use crate::token::ConnId;
-
-/// Whether the server accepted a connection or dialed it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Origin {
-    /// Accepted on a listener.
-    Accepted,
-    /// Dialed with [`Context::connect`] or [`Server::connect`](crate::Server::connect).
-    Dialed,
-}
 
 /// What to do after the peer's end of stream (see [`Handler::on_eof`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +27,83 @@ pub enum Idle {
 /// A protocol: what to do with connections, their bytes and their events.
 ///
 /// Only [`on_open`](Self::on_open) and [`on_data`](Self::on_data) are required; every other
-/// callback has a default that keeps today's behaviour of a plain server.
+/// callback has a default that keeps the behaviour of a plain server.
+///
+/// The loop owns sockets, buffers, deadlines and the close path; a handler sees bytes and
+/// events and decides what to write, to whom, and when to close. Its per-connection state
+/// ([`Handler::Conn`]) lives in the connection's slab entry, so it costs nothing beyond its own
+/// size.
+///
+/// # Shape of the API
+/// A single-threaded, slab-indexed core wants callbacks, not futures: the loop calls the
+/// handler with `&mut` access to its own state and to a [`Context`]. From the peers studied:
+/// - **What a callback may touch**: its handler (`&mut self`), its connection's state (the
+///   `conn` argument), and, through the [`Context`], every open connection by [`ConnId`]
+///   ([`Context::conn`] → [`ConnMut`]: write, close, half-close, pause and resume reading,
+///   its timer, its idle timeout; another connection's state too), dials, the turn's time,
+///   and the stop. Not the poll, the listeners, the wheel or the close path: a callback
+///   *marks* (a close, a shut write side, a timer) and the loop acts once it returns.
+/// - **Reaching other connections** by id, as Netty's `ChannelGroup` or a libuv program keeping
+///   `uv_tcp_t` pointers would, but through a generation-checked [`ConnId`]:
+///   [`Context::conn`] fails for a connection that is gone, so a stale id never reaches the
+///   slot's next occupant. A write to another connection obeys *its* pending cap.
+/// - **Dialing** ([`Context::connect`], like `uv_tcp_connect`) puts the new connection in the
+///   same slab with its handler state from the start; the handshake's end is
+///   [`Handler::on_connected`], and a dial that fails (refused, unreachable, timed out) ends in
+///   [`Handler::on_close`] with its own [`CloseReason`], like any other close.
+/// - **Timers** are one per connection ([`Context::set_timer`] → [`Handler::on_timer`]) riding
+///   the same lazy wheel entry as the idle deadline: no allocation and no wheel operation per
+///   re-arm, like a `uv_timer_t` embedded in the connection. [`Handler::on_idle`] lets a
+///   protocol keep an idle connection (after writing a ping), as Netty's `IdleStateHandler` does.
+/// - **Output leaves once per turn.** Everything written to one connection during a turn (by
+///   its own callbacks, by other connections' [`Context::send`], by work from other threads)
+///   is queued and leaves at the end of the turn in one `write` (or one `writev`), as Redis
+///   writes a client's replies before it sleeps: sixteen replies in a turn are one syscall,
+///   and nothing waits past the turn. Output that would pass the high watermark leaves at
+///   once instead, and a large write to an empty queue goes straight to the socket from the
+///   caller's buffer.
+/// - **Output and its bounds.** [`Context::write`] copies into the connection's buffer (reused
+///   from turn to turn: no allocation in steady state); [`Config::max_pending`] bounds the
+///   bytes *copied* on a connection's behalf, and a write past it closes the connection
+///   ([`CloseReason::Overflow`]). [`Context::write_shared`] / [`Context::send_shared`] queue a
+///   shared [`Bytes`](crate::Bytes) without a copy, not counted against that cap: one stored
+///   value sent to N readers is one copy in memory, and a reply may be of any size. What
+///   bounds a reader that stops reading is the write timeout
+///   ([`Config::write_timeout`]: no progress of the pending output).
+/// - **Writability** is a threshold with hysteresis (Netty's `channelWritabilityChanged`): a
+///   connection whose pending output passes the high watermark is not writable until it falls
+///   to the low one, when [`Handler::on_drained`] runs. That is how a large reply is produced
+///   piece by piece as the socket drains: write while [`Context::is_writable`], continue in
+///   `on_drained`.
+/// - **Other threads** reach the loop through bounded queues and mio's waker
+///   ([`Handle::send`](crate::Handle::send), [`Remote::run`](crate::Remote::run)). Work they
+///   were told was accepted is done, even if the server is asked to stop before its turn; once
+///   a stop is asked for, they are refused ([`RemoteError::Stopped`](crate::RemoteError)).
+///
+/// None of it costs [`Echo`] anything: its callbacks are the same two, an idle connection's
+/// entry is the same size, and nothing is queued or armed unless a handler asks.
+///
+/// # Re-entrancy and panics
+/// A callback never runs inside another. Closing a connection from a callback
+/// ([`ConnMut::close`], an overflowing write to another connection) only marks it; the loop
+/// closes it, and calls its `on_close`, once the callback has returned.
+///
+/// A handler that panics unwinds through [`Server::turn`](crate::Server::turn): on one thread
+/// that stops every connection. The loop does not catch panics; make handlers total.
+///
+/// [`Config::max_pending`]: crate::Config::max_pending
+/// [`Config::write_timeout`]: crate::Config::write_timeout
+/// [`ConnMut`]: crate::ConnMut
+/// [`ConnMut::close`]: crate::ConnMut::close
+/// [`ConnId`]: crate::ConnId
+/// [`Context::conn`]: crate::Context::conn
+/// [`Context::connect`]: crate::Context::connect
+/// [`Context::set_timer`]: crate::Context::set_timer
+/// [`Context::send`]: crate::Context::send
+/// [`Context::write`]: crate::Context::write
+/// [`Context::write_shared`]: crate::Context::write_shared
+/// [`Context::send_shared`]: crate::Context::send_shared
+/// [`Context::is_writable`]: crate::Context::is_writable
 ///
 /// # Examples
 /// A handler that upper-cases what it receives and closes on `q`:
@@ -112,7 +137,7 @@ pub trait Handler {
     /// Whether a connection is not read while its own output is pending (the default, and the
     /// backpressure an echo or request/reply protocol wants: a peer that does not read its
     /// answers is not read either). A relay that moves bytes between two connections sets it to
-    /// `false` and pauses the *source* instead ([`ConnMut::pause_reading`]).
+    /// `false` and pauses the *source* instead ([`ConnMut::pause_reading`](crate::ConnMut::pause_reading)).
     const PAUSE_READING_WHILE_PENDING: bool = true;
 
     /// A connection was accepted. May write a greeting or close at once.
@@ -172,7 +197,7 @@ pub trait Handler {
     }
 
     /// Runs every [`Config::periodic`](crate::Config::periodic), on the loop, with no current
-    /// connection (`ctx.id()` is [`ConnId::NONE`]): housekeeping.
+    /// connection (`ctx.id()` is [`ConnId::NONE`](crate::ConnId::NONE)): housekeeping.
     fn on_periodic(&mut self, ctx: &mut Context<'_, Self::Conn>) {
         let _ = ctx;
     }
@@ -188,367 +213,6 @@ pub trait Handler {
     /// default.
     fn write_metrics(&self, out: &mut String) {
         let _ = out;
-    }
-}
-
-/// A handler's view of the loop during a callback: the current connection (write, close, who
-/// it is) and, by [`ConnId`], every other one; dials; timers.
-///
-/// `S` is the handler's per-connection state ([`Handler::Conn`]); the default `()` lets a
-/// stateless handler write `Context<'_>`.
-#[derive(Debug)]
-pub struct Context<'a, S = ()> {
-    pub(crate) table: &'a mut Table<S>,
-    /// The connection the callback is about ([`ConnId::NONE`] for periodic and remote work).
-    pub(crate) id: ConnId,
-    /// In `on_close`: what is kept of the closed connection (an abortive close has already
-    /// taken it out of the table; a lingering one is there but no longer the handler's).
-    pub(crate) closed: Option<Ended>,
-}
-
-impl<'a, S> Context<'a, S> {
-    pub(crate) fn new(table: &'a mut Table<S>, id: ConnId) -> Context<'a, S> {
-        Context {
-            table,
-            id,
-            closed: None,
-        }
-    }
-
-    /// The current connection's slab entry, whatever its phase (closing and lingering
-    /// included): what the accessors read when the connection is no longer the handler's.
-    fn entry(&self) -> Option<&Conn<S>> {
-        self.table
-            .slab
-            .get(self.id.key())
-            .filter(|c| c.gen == self.id.generation())
-    }
-
-    /// The current connection's id (in `on_close`, the closed connection's).
-    pub fn id(&self) -> ConnId {
-        self.id
-    }
-
-    /// The current turn's time (the loop reads the clock once per turn, or takes it from
-    /// [`Server::turn_at`](crate::Server::turn_at)).
-    pub fn now(&self) -> Instant {
-        self.table.now_at
-    }
-
-    /// The current connection's peer address (for a dialed connection, the address dialed;
-    /// in `on_close`, the closed connection's). `0.0.0.0:0` where there is no current
-    /// connection (periodic and remote work).
-    pub fn peer(&self) -> SocketAddr {
-        match (&self.closed, self.entry()) {
-            (Some(ended), _) => ended.peer,
-            (None, Some(c)) => c.peer(),
-            (None, None) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-        }
-    }
-
-    /// The current connection, if it is still open for the handler.
-    fn current(&mut self) -> Option<ConnMut<'_, S>> {
-        let id = self.id;
-        self.conn(id)
-    }
-
-    /// Writes `data` to the current connection: straight to the socket, and only what the socket
-    /// does not take at once is kept (up to the pending-output cap).
-    ///
-    /// Returns `false` if the data was not accepted: the connection is closing, a write failed,
-    /// or the pending output would exceed the cap (the connection then closes with
-    /// [`CloseReason::Overflow`]).
-    pub fn write(&mut self, data: &[u8]) -> bool {
-        self.current().is_some_and(|mut c| c.write(data))
-    }
-
-    /// Closes the current connection once what was written so far is flushed (reason
-    /// [`CloseReason::Handler`]); it then lingers (see
-    /// [`Config::linger_timeout`](crate::Config::linger_timeout)). No further `on_data` calls
-    /// follow.
-    pub fn close(&mut self) {
-        if let Some(mut c) = self.current() {
-            c.close();
-        }
-    }
-
-    /// Bytes written to the current connection but not yet taken by its socket (0 in
-    /// `on_close`: what was pending has been flushed or dropped).
-    pub fn pending(&self) -> usize {
-        match self.closed {
-            Some(_) => 0,
-            None => self.entry().map_or(0, |c| c.pending_len()),
-        }
-    }
-
-    /// Whether the current connection is writable (its pending output is not above the high
-    /// watermark); see [`Handler::on_drained`]. `false` once it is closing (writes are
-    /// refused then), in `on_close` included.
-    pub fn is_writable(&mut self) -> bool {
-        self.current().is_some_and(|c| c.is_writable())
-    }
-
-    /// Whether the current connection was accepted or dialed: in every callback about it,
-    /// `on_close` included (for a dial that failed too), and after the callback asked to close
-    /// it. [`Origin::Accepted`] where there is no current connection (periodic and remote work).
-    pub fn origin(&self) -> Origin {
-        let dialed = match (&self.closed, self.entry()) {
-            (Some(ended), _) => ended.dialed,
-            (None, Some(c)) => c.has(flag::DIALED),
-            (None, None) => false,
-        };
-        if dialed {
-            Origin::Dialed
-        } else {
-            Origin::Accepted
-        }
-    }
-
-    /// Arms the current connection's timer: [`Handler::on_timer`] runs `after` from now (rounded
-    /// up to the tick). One timer per connection; setting it again replaces it.
-    pub fn set_timer(&mut self, after: Duration) {
-        if let Some(mut c) = self.current() {
-            c.set_timer(after);
-        }
-    }
-
-    /// Disarms the current connection's timer.
-    pub fn cancel_timer(&mut self) {
-        if let Some(mut c) = self.current() {
-            c.cancel_timer();
-        }
-    }
-
-    /// The connection `id`, if it is still open for the handler: `None` once it closed (or
-    /// started closing), so a stale id can never reach the slot's next occupant.
-    pub fn conn(&mut self, id: ConnId) -> Option<ConnMut<'_, S>> {
-        self.table.live(id)?;
-        Some(ConnMut {
-            table: self.table,
-            id,
-            current: id == self.id,
-        })
-    }
-
-    /// Writes `data` to connection `id` (see [`ConnMut::write`]).
-    ///
-    /// # Errors
-    /// [`SendError::Gone`] if that connection is gone or closing; [`SendError::Refused`] if it
-    /// did not take the data: its write side is shut ([`ConnMut::shutdown_write`]: it stays
-    /// open, reading), or a write failed or its pending cap overflowed (*it* then closes, not
-    /// the sender).
-    pub fn send(&mut self, id: ConnId, data: &[u8]) -> Result<(), SendError> {
-        let mut conn = self.conn(id).ok_or(SendError::Gone)?;
-        if conn.write(data) {
-            Ok(())
-        } else {
-            Err(SendError::Refused)
-        }
-    }
-
-    /// Closes connection `id` once its pending output is flushed (reason
-    /// [`CloseReason::Handler`]).
-    ///
-    /// # Errors
-    /// [`SendError::Gone`] if it is already gone or closing.
-    pub fn close_conn(&mut self, id: ConnId) -> Result<(), SendError> {
-        self.conn(id).ok_or(SendError::Gone)?.close();
-        Ok(())
-    }
-
-    /// Dials `addr`: a nonblocking TCP connection in the same table, with `state` as its handler
-    /// state from the start. [`Handler::on_connected`] runs when the handshake completes; a
-    /// refused, unreachable or timed-out dial ([`Config::connect_timeout`](crate::Config::connect_timeout))
-    /// ends in [`Handler::on_close`] with [`CloseReason::ConnectRefused`],
-    /// [`CloseReason::Unreachable`] or [`CloseReason::ConnectTimeout`]. Until connected, writes
-    /// to it are kept as pending output (up to its cap).
-    ///
-    /// # Errors
-    /// [`DialError`] (with `state` handed back) when the dial cannot start: at the connection
-    /// cap (a clear error, never EMFILE), after the server stopped, or when the socket cannot
-    /// be created or start connecting.
-    pub fn connect(&mut self, addr: SocketAddr, state: S) -> Result<ConnId, DialError<S>> {
-        self.table.dial(addr, state)
-    }
-}
-
-/// Why [`Context::send`] or [`Context::close_conn`] did nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendError {
-    /// No such open connection: it closed (or is closing), or the id is stale.
-    Gone,
-    /// The connection did not take the data: either its write side is shut
-    /// ([`ConnMut::shutdown_write`]; it stays open and is still read), or a write failed or its
-    /// pending output would have exceeded its cap (it is closing now).
-    Refused,
-}
-
-impl std::fmt::Display for SendError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            SendError::Gone => "the connection is gone",
-            SendError::Refused => "the connection did not take the data",
-        })
-    }
-}
-
-impl std::error::Error for SendError {}
-
-/// One open connection, reached through [`Context::conn`] for the length of a borrow.
-#[derive(Debug)]
-pub struct ConnMut<'c, S> {
-    table: &'c mut Table<S>,
-    id: ConnId,
-    /// The callback's own connection: the loop settles it after the callback anyway.
-    current: bool,
-}
-
-impl<S> ConnMut<'_, S> {
-    /// The connection, marked to be settled after the callback: every caller changes something
-    /// the loop must act on (a close, a half-close, a pause, a timer). The callback's own
-    /// connection too: a read loop that took the fast path would otherwise miss it.
-    fn touch(&mut self) -> &mut crate::conn::Conn<S> {
-        self.table.mark_dirty(self.id);
-        &mut self.table.slab[self.id.key()]
-    }
-
-    /// This connection's id.
-    pub fn id(&self) -> ConnId {
-        self.id
-    }
-
-    /// The peer's address (for a dialed connection, the address dialed).
-    pub fn peer(&self) -> SocketAddr {
-        self.table.slab[self.id.key()].peer()
-    }
-
-    /// The local address of this connection's socket (`getsockname`: one syscall).
-    ///
-    /// # Errors
-    /// The socket's error, e.g. for a dial that has not connected yet.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.table.slab[self.id.key()].stream.local_addr()
-    }
-
-    /// Accepted or dialed.
-    pub fn origin(&self) -> Origin {
-        if self.table.slab[self.id.key()].has(flag::DIALED) {
-            Origin::Dialed
-        } else {
-            Origin::Accepted
-        }
-    }
-
-    /// Whether the peer's end of stream was read (its write side is closed).
-    pub fn is_eof(&self) -> bool {
-        self.table.slab[self.id.key()].has(flag::EOF)
-    }
-
-    /// This connection's handler state; `None` for the connection the callback is about (its
-    /// state is the callback's `conn` argument).
-    pub fn state(&self) -> Option<&S> {
-        self.table.slab[self.id.key()].state.as_ref()
-    }
-
-    /// This connection's handler state, mutably; `None` for the connection the callback is
-    /// about.
-    pub fn state_mut(&mut self) -> Option<&mut S> {
-        self.table.slab[self.id.key()].state.as_mut()
-    }
-
-    /// Whether a dialed connection is still completing its handshake.
-    pub fn is_connecting(&self) -> bool {
-        self.table.slab[self.id.key()].phase == Phase::Connecting
-    }
-
-    /// Writes `data`: straight to the socket (unless output is already pending or the connection
-    /// is still connecting), keeping what the socket does not take, up to *this* connection's
-    /// pending cap. Returns `false` if it was not taken: the connection is closing, its write
-    /// side is shut, a write failed, or the cap overflowed (the connection then closes with
-    /// [`CloseReason::Overflow`]).
-    pub fn write(&mut self, data: &[u8]) -> bool {
-        let (limits, now) = (self.table.limits, self.table.now);
-        let table = &mut *self.table;
-        if !self.current {
-            table.mark_dirty(self.id);
-        }
-        table.slab[self.id.key()].write(data, &limits, now, &mut table.metrics)
-    }
-
-    /// Bytes written but not yet taken by the socket.
-    pub fn pending(&self) -> usize {
-        self.table.slab[self.id.key()].pending_len()
-    }
-
-    /// Whether pending output is not above the high watermark (see [`Handler::on_drained`]).
-    pub fn is_writable(&self) -> bool {
-        !self.table.slab[self.id.key()].has(flag::UNWRITABLE)
-    }
-
-    /// How long since the connection last read a byte or made write progress.
-    pub fn idle(&self) -> Duration {
-        let c = &self.table.slab[self.id.key()];
-        self.table
-            .clock
-            .duration(self.table.now.saturating_sub(c.last_active))
-    }
-
-    /// Closes once pending output is flushed (reason [`CloseReason::Handler`]), then lingers.
-    pub fn close(&mut self) {
-        self.touch().close_gracefully(CloseReason::Handler);
-    }
-
-    /// Shuts down the write side (sends FIN) once pending output is flushed; later writes are
-    /// refused. Reading goes on: a half-close, as a proxy passes a FIN on.
-    pub fn shutdown_write(&mut self) {
-        self.touch().set(flag::SHUT_WANTED);
-    }
-
-    /// Stops reading this connection until [`resume_reading`](Self::resume_reading): the
-    /// kernel's buffers fill and TCP pushes back on the peer.
-    pub fn pause_reading(&mut self) {
-        self.touch().set(flag::READ_PAUSED);
-    }
-
-    /// Reads again: data that arrived meanwhile is read at the next turn, without waiting for an
-    /// edge (none comes for it).
-    pub fn resume_reading(&mut self) {
-        let id = self.id;
-        let conn = self.touch();
-        if conn.has(flag::READ_PAUSED) {
-            conn.clear(flag::READ_PAUSED);
-            conn.set(flag::RESUME);
-            // Settling queues the read; the callback's own connection is settled only if dirty.
-            self.table.mark_dirty(id);
-        }
-    }
-
-    /// Whether the idle timeout (and a drain's idle close) applies to this connection; on by
-    /// default. A protocol that judges idleness elsewhere turns it off (a proxy's upstream
-    /// side, whose client side asks [`Handler::on_idle`] for both): one wheel entry less.
-    /// Write stalls, dials, timers and the drain deadline still apply.
-    pub fn set_idle_timeout(&mut self, on: bool) {
-        let conn = self.touch();
-        if on {
-            conn.clear(flag::NO_IDLE);
-        } else {
-            conn.set(flag::NO_IDLE);
-        }
-    }
-
-    /// Arms this connection's timer: [`Handler::on_timer`] runs `after` from now.
-    pub fn set_timer(&mut self, after: Duration) {
-        let when =
-            crate::time::deadline(self.table.now, self.table.clock.ticks(after)).min(NEVER - 1);
-        let id = self.id;
-        self.touch().timer = when;
-        // The wheel entry may be later than the new timer: settle re-arms.
-        self.table.mark_dirty(id);
-    }
-
-    /// Disarms this connection's timer (its wheel entry dies lazily).
-    pub fn cancel_timer(&mut self) {
-        self.touch().timer = NEVER;
     }
 }
 

@@ -14,9 +14,10 @@
 //! - **Deadlines** (idle, write stall, connect, the handler's timer, linger) share one entry per
 //!   connection in a hashed timer wheel with lazy re-arm: activity only stamps the connection;
 //!   the wheel re-inserts or acts when a slot fires.
-//! - **I/O**: reads go into one loop-wide buffer (an idle connection owns no buffer); writes go
-//!   straight out and only the unsent remainder is kept, up to a cap. While output is pending
-//!   the connection is not read, which pushes back on the peer through TCP.
+//! - **I/O**: reads go into one loop-wide buffer (an idle connection owns no buffer); what a
+//!   turn writes to a connection leaves at the end of the turn in one `write` (or `writev`),
+//!   only the unsent remainder is kept, and copied output is capped. While the socket refuses
+//!   output the connection is not read, which pushes back on the peer through TCP.
 //! - **One close path** deregisters, closes the fd, frees the slot, calls
 //!   [`Handler::on_close`] and counts the [`CloseReason`] in the [`Metrics`]. A graceful close
 //!   lingers first (write side shut, input discarded until the peer's EOF), so a reply is never
@@ -26,8 +27,10 @@
 //!   pauses accepting instead of spinning.
 //!
 //! The protocol is a [`Handler`]; [`Echo`] and [`Discard`] ship with the crate. The
-//! [`handler`](Handler) docs explain the API's shape: reaching other connections by [`ConnId`],
-//! dialing, timers, writability, other threads.
+//! [`Handler`] docs explain the API's shape: what a callback may touch, reaching other
+//! connections by [`ConnId`], dialing, timers, output (once per connection per turn; shared
+//! [`Bytes`] without a copy) and its bounds, writability, other threads ([`Handle`],
+//! [`Remote`]: stop means stopped).
 //!
 //! # Example
 //! ```no_run
@@ -57,8 +60,10 @@
 //! | `server/accept.rs` | listeners, the accept gate, admission (cap, per-IP, evict-idle), PROXY headers |
 //! | `server/timers.rs` | the wheel's use: arming, expiry, the drain's schedule, periodic work, the leak self-check |
 //! | `table.rs` | the slab and what a callback may touch; dialing |
-//! | `conn.rs` | one connection: socket, pending output, phase, flags, its deadlines |
-//! | `handler.rs` | [`Handler`], [`Context`], [`ConnMut`], [`Echo`], [`Discard`] |
+//! | `conn.rs` | one connection: socket, queued output, phase, flags, its deadlines |
+//! | `output.rs` | a connection's output queue: copied runs and shared buffers, one `writev` |
+//! | `handler.rs` | [`Handler`] (its docs: the API's shape), [`Echo`], [`Discard`] |
+//! | `context.rs` | [`Context`] and [`ConnMut`]: what a callback acts through |
 //! | `remote.rs` | [`Handle`] and [`Remote`]: other threads to the loop |
 //! | `group.rs` | what the loops of a [`Workers`] group share: published figures, heartbeats |
 //! | `workers.rs` | [`Workers`]: N loops on N threads with `SO_REUSEPORT` |
@@ -79,7 +84,7 @@
 //! the loop (httparse). `proxy-protocol` (default) reads PROXY protocol v1/v2 headers on
 //! listeners (ppp). `cli` (default) adds the dependencies only the `sockman` binary needs: clap,
 //! env_logger, signal-hook, listenfd, sd-notify, hdrhistogram, serde and serde_json. With
-//! `default-features = false` the library depends on mio, slab, log, socket2, rlimit and libc
+//! `default-features = false` the library depends on mio, slab, bytes, log, socket2, rlimit and libc
 //! only, and rustix on Linux (the timerfd of `alarm.rs`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
@@ -89,11 +94,13 @@ mod admin;
 mod alarm;
 mod config;
 mod conn;
+mod context;
 mod error;
 mod group;
 mod handler;
 mod limits;
 mod metrics;
+mod output;
 mod proxy_header;
 mod reason;
 mod remote;
@@ -105,9 +112,13 @@ mod token;
 pub mod wheel;
 mod workers;
 
+/// The shared, immutable byte buffer that [`ConnMut::write_shared`] queues without a copy (the
+/// `bytes` crate's, re-exported).
+pub use bytes::Bytes;
 pub use config::{Config, OnFull, ProxyProtocol};
+pub use context::{ConnMut, Context, Origin, SendError};
 pub use error::Error;
-pub use handler::{ConnMut, Context, Discard, Echo, Eof, Handler, Idle, Origin, SendError};
+pub use handler::{Discard, Echo, Eof, Handler, Idle};
 pub use limits::{FALLBACK_MAX_CONNECTIONS, FD_RESERVE};
 pub use metrics::{Metrics, ACCEPT_ERROR_NAMES, LIFETIME_BUCKETS_MS, LINGER_END_NAMES};
 pub use reason::{CloseReason, RejectReason};

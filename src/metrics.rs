@@ -64,6 +64,10 @@ pub struct Metrics {
     pub bytes_in: u64,
     /// Bytes written to peers.
     pub bytes_out: u64,
+    /// `write`/`writev` calls made to send them: output written to one connection during a
+    /// turn leaves in one call (more only when the socket takes it in parts), so this grows by
+    /// at most one per connection written to per turn in the common case.
+    pub write_calls: u64,
     /// Gauge: bytes of output waiting for slow peers, over all connections.
     pub pending_bytes: u64,
     /// Loop turns (one poll each).
@@ -175,6 +179,7 @@ impl Metrics {
             &mut self.lingering,
             &mut self.bytes_in,
             &mut self.bytes_out,
+            &mut self.write_calls,
             &mut self.pending_bytes,
             &mut self.turns,
             &mut self.events,

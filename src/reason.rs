@@ -116,6 +116,23 @@ impl CloseReason {
         }
     }
 
+    /// Whether output queued for the connection still goes to the socket when it closes for
+    /// this reason (one last nonblocking write: what a handler wrote before it closed, or
+    /// before the server stopped, is not dropped). Not when the peer cannot take it: a reset,
+    /// an I/O error, a stall or an overflow (both abortive), or a dial that never connected.
+    pub(crate) fn keeps_output(self) -> bool {
+        !matches!(
+            self,
+            CloseReason::Reset
+                | CloseReason::Io(_)
+                | CloseReason::WriteStall
+                | CloseReason::Overflow
+                | CloseReason::ConnectRefused
+                | CloseReason::ConnectTimeout
+                | CloseReason::Unreachable
+        )
+    }
+
     /// Whether the peer may still be sending when the server closes for this reason, so that a
     /// plain `close()` risks a reset that destroys the reply: these closes linger
     /// ([`Config::linger_timeout`](crate::Config::linger_timeout)). The others are either

@@ -5,22 +5,34 @@
 //! never unbounded memory. The loop drains the queues once per turn, within a budget of one
 //! queue's capacity. A sender wakes the loop only if no wake is already pending (one `eventfd`
 //! write per burst, not per message).
+//!
+//! # Stop means stopped
+//! Work a sender was told was accepted (`Ok`) is done: a closure runs, a message is written to
+//! its connection (or counted `remote_dropped` if that connection is gone by then), a close is
+//! made. From the moment the server is asked to stop ([`Handle::shutdown`], or
+//! [`Context::shutdown`](crate::Context::shutdown) in a callback), every sender gets
+//! [`RemoteError::Stopped`] instead, with its work handed back. The two never overlap: senders
+//! queue under a shared lock (`gate`) and re-check the stop under it; the loop, stopping, takes
+//! the lock exclusively to close the queues, then does everything accepted before, then closes
+//! its connections (so "send goodbye, then shut down" delivers the goodbye).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use log::warn;
 use mio::Waker;
 
-use crate::handler::{Context, Handler};
+use crate::context::Context;
+use crate::handler::Handler;
 use crate::token::ConnId;
 
 /// Work from another thread for connection `id`.
 #[derive(Debug)]
 pub(crate) enum Msg {
-    Send(ConnId, Vec<u8>),
+    Send(ConnId, Bytes),
     Close(ConnId),
 }
 
@@ -28,7 +40,12 @@ pub(crate) enum Msg {
 #[derive(Debug)]
 pub(crate) struct Shared {
     waker: Waker,
-    pub(crate) stop: AtomicBool,
+    /// The server is asked to stop: senders are refused from now on. Shared with the loop's
+    /// table, so that a callback can ask too ([`Context::shutdown`](crate::Context::shutdown)).
+    stop: Arc<AtomicBool>,
+    /// `true` once the loop has closed the queues (see the [module docs](self)). Senders hold
+    /// it shared while they check `stop` and queue; the loop takes it exclusively to close.
+    gate: RwLock<bool>,
     /// Requested drain timeout in nanoseconds; `u64::MAX` = no drain requested.
     pub(crate) drain_ns: AtomicU64,
     /// A wake is pending: set by the sender that wakes the loop, cleared by the loop before it
@@ -39,12 +56,17 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// The shared part, and the receiving end of the message queue (the loop's).
-    pub(crate) fn new(waker: Waker, capacity: usize) -> (Arc<Shared>, Receiver<Msg>) {
+    pub(crate) fn new(
+        waker: Waker,
+        capacity: usize,
+        stop: Arc<AtomicBool>,
+    ) -> (Arc<Shared>, Receiver<Msg>) {
         let (mail, rx) = mpsc::sync_channel(capacity);
         (
             Arc::new(Shared {
                 waker,
-                stop: AtomicBool::new(false),
+                stop,
+                gate: RwLock::new(false),
                 drain_ns: AtomicU64::new(u64::MAX),
                 woken: AtomicBool::new(false),
                 mail,
@@ -65,6 +87,45 @@ impl Shared {
     pub(crate) fn clear_wake(&self) {
         self.woken.store(false, Ordering::Release);
     }
+
+    /// Whether a stop was asked for.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Asks for the stop (from the loop itself): senders are refused from now on.
+    pub(crate) fn ask_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// The loop is stopping: refuses every sender from now on. Once this returns, whatever a
+    /// sender was told was accepted is in the queues, for the loop's last pass over them.
+    pub(crate) fn close_queues(&self) {
+        self.ask_stop();
+        *self.gate.write().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    /// Queues `msg` on `tx` unless the server is stopping; `back` turns a refused message back
+    /// into what the sender gave. Wakes the loop for what was queued.
+    fn queue<M, T>(
+        &self,
+        tx: &SyncSender<M>,
+        msg: M,
+        back: impl FnOnce(M) -> T,
+    ) -> Result<(), RemoteError<T>> {
+        {
+            let closed = self.gate.read().unwrap_or_else(|e| e.into_inner());
+            if *closed || self.is_stopping() {
+                return Err(RemoteError::Stopped(back(msg)));
+            }
+            tx.try_send(msg).map_err(|e| match e {
+                TrySendError::Full(m) => RemoteError::Full(back(m)),
+                TrySendError::Disconnected(m) => RemoteError::Stopped(back(m)),
+            })?;
+        }
+        self.wake();
+        Ok(())
+    }
 }
 
 /// A message or closure that could not be queued, handed back.
@@ -72,7 +133,8 @@ impl Shared {
 pub enum RemoteError<T> {
     /// The queue is full ([`Config::remote_queue`](crate::Config::remote_queue)): try later.
     Full(T),
-    /// The server is gone.
+    /// The server has stopped or is stopping (its shutdown was asked for): the work will not
+    /// be done. Handed back, like the rest.
     Stopped(T),
 }
 
@@ -80,37 +142,46 @@ impl<T> std::fmt::Display for RemoteError<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             RemoteError::Full(_) => "the loop's queue is full",
-            RemoteError::Stopped(_) => "the server has stopped",
+            RemoteError::Stopped(_) => "the server has stopped (or is stopping)",
         })
     }
 }
 
 impl<T: std::fmt::Debug> std::error::Error for RemoteError<T> {}
 
-fn queue<M, T>(
-    tx: &SyncSender<M>,
-    msg: M,
-    back: impl FnOnce(M) -> T,
-) -> Result<(), RemoteError<T>> {
-    tx.try_send(msg).map_err(|e| match e {
-        TrySendError::Full(m) => RemoteError::Full(back(m)),
-        TrySendError::Disconnected(m) => RemoteError::Stopped(back(m)),
-    })
+impl<T> RemoteError<T> {
+    /// The same error with what it hands back converted by `f`.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> RemoteError<U> {
+        match self {
+            RemoteError::Full(t) => RemoteError::Full(f(t)),
+            RemoteError::Stopped(t) => RemoteError::Stopped(f(t)),
+        }
+    }
 }
 
 /// Stops, drains or feeds a [`Server`](crate::Server) from any thread (a signal thread, a test,
 /// a supervisor, a producer).
+///
+/// Stop means stopped: work a sender was told was accepted (`Ok`) is done, even if the stop
+/// comes before its turn (a closure runs, a message is written, a close is made); from the
+/// moment a stop is asked for ([`Handle::shutdown`], or
+/// [`Context::shutdown`](crate::Context::shutdown) from a callback) every sender gets
+/// [`RemoteError::Stopped`] with its work handed back, while the `Server` value lives and after.
+/// A producer that retries on [`RemoteError::Full`] therefore ends.
 #[derive(Debug, Clone)]
 pub struct Handle {
     pub(crate) shared: Arc<Shared>,
 }
 
 impl Handle {
-    /// Asks the loop to stop now: at its next turn it closes every connection with
+    /// Asks the loop to stop now: from this moment every [`send`](Self::send),
+    /// [`close`](Self::close) and [`Remote::run`] is refused with [`RemoteError::Stopped`]; at
+    /// its next turn the loop does what it had accepted before (runs the closures, writes the
+    /// messages), writes what is queued, closes every connection with
     /// [`CloseReason::Shutdown`](crate::CloseReason::Shutdown), closes its listeners, and
     /// [`Server::run`](crate::Server::run) returns. Also ends a drain early.
     pub fn shutdown(&self) {
-        self.shared.stop.store(true, Ordering::Release);
+        self.shared.ask_stop();
         self.wake_now();
     }
 
@@ -127,19 +198,30 @@ impl Handle {
     }
 
     /// Writes `data` to connection `id` from another thread, as
-    /// [`Context::send`](crate::Context::send) would on the loop (its pending cap applies). A
-    /// connection that is gone by then drops it (counted as `remote_dropped`).
+    /// [`Context::send_shared`](crate::Context::send_shared) would on the loop (no copy: the
+    /// vector becomes the queued buffer). It leaves with whatever else the connection gets in
+    /// that turn, in one write. A connection that is gone by then drops it (counted as
+    /// `remote_dropped`).
     ///
     /// # Errors
     /// [`RemoteError::Full`] (with `data` back) when the queue is full, [`RemoteError::Stopped`]
-    /// when the server is gone.
+    /// once the server is stopping or stopped (see [`shutdown`](Self::shutdown)).
     pub fn send(&self, id: ConnId, data: Vec<u8>) -> Result<(), RemoteError<Vec<u8>>> {
-        queue(&self.shared.mail, Msg::Send(id, data), |m| match m {
-            Msg::Send(_, d) => d,
-            Msg::Close(_) => Vec::new(),
-        })?;
-        self.shared.wake();
-        Ok(())
+        self.send_shared(id, Bytes::from(data))
+            .map_err(|e| e.map(Vec::from))
+    }
+
+    /// [`send`](Self::send) of a shared buffer: one buffer sent to many connections is one
+    /// copy in memory.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send).
+    pub fn send_shared(&self, id: ConnId, data: Bytes) -> Result<(), RemoteError<Bytes>> {
+        self.shared
+            .queue(&self.shared.mail, Msg::Send(id, data), |m| match m {
+                Msg::Send(_, d) => d,
+                Msg::Close(_) => Bytes::new(),
+            })
     }
 
     /// Closes connection `id` (gracefully, as [`Context::close_conn`](crate::Context::close_conn))
@@ -148,9 +230,7 @@ impl Handle {
     /// # Errors
     /// As [`Handle::send`].
     pub fn close(&self, id: ConnId) -> Result<(), RemoteError<()>> {
-        queue(&self.shared.mail, Msg::Close(id), |_| ())?;
-        self.shared.wake();
-        Ok(())
+        self.shared.queue(&self.shared.mail, Msg::Close(id), |_| ())
     }
 
     /// Wakes the loop (a group request is waiting for it).
@@ -179,18 +259,17 @@ pub struct Remote<H: Handler> {
 }
 
 impl<H: Handler> Remote<H> {
-    /// Queues `job` to run on the loop at its next turn.
+    /// Queues `job` to run on the loop at its next turn. A job that was accepted runs, even if
+    /// the server is asked to stop before its turn comes (it runs just before the stop).
     ///
     /// # Errors
-    /// [`RemoteError::Full`] when the queue is full, [`RemoteError::Stopped`] when the server is
-    /// gone (the job is dropped either way).
+    /// [`RemoteError::Full`] when the queue is full, [`RemoteError::Stopped`] once the server is
+    /// stopping or stopped (the job is dropped either way: it will not run).
     pub fn run(
         &self,
         job: impl FnOnce(&mut H, &mut Context<'_, H::Conn>) + Send + 'static,
     ) -> Result<(), RemoteError<()>> {
-        queue(&self.tx, Box::new(job) as Job<H>, |_| ())?;
-        self.shared.wake();
-        Ok(())
+        self.shared.queue(&self.tx, Box::new(job) as Job<H>, |_| ())
     }
 }
 

@@ -12,8 +12,9 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::debug;
 use mio::net::TcpStream;
@@ -21,9 +22,10 @@ use mio::{Interest, Poll};
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::conn::{flag, Conn, OutputLimits, Phase};
+use crate::conn::{flag, Conn, Outbox, OutputLimits, Phase};
 use crate::limits::SharedCap;
 use crate::metrics::Metrics;
+use crate::output::Output;
 use crate::time::{Clock, Tick};
 use crate::token::{self, ConnId};
 
@@ -44,6 +46,16 @@ pub(crate) struct Table<S> {
     /// Connections a callback changed, to settle (close, arm deadlines, resume reading) once it
     /// returns, as ids: one that closed meanwhile is skipped.
     pub(crate) dirty: Vec<ConnId>,
+    /// Connections with output queued this turn, written once each at the end of the turn
+    /// (as ids: one that closed meanwhile is skipped).
+    pub(crate) flushing: Vec<ConnId>,
+    /// Drained output buffers kept for reuse, so that a connection's output allocates nothing
+    /// in steady state.
+    #[allow(
+        clippy::vec_box,
+        reason = "the boxes are what is reused: a connection holds one"
+    )]
+    pub(crate) spare: Vec<Box<Output>>,
     /// Generation for the next connection: a 64-bit count that never wraps in practice (see
     /// the `token` module docs).
     next_gen: u64,
@@ -62,6 +74,13 @@ pub(crate) struct Table<S> {
     pub(crate) options: SocketOptions,
     /// The server stopped: no more dials.
     pub(crate) stopped: bool,
+    /// The server is asked to stop (shared with the handles of other threads, which are
+    /// refused from then on): a callback's [`Context::shutdown`](crate::Context::shutdown)
+    /// sets it, the loop stops at the end of the turn.
+    pub(crate) stop: Arc<AtomicBool>,
+    /// A callback asked for a drain ([`Context::drain`](crate::Context::drain)), with this
+    /// timeout: the loop starts it at the end of the turn.
+    pub(crate) drain_asked: Option<Duration>,
 }
 
 /// Why a dial failed at once; the state given to [`Context::connect`](crate::Context::connect)
@@ -117,6 +136,7 @@ impl<S> Table<S> {
         clock: Clock,
         options: SocketOptions,
         metrics: Metrics,
+        stop: Arc<AtomicBool>,
     ) -> Table<S> {
         Table {
             // Reserve up to 64 Ki slots up front: untouched pages cost no RSS, and growth by
@@ -125,6 +145,8 @@ impl<S> Table<S> {
             poll,
             metrics,
             dirty: Vec::new(),
+            flushing: Vec::new(),
+            spare: Vec::new(),
             next_gen: 0,
             max_connections,
             group_cap: None,
@@ -134,6 +156,8 @@ impl<S> Table<S> {
             now_at: clock.start(),
             options,
             stopped: false,
+            stop,
+            drain_asked: None,
         }
     }
 
@@ -199,6 +223,40 @@ impl<S> Table<S> {
             .iter()
             .map(|(key, c)| ConnId::new(key, c.gen))
             .collect()
+    }
+
+    /// Connection `key` and what a write to it needs, borrowed apart.
+    pub(crate) fn outbox(&mut self, key: usize) -> (&mut Conn<S>, Outbox<'_>) {
+        let Table {
+            slab,
+            metrics,
+            flushing,
+            spare,
+            limits,
+            now,
+            ..
+        } = self;
+        (
+            &mut slab[key],
+            Outbox {
+                limits: *limits,
+                now: *now,
+                metrics,
+                spare,
+                flushing,
+            },
+        )
+    }
+
+    /// What a write needs, for a connection already out of the slab (its output is dropped).
+    pub(crate) fn outbox_only(&mut self) -> Outbox<'_> {
+        Outbox {
+            limits: self.limits,
+            now: self.now,
+            metrics: &mut self.metrics,
+            spare: &mut self.spare,
+            flushing: &mut self.flushing,
+        }
     }
 
     /// Puts `id` on the list of connections to settle after the callback (once).
@@ -277,7 +335,22 @@ fn connect_socket(addr: SocketAddr, options: &SocketOptions) -> io::Result<TcpSt
     Ok(TcpStream::from_std(socket.into()))
 }
 
-/// Sets `SO_RCVBUF` / `SO_SNDBUF` where configured.
+/// Unsent bytes the kernel keeps per socket at most (`TCP_NOTSENT_LOWAT`), set on every
+/// listener (accepted sockets inherit it) and dialed socket.
+///
+/// Why: the write timeout means "no progress of the pending output", and the loop sees
+/// progress as writability. With autotuned send buffers of megabytes and no such limit,
+/// writability comes back only once half of the buffer has drained (a reader taking 20 KB/s
+/// from 4 MB is "stalled" for 100 s, though it never stopped), and a write can succeed without
+/// any progress of the peer (acknowledgements of bytes that were already in flight free
+/// space). With it, the kernel accepts more only once it has *sent* some, which it does only
+/// when the peer's window opens: writability every few hundred KB a reader takes, and a
+/// write that succeeds is the peer's progress. It also bounds the kernel memory a slow reader
+/// holds. Costs nothing per connection (inherited from the listener) and nothing per write.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) const UNSENT_LOWAT: u32 = 256 * 1024;
+
+/// Sets `SO_RCVBUF` / `SO_SNDBUF` where configured, and the unsent limit ([`UNSENT_LOWAT`]).
 pub(crate) fn apply_buffers(socket: &Socket, options: &SocketOptions) -> io::Result<()> {
     if let Some(n) = options.recv_buffer {
         socket.set_recv_buffer_size(n)?;
@@ -285,5 +358,7 @@ pub(crate) fn apply_buffers(socket: &Socket, options: &SocketOptions) -> io::Res
     if let Some(n) = options.send_buffer {
         socket.set_send_buffer_size(n)?;
     }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    socket.set_tcp_notsent_lowat(UNSENT_LOWAT)?;
     Ok(())
 }

@@ -8,29 +8,7 @@
 //! metrics, descriptors and heartbeat. This module sits above the loop and uses the loop's
 //! public face, plus joining it to the group; the loop knows nothing of this module.
 //!
-//! # Which worker does what
-//! Worker 0 serves the admin endpoint (its `/metrics` has a total series and one per worker with
-//! a `worker="N"` label; its `/connections` gathers every worker's lines) and runs the leak
-//! self-check for the whole process. The connection cap is the group's: one shared count of
-//! open connections that every worker's admission (accept and dial) checks, so the group holds
-//! at most the cap whatever worker the kernel hashes a connection to, and `/readyz` judges the
-//! group's count against it. The cap (configured, or derived from the fd limit) keeps every
-//! worker's own descriptors back, so that the total stays under the fd limit.
-//!
-//! # The admin endpoint through a drain
-//! Worker 0 may finish its own drain while others still serve theirs: it then closes what is
-//! left of its own and serves the admin endpoint alone (`/livez`, `/readyz` failing with
-//! "draining", `/metrics` with every worker's figures) until every other worker has stopped
-//! (each one's stop wakes it), so that liveness never fails during a drain.
-//!
-//! # Draining without losing a handshake
-//! Closing one `SO_REUSEPORT` listener resets the connections still queued on it. A drain
-//! therefore has every worker accept its queue before it closes its listener, and worker 0 keep
-//! its own open (and accepting: the kernel hashes new connections only to listeners still open)
-//! until every other worker has closed its own; then it accepts its queue and closes last.
-//! Handshakes still in progress on a closing listener are moved to an open one only if the
-//! kernel is told to (`net.ipv4.tcp_migrate_req = 1`, Linux 5.14+); without it, a connect that
-//! is mid-handshake at that instant can be reset, as with any listener that closes.
+//! Which worker does what, and how a drain loses no handshake: see [`Workers`].
 
 use std::net::SocketAddr;
 use std::sync::mpsc;
@@ -49,8 +27,34 @@ use crate::metrics::Metrics;
 use crate::remote::Handle;
 use crate::server::Server;
 
-/// N servers bound and ready to run on N threads. What they share and how a drain of their
-/// `SO_REUSEPORT` listeners proceeds is in the docs of `src/workers.rs`.
+/// N servers bound and ready to run on N threads, each a complete loop (its own `Poll`, slab
+/// and wheel) with its own listener sockets bound with `SO_REUSEPORT`, so that the kernel
+/// spreads connections over them; they share only their published figures and the
+/// connection count.
+///
+/// # Which worker does what
+/// Worker 0 serves the admin endpoint (its `/metrics` has a total series and one per worker with
+/// a `worker="N"` label; its `/connections` gathers every worker's lines) and runs the leak
+/// self-check for the whole process. The connection cap is the group's: one shared count of
+/// open connections that every worker's admission (accept and dial) checks, so the group holds
+/// at most the cap whatever worker the kernel hashes a connection to, and `/readyz` judges the
+/// group's count against it. The cap (configured, or derived from the fd limit) keeps every
+/// worker's own descriptors back, so that the total stays under the fd limit.
+///
+/// # The admin endpoint through a drain
+/// Worker 0 may finish its own drain while others still serve theirs: it then closes what is
+/// left of its own and serves the admin endpoint alone (`/livez`, `/readyz` failing with
+/// "draining", `/metrics` with every worker's figures) until every other worker has stopped
+/// (each one's stop wakes it), so that liveness never fails during a drain.
+///
+/// # Draining without losing a handshake
+/// Closing one `SO_REUSEPORT` listener resets the connections still queued on it. A drain
+/// therefore has every worker accept its queue before it closes its listener, and worker 0 keep
+/// its own open (and accepting: the kernel hashes new connections only to listeners still open)
+/// until every other worker has closed its own; then it accepts its queue and closes last.
+/// Handshakes still in progress on a closing listener are moved to an open one only if the
+/// kernel is told to (`net.ipv4.tcp_migrate_req = 1`, Linux 5.14+); without it, a connect that
+/// is mid-handshake at that instant can be reset, as with any listener that closes.
 pub struct Workers<H: Handler> {
     servers: Vec<Server<H>>,
     group: Arc<Group>,

@@ -3,7 +3,7 @@
 //! thread makes; the test turns an echo server on its own thread and echoes 64-byte messages
 //! from a client on that same thread, so the count covers the loop's whole work per echo (poll,
 //! dispatch, read, `on_data`, write, deadlines) and the client's plain socket calls (which do not
-//! allocate).
+//! allocate). It also checks that each echo costs one write.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -99,12 +99,15 @@ fn the_echo_path_allocates_nothing_per_event() {
         echo_once(&mut server, &mut client, &msg);
     }
     let turns_before = server.metrics().turns;
+    let writes_before = server.metrics().write_calls;
     let before = allocations();
     for _ in 0..ECHOES {
         echo_once(&mut server, &mut client, &msg);
     }
     let allocated = allocations() - before;
     let turns = server.metrics().turns - turns_before;
+    let writes = server.metrics().write_calls - writes_before;
+    assert_eq!(writes, ECHOES, "one write per echo");
     assert_eq!(server.metrics().accepted, 1, "{}", server.metrics());
     // Not one per echo, nor one per turn: a deadline re-armed in the wheel now and then may
     // grow a slot's vector, which is why the bound is not zero.

@@ -20,7 +20,8 @@ use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 use super::Server;
 use crate::config::{Config, ProxyProtocol};
 use crate::conn::{flag, Conn, Phase};
-use crate::handler::{Context, Handler};
+use crate::context::Context;
+use crate::handler::Handler;
 use crate::limits::{self, AcceptGate, Lru, PerIp};
 use crate::reason::{AcceptError, CloseReason, RejectReason};
 use crate::table::{apply_buffers, SocketOptions};
@@ -335,7 +336,7 @@ impl<H: Handler> Server<H> {
         use crate::proxy_header::{self, Parsed, MAX_HEADER};
         loop {
             let conn = &mut self.table.slab[key];
-            let had = conn.header_bytes().len();
+            let had = conn.header_bytes();
             // Never more than the read buffer holds (it may be smaller than a header: then the
             // header is read in pieces).
             let room = (MAX_HEADER + 1 - had).min(self.buf.len());
@@ -358,7 +359,7 @@ impl<H: Handler> Server<H> {
             let mut joined = conn.take_header_bytes();
             joined.extend_from_slice(&self.buf[..n]);
             match proxy_header::parse(&joined, self.accept.proxy_protocol) {
-                Parsed::Incomplete => self.table.slab[key].set_header_bytes(joined),
+                Parsed::Incomplete => self.table.slab[key].set_header_bytes(&joined),
                 Parsed::Missing => {
                     return self.reject_header(key, RejectReason::ProxyHeaderMissing)
                 }
@@ -599,5 +600,11 @@ mod tests {
         // Linux doubles the value set (for its bookkeeping overhead) and reports the double.
         assert_eq!(sock.recv_buffer_size().unwrap(), 2 * 16 * 1024, "SO_RCVBUF");
         assert_eq!(sock.send_buffer_size().unwrap(), 2 * 24 * 1024, "SO_SNDBUF");
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            sock.tcp_notsent_lowat().unwrap(),
+            crate::table::UNSENT_LOWAT,
+            "TCP_NOTSENT_LOWAT"
+        );
     }
 }

@@ -16,7 +16,8 @@ use log::{debug, trace};
 
 use super::Server;
 use crate::conn::{flag, Conn, Ended, Phase};
-use crate::handler::{Context, Handler};
+use crate::context::Context;
+use crate::handler::Handler;
 use crate::reason::{CloseReason, LingerEnd};
 use crate::time::NEVER;
 use crate::token::ConnId;
@@ -184,6 +185,13 @@ impl<H: Handler> Server<H> {
             let _ = socket2::SockRef::from(&self.table.slab[key].stream)
                 .set_linger(Some(Duration::ZERO));
         }
+        if reason.keeps_output() {
+            // What was queued this turn still goes out (it would have, written at once).
+            let (conn, mut out) = self.table.outbox(key);
+            if conn.phase == Phase::Open && conn.has_pending() && !conn.has(flag::BLOCKED) {
+                let _ = conn.flush(&mut out);
+            }
+        }
         self.forget(key);
         let mut conn = self.release(key);
         let ended = conn.ended(key);
@@ -248,7 +256,7 @@ impl<H: Handler> Server<H> {
             conn.take_header_bytes(); // input, not pending output
             self.table.metrics.awaiting_header -= 1;
         } else {
-            conn.discard_pending(&mut self.table.metrics);
+            conn.discard_pending(&mut self.table.outbox_only());
         }
         // A descriptor came free: a paused accept resumes this turn.
         self.accept.gate.on_close();

@@ -14,7 +14,8 @@ use mio::event::Event;
 
 use super::Server;
 use crate::conn::{flag, Phase};
-use crate::handler::{Context, Eof, Handler};
+use crate::context::Context;
+use crate::handler::{Eof, Handler};
 use crate::reason::CloseReason;
 use crate::token::ConnId;
 
@@ -50,11 +51,14 @@ impl Readiness {
     };
 }
 
+/// Connections that the end-of-turn flush may write beyond twice those queued when it began
+/// (output that `on_drained` or a settled close queued meanwhile).
+const FLUSH_EXTRA: usize = 64;
+
 impl<H: Handler> Server<H> {
     /// Handles readiness on a live connection: complete a dial, flush pending output, read (or,
     /// while lingering, read and discard).
     pub(super) fn drive(&mut self, key: usize, ready: Readiness) {
-        let now = self.table.now;
         match self.table.slab[key].phase {
             Phase::Header => return self.read_header(key, ready.read_closed || ready.priority),
             Phase::Lingering => return self.linger(key),
@@ -65,9 +69,7 @@ impl<H: Handler> Server<H> {
             }
             Phase::Open => {}
         }
-        let limits = self.table.limits;
-        let table = &mut self.table;
-        let conn = &mut table.slab[key];
+        let conn = &mut self.table.slab[key];
         let id = ConnId::new(key, conn.gen);
         if ready.read_closed {
             conn.set(flag::READ_CLOSED);
@@ -78,34 +80,68 @@ impl<H: Handler> Server<H> {
         let mut want_read = ready.readable || ready.read_closed || ready.error || ready.priority;
         if conn.has_pending() {
             if ready.writable || ready.error {
-                let flushed = conn.flush(&limits, now, &mut table.metrics);
-                if conn.last_active == now {
-                    self.touch_lru(key); // write progress is activity
-                }
-                match flushed {
-                    Err(reason) => return self.close(key, reason),
+                match self.write_out(id) {
+                    None => return,
                     // Reading was paused: data may be waiting with no new edge to announce it.
-                    Ok(done) => want_read |= done,
+                    Some(done) => want_read |= done,
                 }
-                if self.table.slab[key].has(flag::DRAINED) {
-                    self.table.slab[key].clear(flag::DRAINED);
-                    if self
-                        .call(key, |h, state, ctx| h.on_drained(state, ctx))
-                        .is_none()
-                    {
-                        return;
-                    }
-                }
-                if !self.after_callback(id) {
-                    return;
-                }
-            } else if H::PAUSE_READING_WHILE_PENDING {
+            } else if H::PAUSE_READING_WHILE_PENDING && conn.is_blocked() {
                 return; // reading stays paused until the output drains
             }
         }
         if want_read && self.can_read(key) {
             self.read(key);
         }
+    }
+
+    /// The end of a turn: every connection written to during the turn (by its own callbacks,
+    /// by other connections' `send`, by work from other threads) writes what it has queued,
+    /// in one `write` (or `writev`) each. What that runs (`on_drained`, settling a close) may
+    /// queue more; it leaves in the same pass, within a budget (a handler that keeps writing
+    /// to fast readers cannot hold the loop: the rest waits for the next turn, which then
+    /// polls without waiting).
+    pub(super) fn flush_queued(&mut self) {
+        let budget = 2 * self.table.flushing.len() + FLUSH_EXTRA;
+        let mut i = 0;
+        while i < self.table.flushing.len() && i < budget {
+            let id = self.table.flushing[i];
+            i += 1;
+            let Some(conn) = self.table.get(id) else {
+                continue; // closed meanwhile
+            };
+            conn.clear(flag::FLUSH);
+            // A blocked socket is written when it says it is writable, not before.
+            if conn.phase == Phase::Open && conn.has_pending() && !conn.has(flag::BLOCKED) {
+                self.write_out(id);
+            }
+        }
+        self.table.flushing.drain(..i);
+    }
+
+    /// Writes connection `id`'s queued output (one `write`, or `writev` with shared buffers,
+    /// per attempt), tells the handler if it drained below the low watermark, and settles it.
+    /// Returns whether everything is out, or `None` if the connection closed (or its handler
+    /// part ended).
+    pub(super) fn write_out(&mut self, id: ConnId) -> Option<bool> {
+        let (key, now) = (id.key(), self.table.now);
+        let (conn, mut out) = self.table.outbox(key);
+        let flushed = conn.flush(&mut out);
+        let active = conn.last_active == now;
+        if active {
+            self.touch_lru(key); // write progress is activity
+        }
+        let done = match flushed {
+            Ok(done) => done,
+            Err(reason) => {
+                self.close(key, reason);
+                return None;
+            }
+        };
+        if self.table.slab[key].has(flag::DRAINED) {
+            self.table.slab[key].clear(flag::DRAINED);
+            self.call(key, |h, state, ctx| h.on_drained(state, ctx))?;
+        }
+        self.after_callback(id).then_some(done)
     }
 
     /// A dialed connection's socket is ready: completes the dial, or closes it with the dial's
@@ -244,8 +280,9 @@ impl<H: Handler> Server<H> {
         conn.state = Some(state);
         // The common case (a reply written whole, nothing else touched) needs no settling: no
         // deadline moved, nothing to close.
+        // Output merely queued for the end of the turn needs no settling either.
         let plain = conn.is_live()
-            && !conn.has_pending()
+            && !conn.is_blocked()
             && !conn.has(flag::DIRTY)
             && self.table.dirty.is_empty();
         plain || (self.after_callback(id) && self.can_read(key))
@@ -288,6 +325,6 @@ impl<H: Handler> Server<H> {
         c.phase == Phase::Open
             && c.is_live()
             && !c.has(flag::EOF | flag::READ_PAUSED)
-            && !(H::PAUSE_READING_WHILE_PENDING && c.has_pending())
+            && !(H::PAUSE_READING_WHILE_PENDING && c.is_blocked())
     }
 }

@@ -16,7 +16,8 @@ use log::{info, trace, warn};
 
 use super::Server;
 use crate::conn::{Due, Timeouts};
-use crate::handler::{Context, Handler, Idle};
+use crate::context::Context;
+use crate::handler::{Handler, Idle};
 use crate::limits::{self, LoopFds};
 use crate::reason::{CloseReason, LingerEnd, RejectReason};
 use crate::time::{Tick, NEVER};
@@ -190,7 +191,18 @@ impl<H: Handler> Server<H> {
                 self.table.slab[key].close_gracefully(CloseReason::MaxLifetime);
                 self.settle(id);
             }
-            Due::WriteStall => self.close(key, CloseReason::WriteStall),
+            Due::WriteStall => {
+                // No writability for the write timeout: judged at the socket, not from the
+                // last edge. If the socket takes bytes now, the peer made progress (the kernel
+                // only takes more once it has sent some: `UNSENT_LOWAT`): the stall clock
+                // restarts from now. Else the output is stalled.
+                let before = self.table.slab[key].bytes_out;
+                let wrote = |s: &mut Self| s.table.get(id).map(|c| c.bytes_out > before);
+                // `None`: closed (a write failed) or no longer the handler's.
+                if self.write_out(id).is_some() && wrote(self) == Some(false) {
+                    self.close(key, CloseReason::WriteStall);
+                }
+            }
             Due::Linger => {
                 // Past the byte cap the linger stopped reading and waited for this deadline.
                 let capped = self.table.slab[key].timer >= self.config.linger_bytes;

@@ -17,9 +17,10 @@ use super::timers::{Timers, COMPACT_MIN};
 use super::{Server, EVENTS_CAPACITY};
 use crate::admin::{AdminSide, View};
 use crate::conn::{flag, Phase};
+use crate::context::Context;
 use crate::error::Error;
 use crate::group::Member;
-use crate::handler::{Context, Handler};
+use crate::handler::Handler;
 use crate::remote::Msg;
 use crate::table::Table;
 use crate::time::Tick;
@@ -31,6 +32,7 @@ impl<H: Handler> Server<H> {
             || self.timers.expire_ready
             || self.accept.has_ready()
             || self.remote_ready
+            || !self.table.flushing.is_empty()
     }
 
     /// The tick of the loop's next deadline of any kind, if any.
@@ -137,6 +139,16 @@ impl<H: Handler> Server<H> {
         } else if self.timers.awaiting_group {
             self.check_group();
         }
+        // A callback asked for a drain or the stop (`Context::drain`, `Context::shutdown`).
+        if let Some(timeout) = self.table.drain_asked.take() {
+            self.begin_drain(timeout, now);
+        }
+        if self.shared.is_stopping() {
+            self.shutdown();
+            return Ok(());
+        }
+        // Last: what every step above wrote leaves now, once per connection.
+        self.flush_queued();
         self.publish();
         Ok(())
     }
@@ -176,8 +188,8 @@ impl<H: Handler> Server<H> {
     pub(super) fn wake_up(&mut self, now: Tick) {
         self.shared.clear_wake();
         self.answer_group();
-        if self.shared.stop.load(std::sync::atomic::Ordering::Acquire) {
-            return self.shutdown();
+        if self.shared.is_stopping() {
+            return self.shutdown(); // it does what was accepted before the stop first
         }
         let ns = self
             .shared
@@ -203,7 +215,7 @@ impl<H: Handler> Server<H> {
             };
             let mut ctx = Context::new(&mut self.table, ConnId::NONE);
             let delivered = match msg {
-                Msg::Send(id, data) => ctx.send(id, &data).is_ok(),
+                Msg::Send(id, data) => ctx.send_shared(id, data).is_ok(),
                 Msg::Close(id) => ctx.close_conn(id).is_ok(),
             };
             if !delivered {
@@ -211,7 +223,7 @@ impl<H: Handler> Server<H> {
             }
             self.process_dirty();
         }
-        if let Some((jobs, _)) = &self.jobs {
+        if let Some((jobs, _)) = self.jobs.get() {
             let mut batch = Vec::new();
             for n in 0.. {
                 if n == budget {
