@@ -10,7 +10,10 @@
 # also sockman_base: an older build given as SOCKMAN_BASE=path, for before/after figures; and
 # sockman_w2: `--workers 2`, pinned to SERVER_CPU like the others unless SERVER_CPU lists two;
 # sockman_pp2: `--proxy-protocol v2`, for the churn_pp2 point, whose clients send the header to
-# sockman_pp2 only: `SERVERS="sockman sockman_pp2" benches/compare.sh churn_pp2` is the header's cost),
+# sockman_pp2 only: `SERVERS="sockman sockman_pp2" benches/compare.sh churn_pp2` is the header's cost;
+# sockman_alog: `--access-log $OUT/access.log`, a line per connection, for its cost;
+# sockman_at_LABEL: the binary at $SOCKMAN_AT_LABEL, e.g. SOCKMAN_AT_v1=/path/to/old/sockman and
+# SERVERS="sockman_at_v1 sockman": several builds measured side by side in one run),
 # SERVER_CPU (0), CLIENT_CPU (1), OUT (benches/results/DATE), ANCHORS (../shared/anchors),
 # NOPERF=1 to skip the syscall counts (they need `perf` from Debian's linux-perf).
 set -euo pipefail
@@ -74,6 +77,12 @@ start_server() { # name port
       RUST_LOG=warn taskset -c "$SERVER_CPU" "$SOCKMAN_BASE" serve --listen "127.0.0.1:$port" --stats-interval 0 --fd-check-interval 0 2>"$OUT/server.log" & ;;
     sockman_pp2) RUST_LOG=warn taskset -c "$SERVER_CPU" "$sockman" serve --proxy-protocol v2 --listen "127.0.0.1:$port" --stats-interval 0 --fd-check-interval 0 2>"$OUT/server.log" & ;;
     sockman_w2) RUST_LOG=warn taskset -c "$SERVER_CPU" "$sockman" serve --workers 2 --listen "127.0.0.1:$port" --stats-interval 0 --fd-check-interval 0 2>"$OUT/server.log" & ;;
+    sockman_alog) RUST_LOG=warn taskset -c "$SERVER_CPU" "$sockman" serve --access-log "$OUT/access.log" --listen "127.0.0.1:$port" --stats-interval 0 --fd-check-interval 0 2>"$OUT/server.log" & ;;
+    sockman_at_*)
+      var=SOCKMAN_AT_${name#sockman_at_}
+      bin=${!var:-}
+      [ -x "$bin" ] || { echo "$name needs $var=path/to/a/sockman binary" >&2; exit 2; }
+      RUST_LOG=warn taskset -c "$SERVER_CPU" "$bin" serve --listen "127.0.0.1:$port" --stats-interval 0 --fd-check-interval 0 2>"$OUT/server.log" & ;;
     tokio) taskset -c "$SERVER_CPU" "$peers/tokio_echo" "127.0.0.1:$port" 60000 1 2>"$OUT/server.log" & ;;
     epoll) taskset -c "$SERVER_CPU" "$peers/epoll_echo" "$port" 2>"$OUT/server.log" & ;;
     epoll_short) taskset -c "$SERVER_CPU" "$peers/epoll_echo" "$port" short 2>"$OUT/server.log" & ;;
