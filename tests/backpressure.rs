@@ -229,12 +229,18 @@ fn a_stalled_writer_is_closed_at_the_tick_after_the_write_timeout() {
     drop(flooder);
 }
 
-/// Writes every chunk back three times: more than it read, so it can outgrow the cap.
+/// Writes every chunk back three times: more than it read, so it can outgrow the cap. It keeps
+/// reading while its output waits (as a relay would): with the default backpressure a
+/// connection whose socket refuses output is not read, so its output never grows past what
+/// one callback writes, and whether that passes the cap depends on where the kernel's buffer
+/// filled (with `TCP_NOTSENT_LOWAT` the kernel refuses whole writes at its limit, so the
+/// connection could sit at exactly the cap until the write timeout).
 #[derive(Debug)]
 struct Triple;
 
 impl Handler for Triple {
     type Conn = ();
+    const PAUSE_READING_WHILE_PENDING: bool = false;
     fn on_open(&mut self, _ctx: &mut Context<'_>) {}
     fn on_data(&mut self, _conn: &mut (), ctx: &mut Context<'_>, data: &[u8]) {
         for _ in 0..3 {
