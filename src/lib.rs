@@ -54,12 +54,16 @@
 //! | `server/io.rs` | one connection's I/O: connect, flush, read, deliver, EOF |
 //! | `server/close.rs` | settling what a callback asked, the one close path, lingering |
 //! | `server/accept.rs` | listeners, the accept gate, admission (cap, per-IP, evict-idle), PROXY headers |
+//! | `server/handover.rs` | the loop's side of a handover: binding from handed listeners, duplicating, releasing |
 //! | `server/timers.rs` | the wheel's use: arming, expiry, the drain's schedule, periodic work, the leak self-check |
 //! | `table.rs` | the slab and what a callback may touch; dialing |
 //! | `conn.rs` | one connection: socket, pending output, phase, flags, its deadlines |
 //! | `handler.rs` | [`Handler`], [`Context`], [`ConnMut`], [`Echo`], [`Discard`] |
 //! | `remote.rs` | [`Handle`] and [`Remote`]: other threads to the loop |
 //! | `group.rs` | what the loops of a [`Workers`] group share: published figures, heartbeats |
+//! | `handover/mod.rs` | [`Handover`], [`HandedListener`], [`Listeners`]: listeners to a successor |
+//! | `handover/plan.rs` | how handed listeners are spread over a successor's loops |
+//! | `handover/tests.rs` | the handover's unit tests: descriptor checks, plans |
 //! | `workers.rs` | [`Workers`]: N loops on N threads with `SO_REUSEPORT` |
 //! | `admin/mod.rs` | the admin side as the loop sees it (a shell without the `admin` feature) |
 //! | `admin/http.rs` | the admin endpoint's sockets: requests, answers, lingering, the workers' gather |
@@ -91,6 +95,7 @@ mod conn;
 mod error;
 mod group;
 mod handler;
+mod handover;
 mod limits;
 mod metrics;
 mod proxy_header;
@@ -107,6 +112,7 @@ mod workers;
 pub use config::{Config, OnFull, ProxyProtocol};
 pub use error::Error;
 pub use handler::{ConnMut, Context, Discard, Echo, Eof, Handler, Idle, Origin, SendError};
+pub use handover::{HandedListener, Handover, Listeners};
 pub use limits::{FALLBACK_MAX_CONNECTIONS, FD_RESERVE};
 pub use metrics::{Metrics, ACCEPT_ERROR_NAMES, LIFETIME_BUCKETS_MS, LINGER_END_NAMES};
 pub use reason::{CloseReason, RejectReason};

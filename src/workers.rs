@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::group::Group;
 use crate::handler::Handler;
+use crate::handover::{HandedListener, Handover, Plan};
 use crate::limits;
 use crate::metrics::Metrics;
 use crate::remote::Handle;
@@ -42,6 +43,16 @@ use crate::server::Server;
 
 /// Per-worker descriptors besides connections and listeners: the epoll fd, the waker, the spare.
 const WORKER_FDS: u64 = 3;
+
+/// Where the workers' listeners come from.
+enum Sources {
+    /// Each worker binds its own `SO_REUSEPORT` sockets.
+    Bind,
+    /// Every worker serves these (socket activation).
+    Shared(Vec<std::net::TcpListener>),
+    /// Listeners handed over by a predecessor, spread over the workers.
+    Handed(Plan),
+}
 
 /// N servers bound and ready to run on N threads. What they share and how a drain of their
 /// `SO_REUSEPORT` listeners proceeds is in the docs of `src/workers.rs`.
@@ -76,7 +87,7 @@ where
     /// # Errors
     /// As [`Server::bind`], for any worker; `n` of 0 is [`Error::Config`].
     pub fn bind(config: Config, n: usize, make: impl FnMut(usize) -> H) -> Result<Self, Error> {
-        Workers::bind_inner(config, None, n, make)
+        Workers::bind_inner(config, Sources::Bind, n, make)
     }
 
     /// Like [`Workers::bind`], but every worker serves `listeners` that are already bound (for
@@ -91,12 +102,38 @@ where
         n: usize,
         make: impl FnMut(usize) -> H,
     ) -> Result<Self, Error> {
-        Workers::bind_inner(config, Some(listeners), n, make)
+        Workers::bind_inner(config, Sources::Shared(listeners), n, make)
+    }
+
+    /// Like [`Workers::bind`], but the workers serve `listeners` handed over by a predecessor
+    /// (see [`Handover`]) and bind nothing of their own for their addresses. The addresses
+    /// must match as for [`Server::bind_handed`]. With `M` sockets handed for an address, each
+    /// goes to exactly one worker (worker `i` serves sockets `i`, `i + n`, ...) when `M >= n`;
+    /// when `M < n` the further workers each bind one more `SO_REUSEPORT` socket on it if the
+    /// handed ones have that option (sockets from an earlier `Workers`), else share the handed
+    /// ones (socket activation). A handed socket is never closed. Worker 0 gets the admin one.
+    ///
+    /// # Errors
+    /// As [`Server::bind_handed`], for any worker; `n` of 0 is [`Error::Config`].
+    pub fn bind_handed(
+        config: Config,
+        listeners: Vec<HandedListener>,
+        n: usize,
+        make: impl FnMut(usize) -> H,
+    ) -> Result<Self, Error> {
+        let plan = Plan::new(&config, listeners, n)?;
+        Workers::bind_inner(config, Sources::Handed(plan), n, make)
+    }
+
+    /// A handle that takes every worker's listeners out for a successor, from any thread, and
+    /// then lets them go (see [`Handover`]). Get it before [`Workers::start`].
+    pub fn handover(&mut self) -> Handover {
+        Handover::new(self.servers.iter_mut().map(Server::handover_port).collect())
     }
 
     fn bind_inner(
         config: Config,
-        inherited: Option<Vec<std::net::TcpListener>>,
+        mut sources: Sources,
         n: usize,
         mut make: impl FnMut(usize) -> H,
     ) -> Result<Self, Error> {
@@ -105,21 +142,26 @@ where
         }
         config.validate()?;
         let fd_limit = limits::fd_limit(config.raise_fd_limit);
-        let own = n as u64 * (config.listen.len() as u64 + WORKER_FDS)
+        let listeners: usize = match &sources {
+            Sources::Handed(plan) => (0..n).map(|i| plan.len(i)).sum(),
+            _ => n * config.listen.len(),
+        };
+        let own = listeners as u64
+            + n as u64 * WORKER_FDS
             + config.admin.map_or(0, |_| limits::ADMIN_FDS);
         let total = limits::effective_max_connections(config.max_connections, fd_limit, own);
         let share = (total / n).max(1);
         let group = Arc::new(Group::new(n));
         let mut servers = Vec::with_capacity(n);
-        let mut listen = match &inherited {
-            Some(l) => l.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?,
-            None => config.listen.clone(),
+        let mut listen = match &sources {
+            Sources::Shared(l) => l.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?,
+            _ => config.listen.clone(),
         };
         for i in 0..n {
             let worker_config = Config {
                 listen: listen.clone(),
                 max_connections: Some(share),
-                reuse_port: inherited.is_none() && (config.reuse_port || n > 1),
+                reuse_port: !matches!(sources, Sources::Shared(_)) && (config.reuse_port || n > 1),
                 raise_fd_limit: false,
                 admin: if i == 0 { config.admin } else { None },
                 fd_check_interval: if i == 0 {
@@ -129,15 +171,26 @@ where
                 },
                 ..config.clone()
             };
-            let mut server = match &inherited {
-                Some(l) => {
+            let mut server = match &mut sources {
+                Sources::Shared(l) => {
                     let own = l.iter().map(|l| l.try_clone()).collect::<Result<_, _>>()?;
                     Server::bind_listeners(worker_config, own, make(i))?
                 }
-                None => Server::bind(worker_config, make(i))?,
+                Sources::Bind => Server::bind(worker_config, make(i))?,
+                Sources::Handed(plan) => {
+                    let (listen, given) = plan.take(i);
+                    let worker_config = Config {
+                        listen,
+                        ..worker_config
+                    };
+                    Server::bind_given(worker_config, given, make(i))?
+                }
             };
             if i == 0 {
                 listen = server.local_addrs(); // the real ports, for the others to share
+                if let Sources::Handed(plan) = &mut sources {
+                    plan.bound(&listen);
+                }
             }
             server.join_group(Arc::clone(&group), i);
             let _ = group.slots[i].handle.set(server.handle());

@@ -407,6 +407,9 @@ impl<H: Handler> Server<H> {
             return;
         }
         self.timers.next_fd_check = Some(now + self.timers.fd_check);
+        if self.leak_check_suspended() {
+            return; // a handover holds descriptors the loop cannot count
+        }
         let (Some(open), Some(baseline)) = (limits::count_open_fds(), self.timers.fd_baseline)
         else {
             return;

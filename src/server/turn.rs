@@ -173,6 +173,7 @@ impl<H: Handler> Server<H> {
     pub(super) fn wake_up(&mut self, now: Tick) {
         self.shared.clear_wake();
         self.answer_group();
+        self.answer_handover(now);
         if self.shared.stop.load(std::sync::atomic::Ordering::Acquire) {
             return self.shutdown();
         }
