@@ -24,6 +24,7 @@
 //! is mid-handshake at that instant can be reset, as with any listener that closes.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -235,7 +236,14 @@ where
     ///
     /// # Errors
     /// [`Error::Io`] if a thread cannot be spawned (the workers already started are stopped).
-    pub fn start(self) -> Result<RunningWorkers, Error> {
+    pub fn start(mut self) -> Result<RunningWorkers, Error> {
+        // The leak check's baseline before any worker runs: with connections already queued
+        // (a successor of an upgrade starts under load) another worker may accept before
+        // worker 0's first turn, and its connections are not "there before".
+        if let Some(open) = limits::count_open_fds() {
+            let own: u64 = self.group.slots.iter().map(|s| s.fds.load(Relaxed)).sum();
+            self.servers[0].set_fd_baseline(open as i64 - own as i64);
+        }
         let (tx, rx) = mpsc::channel();
         let handle = self.handle();
         let mut threads = Vec::with_capacity(self.servers.len());
