@@ -124,7 +124,8 @@ impl<H: Handler> Server<H> {
         let admin = self.admin.release_listener(self.table.poll.registry());
         let m = &self.table.metrics;
         info!(
-            "handover: released {data} listeners{} to the successor; accepting no more (accepted={} active={})",
+            "handover: released {data} listener{}{} to the successor; accepting no more: accepted={} active={}",
+            if data == 1 { "" } else { "s" },
             if admin { " and the admin one" } else { "" },
             m.accepted,
             m.active
