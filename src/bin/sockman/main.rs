@@ -6,6 +6,7 @@ mod proxy;
 mod serve;
 mod server;
 mod units;
+mod upgrade;
 
 use std::process::ExitCode;
 
