@@ -23,6 +23,10 @@
 //! - **Limits**: the connection cap follows the open-file limit; at the cap new connections are
 //!   rejected or the longest-idle one is evicted; EMFILE sheds the backlog with a spare fd and
 //!   pauses accepting instead of spinning.
+//! - **Handing over**: a running server's listening sockets go to a successor (another
+//!   process, for an upgrade in place) with their accept queues: [`Handover`] takes
+//!   duplicates out and later releases them (the old loops stop accepting without taking the
+//!   queues, and drain), [`Server::bind_handed`] builds the successor. No connect is refused.
 //!
 //! The protocol is a [`Handler`]; [`Echo`] and [`Discard`] ship with the crate. The
 //! [`handler`](Handler) docs explain the API's shape: reaching other connections by [`ConnId`],
@@ -81,7 +85,8 @@
 //! `admin` (default) serves `/metrics`, `/connections`, `/livez`, `/readyz` and `/health` from
 //! the loop (httparse). `proxy-protocol` (default) reads PROXY protocol v1/v2 headers on
 //! listeners (ppp). `cli` (default) adds the dependencies only the `sockman` binary needs: clap,
-//! env_logger, signal-hook, listenfd, sd-notify, hdrhistogram, serde and serde_json. With
+//! env_logger, signal-hook, listenfd, sd-notify, hdrhistogram, serde and serde_json, and
+//! rustix's `net` and `event` (the upgrade's `SCM_RIGHTS`). With
 //! `default-features = false` the library depends on mio, slab, log, socket2, rlimit and libc
 //! only, and rustix on Linux (the timerfd of `alarm.rs`).
 #![forbid(unsafe_code)]

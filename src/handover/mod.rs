@@ -3,29 +3,7 @@
 //! [`Listeners`]), the handle that asks the loops for them and then lets them go
 //! ([`Handover`]), and the plan that builds a successor's loops from the ones it received.
 //!
-//! # Why the same socket
-//! A listening socket that moves to another process keeps its accept queue: every connect the
-//! kernel completed for it is still there for whoever holds the socket next. Closing it and
-//! binding again loses that queue and refuses the connects in between, and `SO_REUSEPORT` does
-//! not help (the kernel hashes new connects to the closing socket until it is gone). So the
-//! old server hands out *duplicates* of its descriptors (the same socket object), the successor
-//! serves them, and only then does the old one stop accepting: it deregisters and drops its own
-//! descriptors, and the socket lives on in the successor. nginx's binary upgrade, HAProxy's
-//! `expose-fd listeners` and Envoy's hot restart all move sockets the same way.
-//!
-//! # The sequence
-//! 1. [`Handover::listeners`] asks each loop for duplicates of its listeners, data and admin.
-//!    While the [`Listeners`] live, the loops' leak self-check is suspended: the embedder holds
-//!    descriptors the loops cannot see (the duplicates, a channel to the successor).
-//! 2. The embedder passes them on: `SCM_RIGHTS` over a unix socket (what `sockman` does, see
-//!    its `upgrade` module) or inheritance across `exec`; in one process, just moving them.
-//! 3. The successor builds its loops with [`Server::bind_handed`](crate::Server::bind_handed)
-//!    or [`Workers::bind_handed`](crate::Workers::bind_handed): it binds nothing of its own for
-//!    those addresses.
-//! 4. [`Handover::release`] makes each loop stop accepting **without** accepting what is
-//!    queued (the queue is the successor's now: both hold the same socket, and accepting here
-//!    would only race the successor for it), close its admin listener, and drain its
-//!    connections by the drain rules ([`Handle::drain`]), without a lame-duck delay.
+//! Why the same socket, and the sequence: see [`Handover`].
 //!
 //! # Invariants
 //! - A socket handed over is never closed by the successor while it has a queue: a handed
@@ -249,9 +227,33 @@ pub(crate) struct Port {
 }
 
 /// Takes a running server's (or every worker's) listening sockets out for a successor, from any
-/// thread; see the [module docs](self) for the sequence. From
-/// [`Server::handover`](crate::Server::handover) or
-/// [`Workers::handover`](crate::Workers::handover), before the loops run.
+/// thread, and then lets them go. From [`Server::handover`](crate::Server::handover) or
+/// [`Workers::handover`](crate::Workers::handover), before the loops run; the example is at
+/// [`Server::bind_handed`](crate::Server::bind_handed).
+///
+/// # Why the same socket
+/// A listening socket that moves to another process keeps its accept queue: every connect the
+/// kernel completed for it is still there for whoever holds the socket next. Closing it and
+/// binding again loses that queue and refuses the connects in between, and `SO_REUSEPORT` does
+/// not help (the kernel hashes new connects to the closing socket until it is gone). So the
+/// old server hands out *duplicates* of its descriptors (the same socket object), the successor
+/// serves them, and only then does the old one stop accepting: it deregisters and drops its own
+/// descriptors, and the socket lives on in the successor. nginx's binary upgrade, HAProxy's
+/// `expose-fd listeners` and Envoy's hot restart all move sockets the same way.
+///
+/// # The sequence
+/// 1. [`Handover::listeners`] asks each loop for duplicates of its listeners, data and admin.
+///    While the [`Listeners`] live, the loops' leak self-check is suspended: the embedder holds
+///    descriptors the loops cannot see (the duplicates, a channel to the successor).
+/// 2. The embedder passes them on: `SCM_RIGHTS` over a unix socket (what `sockman` does, see
+///    its `upgrade` module) or inheritance across `exec`; in one process, just moving them.
+/// 3. The successor builds its loops with [`Server::bind_handed`](crate::Server::bind_handed)
+///    or [`Workers::bind_handed`](crate::Workers::bind_handed): it binds nothing of its own for
+///    those addresses.
+/// 4. [`Handover::release`] makes each loop stop accepting **without** accepting what is
+///    queued (the queue is the successor's now: both hold the same socket, and accepting here
+///    would only race the successor for it), close its admin listener, and drain its
+///    connections by the drain rules ([`Handle::drain`]), without a lame-duck delay.
 #[derive(Debug, Clone)]
 pub struct Handover {
     ports: Vec<Port>,
