@@ -439,7 +439,7 @@ impl Admin {
     pub(crate) fn duplicate_listener(&self) -> io::Result<Option<HandedListener>> {
         self.listener
             .as_ref()
-            .map(|l| HandedListener::duplicate(l, self.addr, true))
+            .map(|l| HandedListener::duplicate(socket2::SockRef::from(l), self.addr, true))
             .transpose()
     }
 

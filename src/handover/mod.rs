@@ -59,11 +59,11 @@ impl HandedListener {
 
     /// A duplicate of a loop's own listener (same socket: `F_DUPFD_CLOEXEC`).
     pub(crate) fn duplicate(
-        socket: &impl std::os::fd::AsFd,
+        socket: socket2::SockRef<'_>,
         addr: SocketAddr,
         admin: bool,
     ) -> io::Result<HandedListener> {
-        let dup = socket2::SockRef::from(socket).try_clone()?;
+        let dup = socket.try_clone()?;
         Ok(HandedListener {
             socket: dup.into(),
             addr,
@@ -107,6 +107,7 @@ fn check_listening_tcp(socket: &std::net::TcpListener) -> io::Result<()> {
     let invalid = |what: String| Err(io::Error::new(io::ErrorKind::InvalidInput, what));
     let kind = match s.r#type() {
         Ok(kind) => kind,
+        #[cfg(unix)]
         Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
             return invalid("not a socket".into());
         }

@@ -107,7 +107,8 @@ impl<H: Handler> Server<H> {
     fn duplicate_listeners(&self) -> io::Result<Vec<HandedListener>> {
         let mut out = Vec::with_capacity(self.accept.listeners.len() + 1);
         for l in &self.accept.listeners {
-            out.push(HandedListener::duplicate(&l.socket, l.addr, false)?);
+            let socket = socket2::SockRef::from(&l.socket);
+            out.push(HandedListener::duplicate(socket, l.addr, false)?);
         }
         out.extend(self.admin.duplicate_listener()?);
         Ok(out)
