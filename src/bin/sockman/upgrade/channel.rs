@@ -102,6 +102,16 @@ impl Channel {
         Ok(cred.pid.as_raw_nonzero().get() as u32)
     }
 
+    /// A send blocks at most `timeout` (a peer that stops reading cannot hold this end).
+    pub(super) fn set_send_timeout(&self, timeout: Duration) -> io::Result<()> {
+        let timeout = timeout.max(Duration::from_millis(1));
+        Ok(sockopt::set_socket_timeout(
+            &self.fd,
+            sockopt::Timeout::Send,
+            Some(timeout),
+        )?)
+    }
+
     /// Sends `text` as one message, with `fd` attached if given.
     pub(super) fn send(&self, text: &str, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
         let fds = fd.as_slice();
@@ -110,12 +120,26 @@ impl Channel {
         if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
             return Err(io::Error::other("no room for a descriptor in the message"));
         }
-        let sent = sendmsg(
-            &self.fd,
-            &[io::IoSlice::new(text.as_bytes())],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        )?;
+        let sent = loop {
+            match sendmsg(
+                &self.fd,
+                &[io::IoSlice::new(text.as_bytes())],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            ) {
+                Ok(n) => break n,
+                // A signal (SIGUSR2 again, say) on this thread: the send timeout makes it fail
+                // with EINTR even under SA_RESTART.
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::AGAIN) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the other end does not read",
+                    ))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         if sent != text.len() {
             return Err(io::Error::other("a message was cut short"));
         }

@@ -44,6 +44,9 @@ pub(crate) fn take_over(timeout: Duration) -> Result<Option<TakeOver>, String> {
     let channel = Channel::connect(&name).map_err(|e| {
         format!("{UPGRADE_FROM}={name}: the process that started this upgrade is gone (its upgrade socket: {e})")
     })?;
+    channel
+        .set_send_timeout(timeout)
+        .map_err(|e| format!("{UPGRADE_FROM}={name}: {e}"))?;
     let parent = std::os::unix::process::parent_id();
     let from = channel
         .peer_pid()

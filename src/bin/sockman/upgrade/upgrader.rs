@@ -268,6 +268,10 @@ impl Inner {
             warn!("upgrade: pid {pid} connected to the upgrade socket and was turned away");
         }
         let channel = accepted.map_err(|e| waited(e, "before it took the listeners"))?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        channel
+            .set_send_timeout(left)
+            .map_err(|e| format!("the upgrade socket: {e}"))?;
         let me = std::process::id();
         let sent = |e: std::io::Error| format!("went away while taking the listeners ({e})");
         let hello = Msg::Hello {
