@@ -30,6 +30,9 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// Handing listeners to a successor, or building one from handed listeners, failed; the
+    /// message says why (see [`Handover`](crate::Handover)).
+    Handover(String),
 }
 
 impl fmt::Display for Error {
@@ -39,6 +42,7 @@ impl fmt::Display for Error {
             Error::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
             Error::Io(e) => write!(f, "event loop failed: {e}"),
             Error::Worker { index, message } => write!(f, "worker {index} failed: {message}"),
+            Error::Handover(msg) => write!(f, "handover: {msg}"),
         }
     }
 }
@@ -46,7 +50,7 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Config(_) | Error::Worker { .. } => None,
+            Error::Config(_) | Error::Worker { .. } | Error::Handover(_) => None,
             Error::Bind { source, .. } => Some(source),
             Error::Io(e) => Some(e),
         }

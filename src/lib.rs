@@ -25,6 +25,10 @@
 //! - **Limits**: the connection cap follows the open-file limit; at the cap new connections are
 //!   rejected or the longest-idle one is evicted; EMFILE sheds the backlog with a spare fd and
 //!   pauses accepting instead of spinning.
+//! - **Handing over**: a running server's listening sockets go to a successor (another
+//!   process, for an upgrade in place) with their accept queues: [`Handover`] takes
+//!   duplicates out and later releases them (the old loops stop accepting without taking the
+//!   queues, and drain), [`Server::bind_handed`] builds the successor. No connect is refused.
 //!
 //! The protocol is a [`Handler`]; [`Echo`] and [`Discard`] ship with the crate. The
 //! [`Handler`] docs explain the API's shape: what a callback may touch, reaching other
@@ -58,6 +62,7 @@
 //! | `server/io.rs` | one connection's I/O: connect, flush, read, deliver, EOF |
 //! | `server/close.rs` | settling what a callback asked, the one close path, lingering |
 //! | `server/accept.rs` | listeners, the accept gate, admission (cap, per-IP, evict-idle), PROXY headers |
+//! | `server/handover.rs` | the loop's side of a handover: binding from handed listeners, duplicating, releasing |
 //! | `server/timers.rs` | the wheel's use: arming, expiry, the drain's schedule, periodic work, the leak self-check |
 //! | `table.rs` | the slab and what a callback may touch; dialing |
 //! | `conn.rs` | one connection: socket, queued output, phase, flags, its deadlines |
@@ -66,6 +71,9 @@
 //! | `context.rs` | [`Context`] and [`ConnMut`]: what a callback acts through |
 //! | `remote.rs` | [`Handle`] and [`Remote`]: other threads to the loop |
 //! | `group.rs` | what the loops of a [`Workers`] group share: published figures, heartbeats |
+//! | `handover/mod.rs` | [`Handover`], [`HandedListener`], [`Listeners`]: listeners to a successor |
+//! | `handover/plan.rs` | how handed listeners are spread over a successor's loops |
+//! | `handover/tests.rs` | the handover's unit tests: descriptor checks, plans |
 //! | `workers.rs` | [`Workers`]: N loops on N threads with `SO_REUSEPORT` |
 //! | `admin/mod.rs` | the admin side as the loop sees it (a shell without the `admin` feature) |
 //! | `admin/http.rs` | the admin endpoint's sockets: requests, answers, lingering, the workers' gather |
@@ -83,7 +91,8 @@
 //! `admin` (default) serves `/metrics`, `/connections`, `/livez`, `/readyz` and `/health` from
 //! the loop (httparse). `proxy-protocol` (default) reads PROXY protocol v1/v2 headers on
 //! listeners (ppp). `cli` (default) adds the dependencies only the `sockman` binary needs: clap,
-//! env_logger, signal-hook, listenfd, sd-notify, hdrhistogram, serde and serde_json. With
+//! env_logger, signal-hook, listenfd, sd-notify, hdrhistogram, serde and serde_json, and
+//! rustix's `net` and `event` (the upgrade's `SCM_RIGHTS`). With
 //! `default-features = false` the library depends on mio, slab, bytes, log, socket2, rlimit and libc
 //! only, and rustix on Linux (the timerfd of `alarm.rs`).
 #![forbid(unsafe_code)]
@@ -98,6 +107,7 @@ mod context;
 mod error;
 mod group;
 mod handler;
+mod handover;
 mod limits;
 mod metrics;
 mod output;
@@ -119,6 +129,7 @@ pub use config::{Config, OnFull, ProxyProtocol};
 pub use context::{ConnMut, Context, Origin, SendError};
 pub use error::Error;
 pub use handler::{Discard, Echo, Eof, Handler, Idle};
+pub use handover::{HandedListener, Handover, Listeners};
 pub use limits::{FALLBACK_MAX_CONNECTIONS, FD_RESERVE};
 pub use metrics::{Metrics, ACCEPT_ERROR_NAMES, LIFETIME_BUCKETS_MS, LINGER_END_NAMES};
 pub use reason::{CloseReason, RejectReason};

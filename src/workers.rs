@@ -11,6 +11,7 @@
 //! Which worker does what, and how a drain loses no handshake: see [`Workers`].
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -22,10 +23,21 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::group::Group;
 use crate::handler::Handler;
+use crate::handover::{HandedListener, Handover, Plan};
 use crate::limits::{self, LoopFds};
 use crate::metrics::Metrics;
 use crate::remote::Handle;
 use crate::server::Server;
+
+/// Where the workers' listeners come from.
+enum Sources {
+    /// Each worker binds its own `SO_REUSEPORT` sockets.
+    Bind,
+    /// Every worker serves these (socket activation).
+    Shared(Vec<std::net::TcpListener>),
+    /// Listeners handed over by a predecessor, spread over the workers.
+    Handed(Plan),
+}
 
 /// N servers bound and ready to run on N threads, each a complete loop (its own `Poll`, slab
 /// and wheel) with its own listener sockets bound with `SO_REUSEPORT`, so that the kernel
@@ -86,7 +98,7 @@ where
     /// # Errors
     /// As [`Server::bind`], for any worker; `n` of 0 is [`Error::Config`].
     pub fn bind(config: Config, n: usize, make: impl FnMut(usize) -> H) -> Result<Self, Error> {
-        Workers::bind_inner(config, None, n, make)
+        Workers::bind_inner(config, Sources::Bind, n, make)
     }
 
     /// Like [`Workers::bind`], but every worker serves `listeners` that are already bound (for
@@ -102,12 +114,38 @@ where
         n: usize,
         make: impl FnMut(usize) -> H,
     ) -> Result<Self, Error> {
-        Workers::bind_inner(config, Some(listeners), n, make)
+        Workers::bind_inner(config, Sources::Shared(listeners), n, make)
+    }
+
+    /// Like [`Workers::bind`], but the workers serve `listeners` handed over by a predecessor
+    /// (see [`Handover`]) and bind nothing of their own for their addresses. The addresses
+    /// must match as for [`Server::bind_handed`]. With `M` sockets handed for an address, each
+    /// goes to exactly one worker (worker `i` serves sockets `i`, `i + n`, ...) when `M >= n`;
+    /// when `M < n` the further workers each bind one more `SO_REUSEPORT` socket on it if the
+    /// handed ones have that option (sockets from an earlier `Workers`), else share the handed
+    /// ones (socket activation). A handed socket is never closed. Worker 0 gets the admin one.
+    ///
+    /// # Errors
+    /// As [`Server::bind_handed`], for any worker; `n` of 0 is [`Error::Config`].
+    pub fn bind_handed(
+        config: Config,
+        listeners: Vec<HandedListener>,
+        n: usize,
+        make: impl FnMut(usize) -> H,
+    ) -> Result<Self, Error> {
+        let plan = Plan::new(&config, listeners, n)?;
+        Workers::bind_inner(config, Sources::Handed(plan), n, make)
+    }
+
+    /// A handle that takes every worker's listeners out for a successor, from any thread, and
+    /// then lets them go (see [`Handover`]). Get it before [`Workers::start`].
+    pub fn handover(&mut self) -> Handover {
+        Handover::new(self.servers.iter_mut().map(Server::handover_port).collect())
     }
 
     fn bind_inner(
         config: Config,
-        inherited: Option<Vec<std::net::TcpListener>>,
+        mut sources: Sources,
         n: usize,
         mut make: impl FnMut(usize) -> H,
     ) -> Result<Self, Error> {
@@ -117,24 +155,28 @@ where
         config.validate()?;
         let fd_limit = limits::fd_limit(config.raise_fd_limit);
         // What every worker opens itself (worker 0 the admin side too), as one loop would.
-        let listeners = inherited.as_ref().map_or(config.listen.len(), Vec::len);
+        let listeners_of = |i: usize| match &sources {
+            Sources::Handed(plan) => plan.len(i),
+            Sources::Shared(l) => l.len(),
+            Sources::Bind => config.listen.len(),
+        };
         let own = (0..n)
-            .map(|i| LoopFds::planned(listeners, i == 0 && config.admin.is_some()).total())
+            .map(|i| LoopFds::planned(listeners_of(i), i == 0 && config.admin.is_some()).total())
             .sum();
         let total = limits::effective_max_connections(config.max_connections, fd_limit, own);
         // One cap for the group, shared by every worker's admission (see `limits::SharedCap`):
         // whatever worker the kernel's hash picks, the group holds `total` at most.
         let group = Arc::new(Group::new(n, total));
         let mut servers = Vec::with_capacity(n);
-        let mut listen = match &inherited {
-            Some(l) => l.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?,
-            None => config.listen.clone(),
+        let mut listen = match &sources {
+            Sources::Shared(l) => l.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?,
+            _ => config.listen.clone(),
         };
         for i in 0..n {
             let worker_config = Config {
                 listen: listen.clone(),
                 max_connections: Some(total),
-                reuse_port: inherited.is_none() && (config.reuse_port || n > 1),
+                reuse_port: !matches!(sources, Sources::Shared(_)) && (config.reuse_port || n > 1),
                 raise_fd_limit: false,
                 admin: if i == 0 { config.admin } else { None },
                 fd_check_interval: if i == 0 {
@@ -144,15 +186,26 @@ where
                 },
                 ..config.clone()
             };
-            let mut server = match &inherited {
-                Some(l) => {
+            let mut server = match &mut sources {
+                Sources::Shared(l) => {
                     let own = l.iter().map(|l| l.try_clone()).collect::<Result<_, _>>()?;
                     Server::bind_listeners(worker_config, own, make(i))?
                 }
-                None => Server::bind(worker_config, make(i))?,
+                Sources::Bind => Server::bind(worker_config, make(i))?,
+                Sources::Handed(plan) => {
+                    let (listen, given) = plan.take(i);
+                    let worker_config = Config {
+                        listen,
+                        ..worker_config
+                    };
+                    Server::bind_given(worker_config, given, make(i))?
+                }
             };
             if i == 0 {
                 listen = server.local_addrs(); // the real ports, for the others to share
+                if let Sources::Handed(plan) = &mut sources {
+                    plan.bound(&listen);
+                }
             }
             server.join_group(Arc::clone(&group), i);
             let _ = group.slots[i].handle.set(server.handle());
@@ -196,7 +249,14 @@ where
     ///
     /// # Errors
     /// [`Error::Io`] if a thread cannot be spawned (the workers already started are stopped).
-    pub fn start(self) -> Result<RunningWorkers, Error> {
+    pub fn start(mut self) -> Result<RunningWorkers, Error> {
+        // The leak check's baseline before any worker runs: with connections already queued
+        // (a successor of an upgrade starts under load) another worker may accept before
+        // worker 0's first turn, and its connections are not "there before".
+        if let Some(open) = limits::count_open_fds() {
+            let own: u64 = self.group.slots.iter().map(|s| s.fds.load(Relaxed)).sum();
+            self.servers[0].set_fd_baseline(open as i64 - own as i64);
+        }
         let (tx, rx) = mpsc::channel();
         let handle = self.handle();
         let mut threads = Vec::with_capacity(self.servers.len());

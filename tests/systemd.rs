@@ -220,3 +220,89 @@ fn a_passed_tcp_socket_that_is_not_listening_is_a_clear_error() {
     );
     service.assert_log(&[], &["panicked", "listening on"]);
 }
+
+/// The pid in a log line's header (`[... pid=N] ...`).
+fn pid_of(line: &str) -> u32 {
+    let rest = line
+        .split(" pid=")
+        .nth(1)
+        .expect("a pid in the line header");
+    rest.split(']').next().unwrap().parse().expect("a pid")
+}
+
+/// Sends signal `name` to `pid` (a successor of this test's child) with `kill(1)`.
+#[track_caller]
+fn kill(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid}: {status}");
+}
+
+#[test]
+fn socket_activation_upgrade_hands_the_inherited_socket_on_and_moves_the_main_pid() {
+    let dir = TempDir::new("systemd-upgrade");
+    let mut notify = Notify::bind(dir.path());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut service = activated(
+        listener.as_raw_fd(),
+        Some(&notify.path),
+        &["serve", "--stats-interval", "0", "--admin", "127.0.0.1:0"],
+    );
+    assert_eq!(service.wait_listening(), addr, "log:\n{}", service.log());
+    notify.wait_for("READY=1");
+    drop(listener); // only sockman holds the socket now
+    let old = service.pid();
+    let mut client = connect(addr);
+    echo(&mut client, b"before the upgrade");
+
+    // SIGUSR2 (ExecReload=kill -USR2 $MAINPID): a reload that ends with a new main pid.
+    service.signal("USR2");
+    notify.wait_for("RELOADING=1");
+    let took = service.wait_line("the take-over", |l| l.contains("upgrade: took over"));
+    let new = pid_of(&took);
+    assert!(
+        took.contains(&format!(
+            "took over 2 listeners from pid {old}: {addr}, admin "
+        )) && took.contains("(from socket activation)"),
+        "{took}"
+    );
+    notify.wait_for(&format!("MAINPID={new}"));
+    notify.wait_for("READY=1");
+    // The old process drains: its connection is still served, then it exits 0.
+    echo(&mut client, b"served by the old process while it drains");
+    drop(client);
+    service.wait_line("the old process's final line", |l| {
+        l.contains(&format!("pid={old}]")) && l.contains(" final ")
+    });
+    let status = service.child.wait().expect("wait for the old process");
+    assert!(status.success(), "{status}; log:\n{}", service.log());
+    echo(&mut connect(addr), b"served by the successor");
+
+    // Upgraded again: the socket is still known as socket activation's (--listen stays
+    // ignored), and the main pid moves on.
+    kill(new, "USR2");
+    let took = service.wait_line("the second take-over", |l| {
+        l.contains(&format!("took over 2 listeners from pid {new}"))
+    });
+    assert!(took.contains("(from socket activation)"), "{took}");
+    let newer = pid_of(&took);
+    notify.wait_for(&format!("MAINPID={newer}"));
+    notify.wait_for("READY=1");
+    echo(&mut connect(addr), b"served by the third process");
+    assert!(
+        !notify.seen.iter().any(|m| m.contains("STOPPING=1")),
+        "an upgrade is no stop: {:?}",
+        notify.seen
+    );
+    kill(newer, "TERM");
+    notify.wait_for("STOPPING=1");
+    service.wait_exit(); // every generation has closed the shared stderr
+    service.assert_log(
+        &[&format!("pid={newer}] final ")],
+        &["panicked", "is ignored", "ERROR", "leak check"],
+    );
+}

@@ -28,6 +28,7 @@ use slab::Slab;
 
 use super::pages::{connections, parse_query, route, simple, strip_body, Query};
 use super::View;
+use crate::handover::HandedListener;
 use crate::limits;
 use crate::time::{Clock, Tick};
 use crate::token;
@@ -104,7 +105,9 @@ impl AdminConn {
 /// The admin listener and its connections.
 #[derive(Debug)]
 pub(crate) struct Admin {
-    listener: TcpListener,
+    /// `None` once released to a successor (see [`crate::handover`]): the connections already
+    /// accepted are still answered.
+    listener: Option<TcpListener>,
     pub(crate) addr: SocketAddr,
     conns: Slab<AdminConn>,
     timeout_ticks: Tick,
@@ -124,16 +127,26 @@ impl Admin {
         addr: SocketAddr,
         registry: &Registry,
         clock: &Clock,
+        linger: (Tick, u64),
+    ) -> io::Result<Admin> {
+        Admin::adopt(TcpListener::bind(addr)?, registry, clock, linger)
+    }
+
+    /// Serves the admin endpoint on `listener`, bound already (handed over by a predecessor, or
+    /// just bound by [`Admin::bind`]).
+    pub(crate) fn adopt(
+        mut listener: TcpListener,
+        registry: &Registry,
+        clock: &Clock,
         (linger_ticks, linger_bytes): (Tick, u64),
     ) -> io::Result<Admin> {
-        let mut listener = TcpListener::bind(addr)?;
         registry.register(&mut listener, token::admin_listener(), Interest::READABLE)?;
         let addr = listener.local_addr()?;
         if !addr.ip().is_loopback() {
             warn!("admin endpoint on {addr} is not loopback: anyone who can reach it sees the connection list");
         }
         Ok(Admin {
-            listener,
+            listener: Some(listener),
             addr,
             conns: Slab::with_capacity(MAX_ADMIN_CONNS),
             timeout_ticks: clock.ticks(ADMIN_TIMEOUT).max(1),
@@ -150,7 +163,11 @@ impl Admin {
     pub(crate) fn accept(&mut self, registry: &Registry, now: Tick) {
         self.accept_at = None;
         for _ in 0..ACCEPT_BUDGET {
-            match self.listener.accept() {
+            let accepted = match &self.listener {
+                Some(listener) => listener.accept(),
+                None => return,
+            };
+            match accepted {
                 Ok((mut stream, peer)) => {
                     if self.conns.len() >= MAX_ADMIN_CONNS && !self.make_room(registry, now) {
                         // Dropped here: admin connections are never counted as data ones.
@@ -433,7 +450,27 @@ impl Admin {
 
     /// Open descriptors the admin side holds (listener and connections).
     pub(crate) fn fds(&self) -> usize {
-        1 + self.conns.len()
+        usize::from(self.listener.is_some()) + self.conns.len()
+    }
+
+    /// A duplicate of the listener (the same socket), for a successor; `None` once released.
+    pub(crate) fn duplicate_listener(&self) -> io::Result<Option<HandedListener>> {
+        self.listener
+            .as_ref()
+            .map(|l| HandedListener::duplicate(socket2::SockRef::from(l), self.addr, true))
+            .transpose()
+    }
+
+    /// Stops accepting and closes this descriptor of the listener (the socket lives on in the
+    /// successor, which accepts its queue); the connections already accepted are still
+    /// answered. Returns whether there was a listener.
+    pub(crate) fn release_listener(&mut self, registry: &Registry) -> bool {
+        let Some(mut listener) = self.listener.take() else {
+            return false;
+        };
+        let _ = registry.deregister(&mut listener);
+        self.accept_at = None;
+        true
     }
 
     fn close(&mut self, key: usize, registry: &Registry) {
@@ -446,7 +483,7 @@ impl Admin {
         for key in keys {
             self.close(key, registry);
         }
-        let _ = registry.deregister(&mut self.listener);
+        self.release_listener(registry);
     }
 }
 

@@ -11,6 +11,7 @@ use slab::Slab;
 use crate::conn::Conn;
 use crate::group::Group;
 use crate::handler::Handler;
+use crate::handover::HandedListener;
 use crate::metrics::Metrics;
 use crate::time::{Clock, Tick};
 
@@ -119,6 +120,55 @@ impl AdminSide {
                 None => Ok(AdminSide::default()),
             }
         }
+    }
+
+    /// Serves the admin endpoint on `listener`, bound already (handed over by a predecessor).
+    ///
+    /// # Errors
+    /// Registering it; without the `admin` feature, an `Unsupported` error.
+    pub(crate) fn adopt(
+        listener: std::net::TcpListener,
+        registry: &Registry,
+        clock: &Clock,
+        linger: (Tick, u64),
+    ) -> io::Result<AdminSide> {
+        #[cfg(feature = "admin")]
+        {
+            listener.set_nonblocking(true)?;
+            let listener = mio::net::TcpListener::from_std(listener);
+            Ok(AdminSide {
+                inner: Some(http::Admin::adopt(listener, registry, clock, linger)?),
+            })
+        }
+        #[cfg(not(feature = "admin"))]
+        {
+            let _ = (listener, registry, clock, linger);
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the admin endpoint needs the `admin` cargo feature",
+            ))
+        }
+    }
+
+    /// A duplicate of the admin listener for a successor, if there is one.
+    pub(crate) fn duplicate_listener(&self) -> io::Result<Option<HandedListener>> {
+        #[cfg(feature = "admin")]
+        if let Some(a) = &self.inner {
+            return a.duplicate_listener();
+        }
+        Ok(None)
+    }
+
+    /// Stops accepting admin connections and closes this descriptor of the listener (handed to
+    /// a successor); the admin connections already accepted are still answered. Returns
+    /// whether there was a listener.
+    pub(crate) fn release_listener(&mut self, registry: &Registry) -> bool {
+        #[cfg(feature = "admin")]
+        if let Some(a) = &mut self.inner {
+            return a.release_listener(registry);
+        }
+        let _ = registry;
+        false
     }
 
     /// The bound address, if on.

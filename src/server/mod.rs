@@ -35,10 +35,12 @@
 //! - `io.rs`: one connection's I/O: connect, flush, read, deliver, EOF;
 //! - `close.rs`: settling what a callback asked, the close path, lingering;
 //! - `accept.rs`: listeners, the accept gate, admission, PROXY headers;
+//! - `handover.rs`: handing the listeners to a successor, and binding from handed ones;
 //! - `timers.rs`: the wheel's use, the drain's schedule, periodic work, the leak self-check.
 
 mod accept;
 mod close;
+mod handover;
 mod io;
 mod timers;
 mod turn;
@@ -60,6 +62,7 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::group::{Group, Member};
 use crate::handler::Handler;
+use crate::handover::{Given, Inbox};
 use crate::limits::{self, LoopFds, ADMIN_FDS};
 use crate::metrics::Metrics;
 use crate::reason::{CloseReason, LingerEnd};
@@ -108,6 +111,8 @@ pub struct Server<H: Handler> {
     remote_ready: bool,
     /// Membership in a group of workers ([`crate::Workers`]), if any.
     member: Option<Member>,
+    /// Requests from [`Handover`](crate::Handover)s, once one exists.
+    handover: Option<Inbox>,
     /// The deadline wake-up of real-time turns (Linux), so that the poll waits without a
     /// timeout; `None` elsewhere, or if it could not be created (then the poll timeout does).
     #[cfg(target_os = "linux")]
@@ -124,7 +129,7 @@ impl<H: Handler> Server<H> {
     /// [`Error::Config`] for an invalid configuration, [`Error::Bind`] when an address cannot be
     /// bound (e.g. in use), [`Error::Io`] when the poll cannot be created.
     pub fn bind(config: Config, handler: H) -> Result<Server<H>, Error> {
-        Server::bind_inner(config, handler, None)
+        Server::bind_given(config, Given::default(), handler)
     }
 
     /// Like [`Server::bind`], but serves `listeners` that are already bound and listening (for
@@ -136,29 +141,39 @@ impl<H: Handler> Server<H> {
     /// As [`Server::bind`]; [`Error::Config`] for a socket that is bound but not listening (it
     /// would never accept); [`Error::Io`] if a listener cannot be configured.
     pub fn bind_listeners(
-        config: Config,
+        mut config: Config,
         listeners: Vec<std::net::TcpListener>,
         handler: H,
     ) -> Result<Server<H>, Error> {
-        Server::bind_inner(config, handler, Some(listeners))
+        config.listen = listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<Result<_, _>>()?;
+        let given = Given {
+            data: listeners.into_iter().map(Some).collect(),
+            admin: None,
+        };
+        Server::bind_given(config, given, handler)
     }
 
-    fn bind_inner(
+    /// Binds `config`, serving the sockets `given` names instead of binding their addresses
+    /// (`given.data` is aligned with `config.listen`).
+    pub(crate) fn bind_given(
         mut config: Config,
+        given: Given,
         handler: H,
-        inherited: Option<Vec<std::net::TcpListener>>,
     ) -> Result<Server<H>, Error> {
-        if let Some(l) = &inherited {
-            config.listen = l.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
-            if let Some(addr) = l
-                .iter()
-                .zip(&config.listen)
-                .find_map(|(l, addr)| (accept::is_listening(l) == Some(false)).then_some(addr))
-            {
-                return Err(Error::Config(format!(
-                    "the socket bound to {addr} is not listening: it would never accept (call listen(2) on it before passing it)"
-                )));
-            }
+        if let Some(l) = &given.admin {
+            config.admin = Some(l.local_addr()?);
+        }
+        if let Some(addr) = given.data.iter().zip(&config.listen).find_map(|(l, addr)| {
+            l.as_ref()
+                .filter(|l| accept::is_listening(l) == Some(false))
+                .map(|_| addr)
+        }) {
+            return Err(Error::Config(format!(
+                "the socket bound to {addr} is not listening: it would never accept (call listen(2) on it before passing it)"
+            )));
         }
         config.validate()?;
         if config.listen.len() > MAX_LISTENERS {
@@ -179,9 +194,9 @@ impl<H: Handler> Server<H> {
             limits::effective_max_connections(config.max_connections, fd_limit, own_fds);
         let poll = Poll::new()?;
         let mut listeners = Vec::with_capacity(config.listen.len());
-        let mut inherited = inherited.map(Vec::into_iter);
+        let mut given_data = given.data.into_iter();
         for (i, &addr) in config.listen.iter().enumerate() {
-            let mut socket = match inherited.as_mut().and_then(Iterator::next) {
+            let mut socket = match given_data.next().flatten() {
                 Some(l) => accept::configure_listener(l, &config)?,
                 None => {
                     bind_listener(addr, &config).map_err(|source| Error::Bind { addr, source })?
@@ -215,12 +230,11 @@ impl<H: Handler> Server<H> {
             },
             first_byte: off_or(config.first_byte_timeout),
         };
-        let admin = AdminSide::bind(
-            config.admin,
-            poll.registry(),
-            &clock,
-            (timeouts.linger, config.linger_bytes),
-        )
+        let linger = (timeouts.linger, config.linger_bytes);
+        let admin = match given.admin {
+            Some(l) => AdminSide::adopt(l, poll.registry(), &clock, linger),
+            None => AdminSide::bind(config.admin, poll.registry(), &clock, linger),
+        }
         .map_err(|source| Error::Bind {
             addr: config.admin.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
             source,
@@ -294,6 +308,7 @@ impl<H: Handler> Server<H> {
             jobs: OnceCell::new(),
             remote_ready: false,
             member: None,
+            handover: None,
             leftover: Vec::new(),
             #[cfg(target_os = "linux")]
             alarm,

@@ -451,11 +451,20 @@ impl<H: Handler> Server<H> {
         }
         if let Some(open) = limits::count_open_fds() {
             self.table.metrics.fds_open = open;
-            self.timers.fd_baseline = Some(
-                open as i64 - self.own_fds() - self.others_fds() - self.table.slab.len() as i64,
-            );
+            if self.timers.fd_baseline.is_none() {
+                self.timers.fd_baseline = Some(
+                    open as i64 - self.own_fds() - self.others_fds() - self.table.slab.len() as i64,
+                );
+            }
             self.timers.next_fd_check = Some(self.table.now + self.timers.fd_check);
         }
+    }
+
+    /// The leak check's baseline (descriptors that are not the group's), taken before any
+    /// worker of a group ran (see [`crate::Workers::start`]): a worker that accepts before this
+    /// one's first turn would otherwise put its connections in this loop's baseline.
+    pub(crate) fn set_fd_baseline(&mut self, baseline: i64) {
+        self.timers.fd_baseline = Some(baseline);
     }
 
     /// The leak self-check: every descriptor the process has is a connection, one of the loop's
@@ -466,6 +475,9 @@ impl<H: Handler> Server<H> {
             return;
         }
         self.timers.next_fd_check = Some(now + self.timers.fd_check);
+        if self.leak_check_suspended() {
+            return; // a handover holds descriptors the loop cannot count
+        }
         let (Some(open), Some(baseline)) = (limits::count_open_fds(), self.timers.fd_baseline)
         else {
             return;

@@ -188,6 +188,7 @@ impl<H: Handler> Server<H> {
     pub(super) fn wake_up(&mut self, now: Tick) {
         self.shared.clear_wake();
         self.answer_group();
+        self.answer_handover(now);
         if self.shared.is_stopping() {
             return self.shutdown(); // it does what was accepted before the stop first
         }

@@ -3,8 +3,8 @@
 //! clock or at virtual times with `turn_at`), clients with a read timeout as a safety net, and
 //! byte patterns; by topic in the submodules: [`child`] (the `sockman` binary as a child and its
 //! log lines), [`proxy`] (a `sockman proxy` child and its `/metrics`), [`http`] (the admin
-//! endpoint's HTTP client and `/metrics` samples) and [`procfs`] (a child's descriptors, memory
-//! and CPU time).
+//! endpoint's HTTP client and `/metrics` samples), [`procfs`] (a child's descriptors, memory
+//! and CPU time) and [`load`] (steady churn and long-lived sessions on an echo address).
 //!
 //! Every wait here is bounded in time and count; a timeout fails the test with what was seen.
 //! Each test file uses a subset of these helpers.
@@ -13,6 +13,7 @@
 #[cfg(feature = "cli")]
 pub mod child;
 pub mod http;
+pub mod load;
 pub mod procfs;
 #[cfg(feature = "cli")]
 pub mod proxy;

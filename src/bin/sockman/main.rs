@@ -6,6 +6,7 @@ mod proxy;
 mod serve;
 mod server;
 mod units;
+mod upgrade;
 
 use std::process::ExitCode;
 
@@ -34,7 +35,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    init_logger();
     let result = match cli.command {
         Command::Serve(args) => serve::run(&args),
         Command::Proxy(args) => proxy::run(&args),
@@ -47,6 +48,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `env_logger` (`RUST_LOG`, default `info`), with this process's pid in every line's header:
+/// during an upgrade in place ([`upgrade`]) the old process and its successor write to the same
+/// stderr, and each line must say whose it is.
+fn init_logger() {
+    use std::io::Write as _;
+    let pid = std::process::id();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(move |buf, record| {
+            let level = record.level();
+            let style = buf.default_level_style(level);
+            writeln!(
+                buf,
+                "[{} {style}{level:<5}{style:#} {} pid={pid}] {}",
+                buf.timestamp(),
+                record.target(),
+                record.args()
+            )
+        })
+        .init();
 }
 
 /// `sockman load`: runs the generator and prints the readable report or, with `--json`, one

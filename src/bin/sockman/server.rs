@@ -5,15 +5,17 @@
 //! drains instead of killing.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use log::{info, warn};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
 use signal_hook::iterator::Signals;
 use sockman::{Config, Handler, Metrics, OnFull, ProxyProtocol, Server, Workers};
 
 use crate::units::{parse_duration, parse_size};
+use crate::upgrade::{self, UpgradeArgs, Upgrader, Upgrades, WithUpgrades};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum OnFullArg {
@@ -157,6 +159,8 @@ pub(crate) struct ServerArgs {
     /// Most bytes discarded while lingering; past it reading stops until the linger timeout.
     #[arg(long, value_name = "SIZE", default_value = "4MiB", env = "SOCKMAN_LINGER_BYTES", value_parser = parse_size)]
     linger_bytes: usize,
+    #[command(flatten)]
+    upgrade: UpgradeArgs,
 }
 
 impl ServerArgs {
@@ -268,8 +272,9 @@ fn notify(state: sd_notify::NotifyState<'_>) {
 }
 
 /// Binds `config` with `args.workers` handlers from `make` (one loop, or [`Workers`]), on the
-/// listeners systemd passed if any, and runs until a signal drains or stops it, logging a
-/// counters line every `stats_interval`. `stats` adds the handler's own part to each line.
+/// listeners systemd passed or a predecessor handed over (see [`upgrade`]) if any, and runs
+/// until a signal drains or stops it, logging a counters line every `stats_interval`. `stats`
+/// adds the handler's own part to each line. `SIGUSR2` upgrades in place.
 pub(crate) fn run<H>(
     config: Config,
     mut make: impl FnMut(usize) -> H,
@@ -283,21 +288,55 @@ where
     // Signal handlers go in before the listening line is logged: a supervisor that reads that
     // line as "ready" and sends SIGTERM must get a drain, not the default action. A signal that
     // arrives before the thread below runs waits in `signals`.
-    let signals = Signals::new([SIGINT, SIGTERM])
+    let signals = Signals::new([SIGINT, SIGTERM, SIGUSR2])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let inherited = inherited_listeners()?;
-    if inherited.is_some() && !args.listen.is_empty() {
+    let timeout = args.upgrade.upgrade_timeout;
+    let mut takeover = upgrade::take_over(timeout)?;
+    let inherited = match takeover {
+        Some(_) => None,
+        None => inherited_listeners()?,
+    };
+    let activated = inherited.is_some() || takeover.as_ref().is_some_and(|t| t.activated());
+    if activated && !args.listen.is_empty() {
         warn!("listening on the sockets systemd passed (LISTEN_FDS); --listen is ignored");
     }
+    let config = match &takeover {
+        Some(t) if t.activated() => Config {
+            listen: t.data_addrs(),
+            ..config
+        },
+        _ => config,
+    };
+    let handed = takeover.as_mut().map(|t| t.take_listeners());
+    let upgrades = Arc::new(Upgrades::default());
+    let mut make = |i| WithUpgrades::new(make(i), Arc::clone(&upgrades));
+    let upgrader = |handover| {
+        let drain = args.drain_timeout;
+        Upgrader::new(
+            handover,
+            &args.upgrade,
+            drain,
+            activated,
+            Arc::clone(&upgrades),
+        )
+    };
+    let stats = || format!("{}{}", stats(), upgrades.line());
     let interval = (!args.stats_interval.is_zero()).then_some(args.stats_interval);
     let m = if args.workers > 1 {
-        let workers = match inherited {
-            Some(l) => Workers::bind_listeners(config, l, args.workers, make),
-            None => Workers::bind(config, args.workers, make),
-        }
-        .map_err(|e| e.to_string())?;
+        let bound = match (handed, inherited) {
+            (Some(h), _) => Workers::bind_handed(config, h, args.workers, make),
+            (None, Some(l)) => Workers::bind_listeners(config, l, args.workers, make),
+            (None, None) => Workers::bind(config, args.workers, make),
+        };
+        let mut workers = upgrade::confirm(takeover, bound.map_err(|e| e.to_string()), timeout)?;
+        let upgrader = upgrader(workers.handover());
         let mut running = workers.start().map_err(|e| e.to_string())?;
-        watch_signals(signals, Stop::All(running.handle()), args.drain_timeout)?;
+        watch_signals(
+            signals,
+            Stop::All(running.handle()),
+            args.drain_timeout,
+            upgrader,
+        )?;
         notify(sd_notify::NotifyState::Ready);
         loop {
             let wait = interval.unwrap_or(Duration::from_secs(3600));
@@ -311,12 +350,19 @@ where
             }
         }
     } else {
-        let mut server = match inherited {
-            Some(l) => Server::bind_listeners(config, l, make(0)),
-            None => Server::bind(config, make(0)),
-        }
-        .map_err(|e| e.to_string())?;
-        watch_signals(signals, Stop::One(server.handle()), args.drain_timeout)?;
+        let bound = match (handed, inherited) {
+            (Some(h), _) => Server::bind_handed(config, h, make(0)),
+            (None, Some(l)) => Server::bind_listeners(config, l, make(0)),
+            (None, None) => Server::bind(config, make(0)),
+        };
+        let mut server = upgrade::confirm(takeover, bound.map_err(|e| e.to_string()), timeout)?;
+        let upgrader = upgrader(server.handover());
+        watch_signals(
+            signals,
+            Stop::One(server.handle()),
+            args.drain_timeout,
+            upgrader,
+        )?;
         notify(sd_notify::NotifyState::Ready);
         let mut next_stats = interval.map(|i| Instant::now() + i);
         while !server.is_stopped() {
@@ -372,13 +418,23 @@ impl Stop {
 
 /// A small thread turns the first SIGINT/SIGTERM into a drain of the loop(s) and a second one
 /// into an immediate shutdown (the library has no signal code), and tells systemd it is
-/// stopping.
-fn watch_signals(mut signals: Signals, stop: Stop, drain_timeout: Duration) -> Result<(), String> {
+/// stopping (unless the listeners went to a successor: systemd's main process is that one
+/// now); SIGUSR2 starts an upgrade in place ([`Upgrader`]).
+fn watch_signals(
+    mut signals: Signals,
+    stop: Stop,
+    drain_timeout: Duration,
+    upgrader: Upgrader,
+) -> Result<(), String> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let mut draining = false;
             for signal in signals.forever() {
+                if signal == SIGUSR2 {
+                    upgrader.start();
+                    continue;
+                }
                 let name = if signal == SIGINT {
                     "SIGINT"
                 } else {
@@ -389,7 +445,10 @@ fn watch_signals(mut signals: Signals, stop: Stop, drain_timeout: Duration) -> R
                     stop.shutdown();
                 } else {
                     warn!("{name}: draining (up to {drain_timeout:?}; signal again to stop now)");
-                    notify(sd_notify::NotifyState::Stopping);
+                    upgrader.stopping();
+                    if !upgrader.handed_over() {
+                        notify(sd_notify::NotifyState::Stopping);
+                    }
                     stop.drain(drain_timeout);
                     draining = true;
                 }
