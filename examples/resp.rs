@@ -133,7 +133,7 @@ pub struct Stats {
 pub struct Resp {
     store: Store,
     limits: Limits,
-    /// Bytes held by partial requests, all connections together.
+    /// Bytes allocated for buffered requests, all connections together.
     buffered: usize,
     stats: Stats,
     /// A request's arguments (reused: no allocation per request).
@@ -161,7 +161,8 @@ impl Resp {
         self.store.pubsub.channels()
     }
 
-    /// Bytes held by partial requests.
+    /// Bytes allocated for buffered requests (their buffers' capacity), all connections
+    /// together.
     pub fn buffered(&self) -> usize {
         self.buffered
     }
@@ -293,7 +294,7 @@ impl Resp {
 
     /// Stores `p` on the connection (counting its bytes); pauses reading if it is blocked.
     fn park(&mut self, client: &mut Client, ctx: &mut Context<'_, Client>, p: Box<Pending>) {
-        self.buffered += p.buf.len();
+        self.buffered += p.buf.capacity();
         if p.blocked {
             let id = ctx.id();
             if let Some(mut c) = ctx.conn(id) {
@@ -306,7 +307,7 @@ impl Resp {
     /// Takes the connection's buffered bytes (uncounting them).
     fn unpark(&mut self, client: &mut Client) -> Option<Box<Pending>> {
         let p = client.pending.take()?;
-        self.buffered -= p.buf.len();
+        self.buffered -= p.buf.capacity();
         Some(p)
     }
 
@@ -325,19 +326,21 @@ impl Resp {
             return self.park(client, ctx, p);
         }
         let total = old + data.len();
-        if total > self.limits.max_request || self.buffered + total > self.limits.max_buffered {
-            self.oversized(ctx);
-            return;
-        }
         // Grow by doubling, but never past the end of the bulk being read: a huge announced
         // length is not allocated ahead of its bytes, and a large value's buffer ends where the
         // value does.
-        if total > p.buf.capacity() {
-            let room = (2 * p.buf.capacity())
+        let room = if total > p.buf.capacity() {
+            (2 * p.buf.capacity())
                 .max(total)
-                .min(total.max(p.progress.needs()));
-            p.buf.reserve_exact(room - old);
+                .min(total.max(p.progress.needs()))
+        } else {
+            p.buf.capacity()
+        };
+        if total > self.limits.max_request || self.buffered + room > self.limits.max_buffered {
+            self.oversized(ctx);
+            return;
         }
+        p.buf.reserve_exact(room - old);
         p.buf.extend_from_slice(data);
         if p.buf.len() < p.progress.needs() {
             return self.park(client, ctx, p);

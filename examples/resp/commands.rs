@@ -4,11 +4,11 @@
 
 use sockman::{Bytes, Context};
 
-use crate::db::{cstr, Args, Db, Value};
-use crate::parse::string2ll;
-use crate::pubsub::PubSub;
-use crate::reply::{itoa, Out, SHARE_MIN};
-use crate::Client;
+use super::db::{cstr, Args, Db, Value};
+use super::parse::string2ll;
+use super::pubsub::PubSub;
+use super::reply::{itoa, Out, SHARE_MIN};
+use super::Client;
 
 /// What the connection does after a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 
 use sockman::Bytes;
 
-use crate::parse::Span;
+use super::parse::Span;
 
 /// Longest value kept inline.
 pub const SMALL: usize = 22;

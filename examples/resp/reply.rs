@@ -4,7 +4,7 @@
 
 use sockman::{Bytes, Context};
 
-use crate::Client;
+use super::Client;
 
 /// Staged replies past this many bytes are handed to the core at the next request boundary,
 /// and the connection's writability is checked.
