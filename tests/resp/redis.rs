@@ -150,19 +150,38 @@ fn request(r: &mut Rng) -> Vec<Vec<u8>> {
     args
 }
 
-/// `args` as bytes on the wire: a RESP array, or an inline line when every argument is plain.
+/// `args` as bytes on the wire: a RESP array, or an inline line (plain words, or every
+/// argument in double quotes with `\xHH` escapes, which carries any bytes).
 fn encode(r: &mut Rng, args: &[Vec<u8>]) -> Vec<u8> {
     let plain = args
         .iter()
         .all(|a| !a.is_empty() && a.iter().all(|c| c.is_ascii_alphanumeric()));
-    if plain && r.below(4) == 0 {
-        let line = args
-            .iter()
-            .map(|a| String::from_utf8_lossy(a))
-            .collect::<Vec<_>>();
-        return format!("{}\r\n", line.join(" ")).into_bytes();
+    match r.below(8) {
+        0 | 1 if plain => {
+            let line = args
+                .iter()
+                .map(|a| String::from_utf8_lossy(a))
+                .collect::<Vec<_>>();
+            format!("{}\r\n", line.join(" ")).into_bytes()
+        }
+        2 => {
+            let mut line = Vec::new();
+            for a in args {
+                line.extend_from_slice(b" \"");
+                for &c in a {
+                    if c.is_ascii_alphanumeric() {
+                        line.push(c);
+                    } else {
+                        line.extend_from_slice(format!("\\x{c:02x}").as_bytes());
+                    }
+                }
+                line.push(b'"');
+            }
+            line.extend_from_slice(b"\r\n");
+            line
+        }
+        _ => command(&args.iter().map(Vec::as_slice).collect::<Vec<_>>()),
     }
-    command(&args.iter().map(Vec::as_slice).collect::<Vec<_>>())
 }
 
 /// Sends `bytes` in chunks of random sizes while a thread reads `replies` replies.
