@@ -18,7 +18,12 @@
 #   N=20000 PUB_N=2000 IDLE=500 BIG_MB=8 READERS=4 ROUNDS=1 benches/resp_compare.sh
 # Raw rows go to benches/results/resp-<time>/raw.tsv, the markdown tables to summary.md there
 # (and stdout). mini-redis is built once into target/mini-redis (cargo install); it has no
-# PING (its rows say n/a). SERVERS="resp redis" leaves it out.
+# PING (its rows say n/a), holds at most 250 connections, and is slow: it runs N/MINI_DIV
+# requests and PUB_N/MINI_DIV publishes (rates stay comparable). SERVERS="resp redis" leaves it
+# out.
+#
+# The full measurement, defaults as in issue 17 (about 7 minutes, plus about 5 the first time
+# for building mini-redis): benches/resp_compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +39,7 @@ READERS=${READERS:-20}
 READ_KBPS=${READ_KBPS:-0} # 0: readers read as fast as they can
 IDLE=${IDLE:-10000}
 SERVERS=${SERVERS:-"resp redis mini"}
+MINI_DIV=${MINI_DIV:-20} # mini-redis runs N/MINI_DIV requests and PUB_N/MINI_DIV publishes (it is slow)
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 
@@ -72,7 +78,7 @@ else
   COUNTER=none
   note "neither perf nor strace: write calls not counted"
 fi
-note "N=$N CLIENTS=$CLIENTS TESTS=$TESTS PIPELINES=$PIPELINES ROUNDS=$ROUNDS SUBS=$SUBS PUB_N=$PUB_N BIG_MB=$BIG_MB READERS=$READERS IDLE=$IDLE servers on cpu $SERVER_CPU, clients on cpu $CLIENT_CPU, counter=$COUNTER"
+note "MINI_DIV=$MINI_DIV N=$N CLIENTS=$CLIENTS TESTS=$TESTS PIPELINES=$PIPELINES ROUNDS=$ROUNDS SUBS=$SUBS PUB_N=$PUB_N BIG_MB=$BIG_MB READERS=$READERS IDLE=$IDLE servers on cpu $SERVER_CPU, clients on cpu $CLIENT_CPU, counter=$COUNTER"
 note "$(redis-server --version)"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -105,20 +111,21 @@ stop_server() {
 trap '[ -n "$SPID" ] && stop_server' EXIT
 
 bench_rows() { # SERVER P ROUND
-  local s=$1 p=$2 round=$3 t csv rps before after
+  local s=$1 p=$2 round=$3 t csv rps before after n=$N
+  [ "$s" = mini ] && n=$((N / MINI_DIV))
   start_server "$s"
   for t in $TESTS; do
     if [ "$s" = mini ] && [ "$t" = ping_mbulk ]; then
-      printf 'bench\t%s\t%s\tP%s\t%s\tn/a\t0\t%s\n' "$s" "$t" "$p" "$round" "$N" >>"$RAW"
+      printf 'bench\t%s\t%s\tP%s\t%s\tn/a\t0\t%s\n' "$s" "$t" "$p" "$round" "$n" >>"$RAW"
       continue
     fi
     before=$(cpu_ticks "$SPID")
-    csv=$(taskset -c "$CLIENT_CPU" redis-benchmark -h 127.0.0.1 -p "$PORT" -c "$CLIENTS" -n "$N" \
+    csv=$(taskset -c "$CLIENT_CPU" redis-benchmark -h 127.0.0.1 -p "$PORT" -c "$CLIENTS" -n "$n" \
       -P "$p" -t "$t" --csv 2>>"$OUT/redis-benchmark.stderr")
     after=$(cpu_ticks "$SPID")
     rps=$(echo "$csv" | awk -F'","' 'NR > 1 {print $2; exit}')
     printf 'bench\t%s\t%s\tP%s\t%s\t%s\t%s\t%s\n' "$s" "$t" "$p" "$round" "${rps:-n/a}" \
-      "$(cpu_seconds "$before" "$after")" "$N" >>"$RAW"
+      "$(cpu_seconds "$before" "$after")" "$n" >>"$RAW"
     echo "$s $t -P $p round $round: ${rps:-n/a} req/s" >&2
   done
   stop_server
@@ -126,11 +133,13 @@ bench_rows() { # SERVER P ROUND
 
 fanout_row() { # SERVER ROUND
   local s=$1 round=$2 msg frame_len before after got delivered seconds writes counter_pid fifo
+  local pub_n=$PUB_N
+  [ "$s" = mini ] && pub_n=$((PUB_N / MINI_DIV))
   msg=$(printf 'm%.0s' $(seq 64))
   frame_len=$(( ${#msg} + 32 )) # *3 $7 message $2 ch $64 <msg>: 17 + 8 + 5 + 64 + 2
   start_server "$s"
   fifo=$OUT/subscribers.out
-  taskset -c "$CLIENT_CPU" python3 "$CLIENTS_PY" subscribe "$PORT" "$SUBS" ch "$frame_len" "$PUB_N" >"$fifo" &
+  taskset -c "$CLIENT_CPU" python3 "$CLIENTS_PY" subscribe "$PORT" "$SUBS" ch "$frame_len" "$pub_n" >"$fifo" &
   local sub_pid=$!
   for _ in $(seq 500); do grep -q ready "$fifo" 2>/dev/null && break; sleep 0.02; done
   grep -q ready "$fifo" || { echo "the subscribers did not subscribe on $s" >&2; exit 1; }
@@ -141,7 +150,7 @@ fanout_row() { # SERVER ROUND
   esac
   sleep 0.3 # the counter attaches
   before=$(cpu_ticks "$SPID")
-  taskset -c "$CLIENT_CPU" redis-benchmark -h 127.0.0.1 -p "$PORT" -c 1 -P 16 -n "$PUB_N" -q \
+  taskset -c "$CLIENT_CPU" redis-benchmark -h 127.0.0.1 -p "$PORT" -c 1 -P 16 -n "$pub_n" -q \
     PUBLISH ch "$msg" >/dev/null 2>>"$OUT/redis-benchmark.stderr"
   wait "$sub_pid" || true
   after=$(cpu_ticks "$SPID")
