@@ -24,6 +24,9 @@ use crate::time::Tick;
 /// copying a few hundred bytes, and it keeps the common case (all copied) to one `write`.
 pub(crate) const COPY_SHARED_BELOW: usize = 512;
 
+/// Written bytes at the front of the buffer below which it is not worth moving the rest down.
+const COMPACT_MIN: usize = 4096;
+
 /// Slices handed to one `writev` at most (Linux allows 1 024; past a few dozen the call is
 /// dominated by the copy, not by the call).
 const MAX_IOV: usize = 64;
@@ -101,6 +104,7 @@ impl Output {
         if data.is_empty() {
             return;
         }
+        self.compact();
         self.buf.extend_from_slice(data);
         match self.segs.back_mut() {
             Some(Seg::Copied(n)) => *n += data.len(),
@@ -108,6 +112,26 @@ impl Output {
         }
         self.len += data.len();
         self.copied += data.len();
+    }
+
+    /// Drops the copied bytes already written from the front of the buffer once they are at
+    /// least as many as the live ones (and a few KiB): a queue that is refilled before it
+    /// empties (a producer on a slow reader) would otherwise keep every byte it ever sent.
+    /// Each live byte moves at most once per halving of the dead part: amortised O(1).
+    fn compact(&mut self) {
+        let front_copied = matches!(self.segs.front(), Some(Seg::Copied(_)));
+        let dead = self.start + if front_copied { self.front } else { 0 };
+        if dead < COMPACT_MIN || dead < self.buf.len() - dead {
+            return;
+        }
+        self.buf.drain(..dead);
+        self.start = 0;
+        if front_copied {
+            if let Some(Seg::Copied(n)) = self.segs.front_mut() {
+                *n -= self.front;
+            }
+            self.front = 0;
+        }
     }
 
     /// Queues a shared buffer (a small one is copied, see [`COPY_SHARED_BELOW`]).
@@ -383,6 +407,30 @@ mod tests {
         assert!(matches!(o.write_to(&mut s).status, Status::Done));
         o.clear();
         assert!(o.buf.capacity() <= KEEP_CAPACITY);
+    }
+
+    #[test]
+    fn a_queue_that_never_empties_keeps_only_its_live_bytes() {
+        // A producer that refills a slowly drained queue: 4 KiB in, 4 KiB out, 1 KiB left
+        // each round. The buffer must hold what is queued, not everything ever sent.
+        let mut o = Output::default();
+        o.push_copy(&[1u8; 1024]);
+        for _ in 0..10_000 {
+            o.push_copy(&[2u8; 4096]);
+            let mut s = sink(4096, 1);
+            assert!(matches!(o.write_to(&mut s).status, Status::Blocked));
+            assert_eq!((o.len(), o.copied()), (1024, 1024));
+        }
+        assert!(
+            o.buf.len() <= 4 * 4096,
+            "{} bytes held for {} queued",
+            o.buf.len(),
+            o.len()
+        );
+        // And what is left is the right bytes.
+        let mut s = sink(1 << 20, 1);
+        o.write_to(&mut s);
+        assert_eq!(s.got, vec![2u8; 1024]);
     }
 
     #[test]
