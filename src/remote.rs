@@ -32,7 +32,10 @@ use crate::token::ConnId;
 /// Work from another thread for connection `id`.
 #[derive(Debug)]
 pub(crate) enum Msg {
-    Send(ConnId, Bytes),
+    /// Copied into the connection's buffer on the loop (its pending cap applies).
+    Send(ConnId, Vec<u8>),
+    /// Queued as a shared buffer (no copy; not counted against the cap).
+    SendShared(ConnId, Bytes),
     Close(ConnId),
 }
 
@@ -198,29 +201,34 @@ impl Handle {
     }
 
     /// Writes `data` to connection `id` from another thread, as
-    /// [`Context::send_shared`](crate::Context::send_shared) would on the loop (no copy: the
-    /// vector becomes the queued buffer). It leaves with whatever else the connection gets in
-    /// that turn, in one write. A connection that is gone by then drops it (counted as
-    /// `remote_dropped`).
+    /// [`Context::send`](crate::Context::send) would on the loop: copied into the
+    /// connection's buffer, so its pending cap applies (a connection that would pass it closes
+    /// with `Overflow`), and it leaves with whatever else the connection gets in that turn, in
+    /// one write. A connection that is gone by then drops it (counted as `remote_dropped`).
     ///
     /// # Errors
     /// [`RemoteError::Full`] (with `data` back) when the queue is full, [`RemoteError::Stopped`]
     /// once the server is stopping or stopped (see [`shutdown`](Self::shutdown)).
     pub fn send(&self, id: ConnId, data: Vec<u8>) -> Result<(), RemoteError<Vec<u8>>> {
-        self.send_shared(id, Bytes::from(data))
-            .map_err(|e| e.map(Vec::from))
+        self.shared
+            .queue(&self.shared.mail, Msg::Send(id, data), |m| match m {
+                Msg::Send(_, d) => d,
+                _ => Vec::new(),
+            })
     }
 
-    /// [`send`](Self::send) of a shared buffer: one buffer sent to many connections is one
-    /// copy in memory.
+    /// [`send`](Self::send) of a shared buffer, as
+    /// [`Context::send_shared`](crate::Context::send_shared) would on the loop: not copied,
+    /// so one buffer sent to many connections is one copy in memory; not counted against the
+    /// pending cap either (a reader that stops is ended by the write timeout).
     ///
     /// # Errors
     /// As [`send`](Self::send).
     pub fn send_shared(&self, id: ConnId, data: Bytes) -> Result<(), RemoteError<Bytes>> {
         self.shared
-            .queue(&self.shared.mail, Msg::Send(id, data), |m| match m {
-                Msg::Send(_, d) => d,
-                Msg::Close(_) => Bytes::new(),
+            .queue(&self.shared.mail, Msg::SendShared(id, data), |m| match m {
+                Msg::SendShared(_, d) => d,
+                _ => Bytes::new(),
             })
     }
 

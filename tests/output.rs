@@ -325,3 +325,49 @@ fn a_producer_driven_by_on_drained_streams_any_size_in_bounded_memory() {
     );
     util::stop_at(&mut server, t0);
 }
+
+#[test]
+fn messages_from_another_thread_count_against_the_pending_cap() {
+    // A reader that never reads, no write timeout: only the cap can end it. Every message a
+    // producer sends it is copied for it, so the cap applies (64 KiB here), and the 4 KiB
+    // messages overflow it long before 64 MiB pile up.
+    let config = sockman::Config {
+        max_pending: 64 * 1024,
+        write_timeout: Duration::ZERO,
+        ..local_config()
+    };
+    let (mut server, addr) = util::bind(config, Chatty::default());
+    let t0 = server.now();
+    let _client = util::connect_small_rcvbuf(addr);
+    turn_until_at(&mut server, t0, "the accept", |s| {
+        !s.handler().ids.is_empty()
+    });
+    let id = server.handler().ids[0];
+    let handle = server.handle();
+    let producer = std::thread::spawn(move || {
+        let mut sent = 0;
+        while sent < 16 * 1024 {
+            match handle.send(id, vec![0u8; 4096]) {
+                Ok(()) => sent += 1,
+                Err(sockman::RemoteError::Full(_)) => std::thread::yield_now(),
+                Err(sockman::RemoteError::Stopped(_)) => break,
+            }
+        }
+    });
+    turn_until_at(&mut server, t0, "the overflow", |s| {
+        let m = s.metrics();
+        assert!(
+            m.pending_bytes <= 64 * 1024,
+            "{} pending for a 64 KiB cap: {m}",
+            m.pending_bytes
+        );
+        m.closed_by(sockman::CloseReason::Overflow) == 1
+    });
+    // The rest of the producer's messages find the connection gone (counted as dropped).
+    turn_until_at(&mut server, t0, "the producer's end", |_| {
+        producer.is_finished()
+    });
+    producer.join().unwrap();
+    assert!(server.metrics().remote_dropped > 0, "{}", server.metrics());
+    util::stop_at(&mut server, t0);
+}

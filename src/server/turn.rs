@@ -216,7 +216,11 @@ impl<H: Handler> Server<H> {
             };
             let mut ctx = Context::new(&mut self.table, ConnId::NONE);
             let delivered = match msg {
-                Msg::Send(id, data) => ctx.send_shared(id, data).is_ok(),
+                // Copied, so that the connection's pending cap applies (a producer on a slow
+                // reader would otherwise pile up without bound); `SendShared` is the caller's
+                // choice of a shared buffer, bounded by the write timeout instead.
+                Msg::Send(id, data) => ctx.send(id, &data).is_ok(),
+                Msg::SendShared(id, data) => ctx.send_shared(id, data).is_ok(),
                 Msg::Close(id) => ctx.close_conn(id).is_ok(),
             };
             if !delivered {
