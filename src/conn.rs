@@ -22,7 +22,7 @@ use bytes::Bytes;
 use mio::net::TcpStream;
 
 use crate::metrics::Metrics;
-use crate::output::{Output, Status, COPY_SHARED_BELOW};
+use crate::output::{Output, Status, COPY_SHARED_BELOW, KEEP_CAPACITY};
 use crate::reason::{CloseReason, LingerEnd};
 use crate::time::{Tick, NEVER};
 use crate::token::ConnId;
@@ -98,9 +98,17 @@ pub(crate) struct Outbox<'a> {
     pub(crate) flushing: &'a mut Vec<ConnId>,
 }
 
-/// Spare output buffers the loop keeps for reuse at most (each with up to
-/// [`KEEP_CAPACITY`](crate::output::KEEP_CAPACITY) of capacity: 4 MiB in all).
-const SPARE_OUTPUTS: usize = 64;
+/// Spare output buffers the loop keeps for reuse at most. Every connection written to in a
+/// turn holds one until the end-of-turn flush, so the loop needs as many as connections it
+/// writes to in one turn (one per event of a full poll, and then some) for the echo path to
+/// allocate nothing; the first [`LARGE_SPARES`] keep up to
+/// [`KEEP_CAPACITY`](crate::output::KEEP_CAPACITY) of buffer, the rest
+/// [`SMALL_SPARE_CAPACITY`]: at most 4 + 4 MiB held in all.
+const SPARE_OUTPUTS: usize = 1024;
+/// Spares that keep a large buffer (for the connections that stream).
+const LARGE_SPARES: usize = 64;
+/// Buffer capacity the other spares keep.
+const SMALL_SPARE_CAPACITY: usize = 4096;
 
 impl Outbox<'_> {
     fn take(&mut self) -> Box<Output> {
@@ -110,10 +118,13 @@ impl Outbox<'_> {
     }
 
     fn give_back(&mut self, mut o: Box<Output>) {
-        if self.spare.len() < SPARE_OUTPUTS {
-            o.clear();
-            self.spare.push(o);
-        }
+        let keep = match self.spare.len() {
+            n if n < LARGE_SPARES => KEEP_CAPACITY,
+            n if n < SPARE_OUTPUTS => SMALL_SPARE_CAPACITY,
+            _ => return, // dropped: the loop keeps enough
+        };
+        o.clear(keep);
+        self.spare.push(o);
     }
 }
 

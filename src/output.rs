@@ -246,12 +246,13 @@ impl Output {
         wrote
     }
 
-    /// Drops everything queued and readies the output for reuse (capacity kept up to
-    /// [`KEEP_CAPACITY`]).
-    pub(crate) fn clear(&mut self) {
+    /// Drops everything queued and readies the output for reuse, with at most `keep` bytes of
+    /// buffer capacity (at most [`KEEP_CAPACITY`]).
+    pub(crate) fn clear(&mut self, keep: usize) {
         self.buf.clear();
-        if self.buf.capacity() > KEEP_CAPACITY {
-            self.buf.shrink_to(KEEP_CAPACITY);
+        let keep = keep.min(KEEP_CAPACITY);
+        if self.buf.capacity() > keep {
+            self.buf.shrink_to(keep);
         }
         self.segs.clear();
         self.segs.shrink_to(16);
@@ -266,7 +267,7 @@ impl Output {
     pub(crate) fn take_copied(&mut self) -> Vec<u8> {
         let mut v = std::mem::take(&mut self.buf);
         v.drain(..self.start);
-        self.clear();
+        self.clear(0);
         v
     }
 }
@@ -405,7 +406,7 @@ mod tests {
         o.push_copy(&vec![1u8; 4 * KEEP_CAPACITY]);
         let mut s = sink(usize::MAX, 10);
         assert!(matches!(o.write_to(&mut s).status, Status::Done));
-        o.clear();
+        o.clear(KEEP_CAPACITY);
         assert!(o.buf.capacity() <= KEEP_CAPACITY);
     }
 

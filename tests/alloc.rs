@@ -116,3 +116,64 @@ fn the_echo_path_allocates_nothing_per_event() {
         "{allocated} allocations over {ECHOES} echoes ({turns} turns): the echo path allocates per event"
     );
 }
+
+/// One round of many echoes: every client writes 64 bytes (on loopback the bytes are in the
+/// server's sockets when `write` returns, so the server's next turn sees them all), then the
+/// server turns until every client has its echo.
+fn echo_round(server: &mut Server<Echo>, clients: &mut [TcpStream], msg: &[u8; 64]) {
+    for c in clients.iter_mut() {
+        c.write_all(msg).expect("client write");
+    }
+    let mut have = [0usize; 256];
+    let bound = Instant::now() + Duration::from_secs(10);
+    while have[..clients.len()].iter().any(|&h| h < 64) {
+        server
+            .turn(Some(Duration::from_millis(1)))
+            .expect("server turn");
+        for (c, h) in clients.iter_mut().zip(have.iter_mut()) {
+            let mut got = [0u8; 64];
+            match c.read(&mut got[..64 - *h]) {
+                Ok(0) => panic!("the server closed a connection"),
+                Ok(n) => *h += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("client read: {e}"),
+            }
+        }
+        assert!(Instant::now() < bound, "no echoes within 10 s");
+    }
+}
+
+#[test]
+fn two_hundred_connections_echoing_in_one_turn_allocate_nothing_per_event() {
+    const CLIENTS: usize = 200;
+    const ROUNDS: u64 = 50;
+    let config = Config {
+        listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+        ..Config::default()
+    };
+    let mut server = Server::bind(config, Echo).expect("bind");
+    let mut clients: Vec<TcpStream> = (0..CLIENTS)
+        .map(|_| {
+            let c = TcpStream::connect(server.local_addrs()[0]).expect("connect");
+            c.set_nodelay(true).expect("nodelay");
+            c.set_nonblocking(true).expect("nonblocking");
+            c
+        })
+        .collect();
+    let msg = [b'x'; 64];
+    for _ in 0..20 {
+        echo_round(&mut server, &mut clients, &msg);
+    }
+    let turns_before = server.metrics().turns;
+    let before = allocations();
+    for _ in 0..ROUNDS {
+        echo_round(&mut server, &mut clients, &msg);
+    }
+    let allocated = allocations() - before;
+    let turns = server.metrics().turns - turns_before;
+    let echoes = ROUNDS * CLIENTS as u64;
+    assert!(
+        allocated < echoes / 100,
+        "{allocated} allocations over {echoes} echoes in {turns} turns: output buffers are not reused"
+    );
+}
