@@ -379,7 +379,7 @@ impl<S> Conn<S> {
         if !self.is_live() || self.has(flag::SHUT_WANTED) {
             return false;
         }
-        let data = match self.write_now(data, out) {
+        let data = match self.write_now(id, data, out) {
             Ok(rest) => rest,
             Err(reason) => return self.fail(reason),
         };
@@ -409,7 +409,7 @@ impl<S> Conn<S> {
         if !self.is_live() || self.has(flag::SHUT_WANTED) {
             return false;
         }
-        let taken = match self.write_now(&data, out) {
+        let taken = match self.write_now(id, &data, out) {
             Ok(rest) => data.len() - rest.len(),
             Err(reason) => return self.fail(reason),
         };
@@ -432,6 +432,7 @@ impl<S> Conn<S> {
     /// still to queue (all of it below the watermark, or while connecting or blocked).
     fn write_now<'d>(
         &mut self,
+        id: ConnId,
         data: &'d [u8],
         out: &mut Outbox<'_>,
     ) -> Result<&'d [u8], CloseReason> {
@@ -441,8 +442,17 @@ impl<S> Conn<S> {
         {
             return Ok(data);
         }
-        if self.out.is_some() && !self.flush(out)? {
-            return Ok(data);
+        if self.out.is_some() {
+            let all_out = self.flush(out)?;
+            if self.has(flag::DRAINED) && !self.has(flag::FLUSH) {
+                // It was unwritable (output queued while it connected) and no longer is: the
+                // end-of-turn pass tells the handler (`on_drained`), as a writable event would.
+                self.set(flag::FLUSH);
+                out.flushing.push(id);
+            }
+            if !all_out {
+                return Ok(data);
+            }
         }
         let n = self.write_through(data, out)?;
         Ok(&data[n..])

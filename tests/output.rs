@@ -371,3 +371,54 @@ fn messages_from_another_thread_count_against_the_pending_cap() {
     assert!(server.metrics().remote_dropped > 0, "{}", server.metrics());
     util::stop_at(&mut server, t0);
 }
+
+/// Dials, and writes past the high watermark when the dial connects.
+#[derive(Default)]
+struct Dialer {
+    connected: bool,
+    drained: usize,
+    writable_after_connect: Option<bool>,
+}
+
+impl Handler for Dialer {
+    type Conn = ();
+    fn on_open(&mut self, _: &mut Context<'_>) {}
+    fn on_data(&mut self, _: &mut (), _: &mut Context<'_>, _: &[u8]) {}
+    fn on_connected(&mut self, _: &mut (), ctx: &mut Context<'_>) {
+        self.connected = true;
+        assert!(
+            !ctx.is_writable(),
+            "unwritable: more than the high watermark was queued"
+        );
+        // The queue and this pass the high watermark: they leave at once, all of it.
+        assert!(ctx.write(&[2u8; 40 * 1024]));
+        self.writable_after_connect = Some(ctx.is_writable());
+    }
+    fn on_drained(&mut self, _: &mut (), _: &mut Context<'_>) {
+        self.drained += 1;
+    }
+}
+
+#[test]
+fn a_dial_unwritable_while_connecting_is_told_when_it_drains() {
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut server, _) = util::bind(local_config(), Dialer::default());
+    let t0 = server.now();
+    let id = server.connect(upstream.local_addr().unwrap(), ()).unwrap();
+    // More than the 32 KiB high watermark, queued while connecting.
+    server.with_context(|_, ctx| ctx.send(id, &[1u8; 40 * 1024]).unwrap());
+    let _peer = util::accept_within(&upstream, util::WAIT);
+    turn_until_at(&mut server, t0, "the connect and the flush", |s| {
+        s.handler().connected && s.metrics().pending_bytes == 0
+    });
+    for _ in 0..5 {
+        util::step(&mut server, t0);
+    }
+    let h = server.handler();
+    assert_eq!(h.writable_after_connect, Some(true));
+    assert_eq!(
+        h.drained, 1,
+        "it went unwritable, became writable, and was never told"
+    );
+    util::stop_at(&mut server, t0);
+}

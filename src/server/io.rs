@@ -110,8 +110,10 @@ impl<H: Handler> Server<H> {
                 continue; // closed meanwhile
             };
             conn.clear(flag::FLUSH);
-            // A blocked socket is written when it says it is writable, not before.
-            if conn.phase == Phase::Open && conn.has_pending() && !conn.has(flag::BLOCKED) {
+            // A blocked socket is written when it says it is writable, not before; one that
+            // drained during the turn (a write passed the watermark) is told here.
+            let queued = conn.has_pending() && !conn.has(flag::BLOCKED);
+            if conn.phase == Phase::Open && (queued || conn.has(flag::DRAINED)) {
                 self.write_out(id);
             }
         }
