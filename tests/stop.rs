@@ -193,3 +193,37 @@ fn serve_keeps_the_server_and_its_handler_for_afterwards() {
     );
     assert_eq!(server.metrics().closed_by(CloseReason::Shutdown), 1);
 }
+
+/// Asks the server to stop when a connection closes.
+struct StopOnClose;
+
+impl Handler for StopOnClose {
+    type Conn = ();
+    fn on_open(&mut self, _ctx: &mut Context<'_>) {}
+    fn on_data(&mut self, _: &mut (), _ctx: &mut Context<'_>, _data: &[u8]) {}
+    fn on_close(&mut self, _: (), ctx: &mut Context<'_>, _reason: CloseReason) {
+        ctx.shutdown();
+    }
+}
+
+#[test]
+fn a_stop_asked_between_turns_is_the_next_turns_first_work() {
+    let config = sockman::Config {
+        drain_idle: Duration::from_millis(10),
+        ..local_config()
+    };
+    let (mut server, addr) = util::bind(config, StopOnClose);
+    let t0 = server.now();
+    let _client = util::connect(addr);
+    turn_until_at(&mut server, t0, "the accept", |s| s.metrics().accepted == 1);
+    let t1 = t0 + Duration::from_millis(100);
+    util::step(&mut server, t1);
+    // Between turns: the drain closes the connection, idle since t0, at once, and its
+    // on_close asks for the stop. The next turn must not wait for anything: it has the stop
+    // to do.
+    server.drain(Duration::from_secs(60));
+    assert_eq!(server.metrics().closed_total(), 1, "{}", server.metrics());
+    assert_eq!(server.poll_delay(t1), Some(Duration::ZERO));
+    util::step(&mut server, t1);
+    assert!(server.is_stopped());
+}

@@ -33,6 +33,9 @@ impl<H: Handler> Server<H> {
             || self.accept.has_ready()
             || self.remote_ready
             || !self.table.flushing.is_empty()
+            // A callback between turns (in `Server::drain`, say) asked for a stop or a drain.
+            || self.table.drain_asked.is_some()
+            || self.shared.is_stopping()
     }
 
     /// The tick of the loop's next deadline of any kind, if any.
