@@ -417,6 +417,10 @@ impl<S> Conn<S> {
             return true;
         }
         let data = data.slice(taken..);
+        if data.len() < COPY_SHARED_BELOW {
+            // A small remainder is copied like any small write, under the cap.
+            return self.write(id, &data, out);
+        }
         let o = match &mut self.out {
             Some(o) => o,
             None => self.out.insert(out.take()),

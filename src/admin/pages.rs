@@ -471,7 +471,8 @@ pub(crate) fn connections<S>(
             Phase::Lingering => "lingering",
             Phase::Open if !c.is_live() => "closing",
             Phase::Open if c.has(flag::EOF) => "half_closed",
-            Phase::Open if c.has_pending() => "backpressure",
+            // Output merely queued for the end of the turn is no backpressure.
+            Phase::Open if c.is_blocked() => "backpressure",
             Phase::Open => "open",
         };
         let direction = if c.has(flag::DIALED) { "out" } else { "in" };
