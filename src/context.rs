@@ -335,11 +335,12 @@ impl<S> ConnMut<'_, S> {
         self.table.slab[self.id.key()].phase == Phase::Connecting
     }
 
-    /// Writes `data`: straight to the socket (unless output is already pending or the connection
-    /// is still connecting), keeping what the socket does not take, up to *this* connection's
-    /// pending cap. Returns `false` if it was not taken: the connection is closing, its write
-    /// side is shut, a write failed, or the cap overflowed (the connection then closes with
-    /// [`CloseReason::Overflow`]).
+    /// Writes `data`: copied into this connection's queue, which leaves at the end of the turn
+    /// in one write with everything else written to it this turn (at once, past the high
+    /// watermark; a large write to an empty queue goes straight from `data`). Up to *this*
+    /// connection's pending cap. Returns `false` if it was not taken: the connection is
+    /// closing, its write side is shut, a write failed, or the cap overflowed (the connection
+    /// then closes with [`CloseReason::Overflow`]).
     pub fn write(&mut self, data: &[u8]) -> bool {
         let id = self.id;
         let (conn, mut out) = self.table.outbox(id.key());

@@ -134,9 +134,10 @@ pub trait Handler {
     /// Per-connection state, kept in the connection's slab entry. `()` for stateless protocols.
     type Conn;
 
-    /// Whether a connection is not read while its own output is pending (the default, and the
-    /// backpressure an echo or request/reply protocol wants: a peer that does not read its
-    /// answers is not read either). A relay that moves bytes between two connections sets it to
+    /// Whether a connection is not read while its socket refuses its output (the default, and
+    /// the backpressure an echo or request/reply protocol wants: a peer that does not read its
+    /// answers is not read either). Output merely queued for the end of the turn does not
+    /// pause reading. A relay that moves bytes between two connections sets it to
     /// `false` and pauses the *source* instead ([`ConnMut::pause_reading`](crate::ConnMut::pause_reading)).
     const PAUSE_READING_WHILE_PENDING: bool = true;
 

@@ -180,7 +180,9 @@ impl Handle {
     /// Asks the loop to stop now: from this moment every [`send`](Self::send),
     /// [`close`](Self::close) and [`Remote::run`] is refused with [`RemoteError::Stopped`]; at
     /// its next turn the loop does what it had accepted before (runs the closures, writes the
-    /// messages), writes what is queued, closes every connection with
+    /// messages), writes what is queued (one last nonblocking write each: output the socket
+    /// still refuses, or queued on a dial that has not connected, is dropped), closes every
+    /// connection with
     /// [`CloseReason::Shutdown`](crate::CloseReason::Shutdown), closes its listeners, and
     /// [`Server::run`](crate::Server::run) returns. Also ends a drain early.
     pub fn shutdown(&self) {

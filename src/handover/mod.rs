@@ -267,7 +267,8 @@ impl Handover {
 
     /// Asks every loop for duplicates of its listeners and waits for them, at most `timeout`
     /// in all. The leak self-check of the loops is suspended from now until the returned
-    /// [`Listeners`] are dropped.
+    /// [`Listeners`] are dropped. It blocks until the loops answer, so call it from another
+    /// thread than the loops' (from a callback on a loop's own thread it can only time out).
     ///
     /// # Errors
     /// [`Error::Handover`] if a loop has stopped or does not answer in time; [`Error::Io`] if a

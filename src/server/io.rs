@@ -7,7 +7,8 @@
 //! - Edge-triggered: a connection is read until WouldBlock, a short read (unless the peer's FIN
 //!   or urgent data came with the edge), a reason to stop, or the read budget (then it is queued
 //!   in `ready` and continued next turn).
-//! - With [`Handler::PAUSE_READING_WHILE_PENDING`], a connection with pending output is not read.
+//! - With [`Handler::PAUSE_READING_WHILE_PENDING`], a connection whose socket refused output
+//!   (`BLOCKED`) is not read; output queued for the end of the turn does not pause reading.
 
 use log::debug;
 use mio::event::Event;

@@ -23,8 +23,11 @@
 //!   does not match the slot's occupant is stale and is dropped (see [`crate::token`]).
 //! - Callbacks never close connections themselves; they mark them and the loop settles them
 //!   (`settle`) after the callback, so no callback runs inside another.
-//! - With [`Handler::PAUSE_READING_WHILE_PENDING`], a connection with pending output is not
-//!   read (backpressure); any connection with pending output has a write-stall deadline.
+//! - With [`Handler::PAUSE_READING_WHILE_PENDING`], a connection whose socket refused output
+//!   is not read (backpressure), and any such connection has a write-stall deadline; output
+//!   queued for the end of the turn is neither.
+//! - Every connection written to during a turn writes its queue before the turn ends
+//!   (`flush_queued`), once.
 //!
 //! # Files
 //! One `Server` type, its `impl` spread over files by job (each file's methods are
