@@ -34,7 +34,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Milliseconds, in UTC (`2026-12-03T06:22:34.123Z`): what operators correlate logs at.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     let result = match cli.command {
         Command::Serve(args) => serve::run(&args),
         Command::Proxy(args) => proxy::run(&args),
