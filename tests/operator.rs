@@ -40,3 +40,22 @@ fn log_lines_carry_milliseconds() {
     let last = bin.final_line();
     assert!(has_millisecond_timestamp(last), "{last}");
 }
+#[test]
+fn serve_help_names_every_admin_path() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sockman"))
+        .args(["serve", "--help"])
+        .output()
+        .expect("run sockman serve --help");
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    let admin = help
+        .split("--admin <ADDR>")
+        .nth(1)
+        .expect("--admin in the help")
+        .split("\n      --")
+        .next()
+        .unwrap();
+    for path in ["/metrics", "/connections", "/livez", "/readyz", "/health"] {
+        assert!(admin.contains(path), "--admin's help lacks {path}:{admin}");
+    }
+}

@@ -107,7 +107,8 @@ pub(crate) struct ServerArgs {
     /// During a drain, close connections idle this long with nothing pending.
     #[arg(long, value_name = "DURATION", default_value = "1s", env = "SOCKMAN_DRAIN_IDLE", value_parser = parse_duration)]
     drain_idle: Duration,
-    /// Serve /metrics, /connections and /health on this address (e.g. 127.0.0.1:9090); off unless given.
+    /// Serve /metrics, /connections, /livez and /readyz (= /health) on this address (e.g.
+    /// 127.0.0.1:9090); off unless given.
     #[arg(long, value_name = "ADDR", env = "SOCKMAN_ADMIN")]
     admin: Option<SocketAddr>,
     /// How often to check that every open descriptor is accounted for (the leak self-check); 0 = off.
