@@ -1,5 +1,6 @@
 //! What an operator of the binary sees (issue 19): log timestamps, the help text, host names on
-//! the command line. Each test runs `sockman` as a child and bounds every wait.
+//! the command line (resolved at start; a name that does not resolve is a clear error). Each test
+//! runs `sockman` as a child and bounds every wait.
 #![cfg(feature = "cli")]
 
 mod util;
@@ -58,4 +59,60 @@ fn serve_help_names_every_admin_path() {
     for path in ["/metrics", "/connections", "/livez", "/readyz", "/health"] {
         assert!(admin.contains(path), "--admin's help lacks {path}:{admin}");
     }
+}
+
+#[test]
+fn a_host_name_listens_on_each_of_its_addresses_admin_included() {
+    let mut bin = Bin::spawn(&["serve", "--listen", "localhost:0", "--admin", "localhost:0"]);
+    let (addr, admin) = bin.wait_listening_with_admin();
+    assert!(addr.ip().is_loopback(), "{addr}");
+    let mut c = util::connect(addr);
+    util::echo(&mut c, b"by name");
+    assert_eq!(util::http::get(admin, "/livez").status, 200);
+    bin.terminate();
+}
+
+#[test]
+fn a_host_name_that_does_not_resolve_is_one_clear_error() {
+    // `.invalid` never resolves (RFC 6761); the resolver answers at once here (no DNS beyond
+    // the registries), and `wait_failure` bounds the wait anyway (it kills the child after
+    // util::WAIT).
+    for args in [
+        &["serve", "--listen", "no-such-host.invalid:7000"][..],
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "no-such-host.invalid:9090",
+        ],
+        &[
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "no-such-host.invalid:5432",
+        ],
+    ] {
+        let log = Bin::spawn(args).wait_failure();
+        assert!(
+            log.contains("cannot resolve host name \"no-such-host.invalid\""),
+            "{args:?}: {log}"
+        );
+        let naming = log.lines().filter(|l| l.contains("no-such-host.invalid"));
+        assert_eq!(naming.count(), 1, "one error line: {args:?}: {log}");
+    }
+}
+
+#[test]
+fn a_proxy_dials_an_upstream_given_by_name() {
+    let (mut upstream, up) = Bin::serve(&[]);
+    let target = format!("localhost:{}", up.port());
+    let mut proxy = Bin::spawn(&["proxy", "--listen", "127.0.0.1:0", "--upstream", &target]);
+    let addr = proxy.wait_listening();
+    let mut c = util::connect(addr);
+    util::echo(&mut c, b"through an upstream named localhost");
+    drop(c);
+    proxy.terminate();
+    upstream.terminate();
 }

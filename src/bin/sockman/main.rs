@@ -3,6 +3,7 @@
 
 mod load;
 mod proxy;
+mod resolve;
 mod serve;
 mod server;
 mod units;

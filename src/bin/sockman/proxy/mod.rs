@@ -30,7 +30,6 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +38,7 @@ use sockman::Config;
 pub(crate) use handler::{Proxy, ProxyVersion};
 use stats::Stats;
 
+use crate::resolve::{self, Addrs};
 use crate::server::{self, ServerArgs};
 use crate::units::parse_duration;
 
@@ -47,15 +47,18 @@ use crate::units::parse_duration;
 pub(crate) struct ProxyArgs {
     #[command(flatten)]
     server: ServerArgs,
-    /// Upstream address; repeat or separate with commas for several (round robin).
+    /// Upstream address, HOST:PORT: an IP address, or a host name (resolved at start: an
+    /// upstream for each of its addresses, in the order resolved); repeat or separate with
+    /// commas for several (round robin).
     #[arg(
         long,
         value_name = "ADDR",
         env = "SOCKMAN_UPSTREAM",
         value_delimiter = ',',
-        required = true
+        required = true,
+        value_parser = resolve::parse_addrs
     )]
-    upstream: Vec<SocketAddr>,
+    upstream: Vec<Addrs>,
     /// A dial to an upstream that has not completed after this long fails (and the next is tried).
     #[arg(long, value_name = "DURATION", default_value = "5s", env = "SOCKMAN_CONNECT_TIMEOUT", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -97,11 +100,12 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<(), String> {
         return Err("--connect-tries must be at least 1".into());
     }
     let config = args.config();
-    let stats = Stats::new(&args.upstream, args.server.workers);
+    let upstreams = resolve::flatten(&args.upstream);
+    let stats = Stats::new(&upstreams, args.server.workers);
     let idle = config.idle_timeout;
     let make = |me| {
         Proxy::new(
-            &args.upstream,
+            &upstreams,
             args.connect_tries,
             args.upstream_max_fails,
             args.upstream_down_for,
