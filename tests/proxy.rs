@@ -456,9 +456,9 @@ fn an_upstream_reset_closes_its_idle_client_at_once() {
         took < Duration::from_secs(1),
         "the client was closed {took:?} after its upstream reset"
     );
-    // Its FIN ends the proxy's linger on the client side.
-    client.shutdown(Shutdown::Write).unwrap();
+    // The client side was closed at once, without a linger (its upstream reset).
     let m = proxy.wait_idle("both sides to end");
+    assert_eq!(m.get("sockman_connections_lingering"), 0, "{m}");
     assert_eq!(m.dialed_closed(CloseReason::Reset), 1, "{m}");
     assert_eq!(
         m.closed(CloseReason::Handler),
@@ -480,7 +480,7 @@ fn a_client_that_resets_closes_its_upstream_side() {
 
     util::abort(client); // an RST, not a FIN
 
-    // Lingering 0 too: the proxy's upstream side ended when the upstream's FIN answered its own.
+    // Lingering 0 too: the proxy closed its upstream side at once (a FIN: nothing was unread).
     let m = proxy.wait_idle("both sides of the reset session to end");
     assert_eq!(m.closed(CloseReason::Reset), 1, "{m}");
     assert_eq!(m.dialed_closed(CloseReason::Handler), 1, "{m}");
@@ -636,10 +636,9 @@ fn a_client_that_never_reads_pushes_the_upstream_back_then_the_write_timeout_clo
             "64KiB",
             "--write-timeout",
             "500ms",
-            // The upstream side closes at once when the session ends (an RST, as it has unread
-            // input), so that nothing the upstream writes after that is taken by a linger.
-            "--linger-timeout",
-            "0",
+            // The linger timeout is the default (5 s): the upstream side closes at once when
+            // the session ends (a reset, as it has unread input), not lingering, so that
+            // nothing the upstream writes after that is taken.
         ],
     );
     let pid = proxy.bin.pid();

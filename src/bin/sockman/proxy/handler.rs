@@ -49,6 +49,17 @@ fn is_dial_failure(reason: CloseReason) -> bool {
     )
 }
 
+/// Whether a side that closed for `reason` ended abortively (reset, I/O error, write stall,
+/// overflow): its session is broken, and the other side is closed at once
+/// ([`ConnMut::close_now`](sockman::ConnMut::close_now): a reset if it still sends) rather
+/// than gracefully, as after a FIN, an idle timeout or a drain.
+fn ends_abortively(reason: CloseReason) -> bool {
+    matches!(
+        reason,
+        CloseReason::Reset | CloseReason::Io(_) | CloseReason::WriteStall | CloseReason::Overflow
+    )
+}
+
 /// Whether a dial's socket error is the proxy's own failure, not the upstream's: out of
 /// descriptors (EMFILE, ENFILE), kernel memory (ENOBUFS, ENOMEM) or local ports
 /// (EADDRNOTAVAIL). Another upstream would fare no better, and none of them is to blame.
@@ -466,9 +477,14 @@ impl Handler for Proxy {
             Side::Client { .. } => {}
         }
         // One lifecycle: the other side goes too (after an abandoned dial, a client still there:
-        // none is, today).
+        // none is, today). After an abortive end it goes at once, without lingering: what it
+        // still sends can go nowhere, and a linger would read and discard it for seconds.
         if let Some(mut peer) = side.peer().and_then(|peer| ctx.conn(peer)) {
-            peer.close();
+            if ends_abortively(reason) {
+                peer.close_now();
+            } else {
+                peer.close();
+            }
         }
     }
 

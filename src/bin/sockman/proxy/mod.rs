@@ -17,8 +17,11 @@
 //! - **Half-close**: a FIN from one side becomes `shutdown(Write)` on the other once what is
 //!   pending is flushed; the session ends when both sides have sent their FIN.
 //! - **One lifecycle**: when either side closes (reset, error, idle with its peer idle too,
-//!   write stall, drain), the other is closed too, each exactly once; closes are counted per
-//!   side by the core (`closed` for all, `dialed_closed` for the upstream side).
+//!   write stall, drain), the other is closed too, each exactly once: gracefully after an
+//!   orderly end (FIN, idle, drain, lifetime), at once after an abortive one (reset, I/O
+//!   error, write stall, overflow: [`ConnMut::close_now`](sockman::ConnMut::close_now), no
+//!   linger, so a side that still sends gets a reset). Closes are counted per side by the core
+//!   (`closed` for the client side, `dialed_closed` for the upstream side).
 //! - `--send-proxy v1|v2` writes a PROXY protocol header (the ppp crate) to the upstream before
 //!   any client byte.
 //!
