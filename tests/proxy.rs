@@ -85,6 +85,7 @@ fn echoes_byte_exact_through_the_proxy_on_several_connections_and_sizes() {
     assert_eq!(m.closed(CloseReason::Handler), CONNS as i64, "{m}");
     assert_eq!(m.closed_all(), CONNS as i64, "{m}");
     assert_eq!(m.dialed_closed_all(), CONNS as i64, "{m}");
+    assert_eq!(m.ended("--"), CONNS as i64, "{m}");
 
     let um = upstream.stop();
     assert_eq!(um.accepted, CONNS as u64, "{um}");
@@ -118,6 +119,10 @@ fn counters_add_up_per_side_in_the_stats_line_and_in_metrics() {
     }
     assert_eq!(m.closed_all(), n, "{m}");
     assert_eq!(m.dialed_closed_all(), n, "{m}");
+    // Every session ended normally (both FINs), though the proxy closed each client side
+    // itself (`handler`) after its upstream's FIN.
+    assert_eq!(m.ended("--"), n, "{m}");
+    assert_eq!(m.ended_all(), n, "{m}");
     // The stats line says the same, with one name per thing.
     let line = proxy.bin.wait_line("a stats line after the sessions", |l| {
         is_stats(l) && stat(l, "closed") == Some(N) && stat(l, "dialed_closed") == Some(N)
@@ -135,6 +140,9 @@ fn counters_add_up_per_side_in_the_stats_line_and_in_metrics() {
         ("dialed_bytes_in", 8 * N),
         ("dialed_bytes_out", 8 * N),
         ("dial_failures", 0),
+        ("sessions", N),
+        ("sessions_ended", N),
+        ("--", N),
     ] {
         assert_eq!(stat(&line, key), Some(want), "{key}: {line}");
     }
@@ -163,6 +171,7 @@ fn a_client_half_close_after_1_mib_gets_1_mib_back_then_eof() {
     assert_eq!(m.dialed_closed(CloseReason::PeerClosed), 1, "{m}");
     assert_eq!(m.closed_all(), 1, "{m}");
     assert_eq!(m.dialed_closed_all(), 1, "{m}");
+    assert_eq!(m.ended("--"), 1, "{m}");
     upstream.stop();
 }
 
@@ -223,6 +232,7 @@ fn an_upstream_half_close_reaches_the_client_while_the_client_still_sends() {
     assert_eq!(m.dialed_closed(CloseReason::Handler), 1, "{m}");
     assert_eq!(m.closed_all(), 1, "{m}");
     assert_eq!(m.dialed_closed_all(), 1, "{m}");
+    assert_eq!(m.ended("--"), 1, "{m}");
 }
 
 #[test]
@@ -247,6 +257,9 @@ fn a_refused_upstream_closes_the_client_promptly_and_counts_it() {
     assert_eq!(m.get(&proxy.up("dials_total")), CLIENTS, "{m}");
     assert_eq!(m.dialed_closed(CloseReason::ConnectRefused), CLIENTS, "{m}");
     assert_eq!(m.get(&proxy.up("sessions_total")), 0, "{m}");
+    // Each session ended with its dial refused: the upstream's doing, while connecting.
+    assert_eq!(m.ended("SC"), CLIENTS, "{m}");
+    assert_eq!(m.ended_all(), CLIENTS, "{m}");
     // Three failures in a row (--upstream-max-fails 3) mark it down once.
     assert_eq!(m.get(&proxy.up("marked_down_total")), 1, "{m}");
     let line = proxy
@@ -261,6 +274,7 @@ fn a_refused_upstream_closes_the_client_promptly_and_counts_it() {
         Some(CLIENTS as u64),
         "{line}"
     );
+    assert_eq!(stat(&line, "SC"), Some(CLIENTS as u64), "{line}");
 }
 
 #[test]
@@ -288,6 +302,8 @@ fn an_upstream_that_never_completes_the_handshake_times_out_and_closes_the_clien
     assert_eq!(m.get(&proxy.up("dial_failures_total")), 1, "{m}");
     assert_eq!(m.get(&proxy.up("sent_bytes_total")), 0, "{m}");
     assert_eq!(m.get("sockman_connections_connecting"), 0, "{m}");
+    // A server-side timeout while connecting.
+    assert_eq!(m.ended("sC"), 1, "{m}");
 }
 
 #[test]
@@ -314,6 +330,8 @@ fn a_client_closed_while_its_dial_is_in_flight_does_not_count_against_the_upstre
     assert_eq!(m.closed(CloseReason::IdleTimeout), CLIENTS, "{m}");
     assert_eq!(m.dialed_closed(CloseReason::Handler), CLIENTS, "{m}");
     assert_eq!(m.dialed_closed(CloseReason::ConnectTimeout), 0, "{m}");
+    // A client-side timeout while connecting, not the upstream's doing.
+    assert_eq!(m.ended("cC"), CLIENTS, "{m}");
     assert_eq!(m.get(&proxy.up("dials_total")), CLIENTS, "{m}");
     assert_eq!(
         m.get(&proxy.up("dial_failures_total")),
@@ -427,6 +445,7 @@ fn an_upstream_killed_mid_stream_closes_the_client_within_a_second() {
     let m = proxy.wait_idle("both sides to end");
     assert_eq!(m.closed_all(), 1, "{m}");
     assert_eq!(m.dialed_closed_all(), 1, "{m}");
+    assert_eq!(m.ended_all(), 1, "{m}");
 }
 
 #[test]
@@ -467,6 +486,8 @@ fn an_upstream_reset_closes_its_idle_client_at_once() {
     );
     assert_eq!(m.closed_all(), 1, "{m}");
     assert_eq!(m.dialed_closed_all(), 1, "{m}");
+    // The session's end is the upstream's doing, not the client's nor the proxy's.
+    assert_eq!(m.ended("SD"), 1, "{m}");
 }
 
 #[test]
@@ -486,6 +507,7 @@ fn a_client_that_resets_closes_its_upstream_side() {
     assert_eq!(m.dialed_closed(CloseReason::Handler), 1, "{m}");
     assert_eq!(m.closed_all(), 1, "{m}");
     assert_eq!(m.dialed_closed_all(), 1, "{m}");
+    assert_eq!(m.ended("CD"), 1, "{m}");
     assert_eq!(m.get(&proxy.up("sessions_active")), 0, "{m}");
     // The upstream saw an orderly close of its connection, before the test stopped it.
     let um = upstream.stop();
@@ -601,6 +623,7 @@ fn a_slow_client_pauses_the_upstream_and_gets_every_byte_once_it_reads() {
     assert_eq!(m.closed(CloseReason::Overflow), 0, "{m}");
     assert_eq!(m.closed_all(), 1, "{m}");
     assert_eq!(m.dialed_closed_all(), 1, "{m}");
+    assert_eq!(m.ended("--"), 1, "{m}");
 }
 
 #[test]
@@ -693,6 +716,8 @@ fn a_client_that_never_reads_pushes_the_upstream_back_then_the_write_timeout_clo
     let m = proxy.wait_idle("both sides to end");
     assert_eq!(m.closed_all(), 1, "{m}");
     assert_eq!(m.dialed_closed_all(), 1, "{m}");
+    // A client-side timeout in the data phase.
+    assert_eq!(m.ended("cD"), 1, "{m}");
     drop(client);
 }
 
@@ -747,6 +772,11 @@ fn sigterm_lets_an_open_session_finish_its_exchange_and_refuses_new_ones() {
         stat(line, "dialed_bytes_in"),
         Some(512 * KIB as u64),
         "{line}"
+    );
+    assert_eq!(
+        stat(line, "--"),
+        Some(1),
+        "finished, not cut by the drain: {line}"
     );
     let um = upstream.stop();
     assert_eq!(um.closed_by(CloseReason::PeerClosed), 1, "{um}");

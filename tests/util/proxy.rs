@@ -144,6 +144,23 @@ impl Scrape {
         ))
     }
 
+    /// `sockman_proxy_sessions_ended_total{state=...}`: sessions that ended in termination
+    /// state `state` (`--`, `CD`, `sC`, ...); 0 for a state that never happened (not listed).
+    #[track_caller]
+    pub fn ended(&self, state: &str) -> i64 {
+        http::sample(
+            &self.0,
+            &format!("sockman_proxy_sessions_ended_total{{state=\"{state}\"}}"),
+        )
+        .unwrap_or(0)
+    }
+
+    /// Every session ended, whatever its state.
+    #[track_caller]
+    pub fn ended_all(&self) -> i64 {
+        self.sum("sockman_proxy_sessions_ended_total{")
+    }
+
     /// Every close of a client side, whatever its reason.
     #[track_caller]
     pub fn closed_all(&self) -> i64 {

@@ -25,10 +25,16 @@
 //! - `--send-proxy v1|v2` writes a PROXY protocol header (the ppp crate) to the upstream before
 //!   any client byte.
 //!
+//! - **How each session ended**: its termination state, HAProxy's two letters (who ended it, in
+//!   which phase: `--`, `CD`, `SD`, `sC`, ...), decided by whichever side ends first and
+//!   counted once per session, when its client side closes.
+//!
 //! This module owns the command line (`ProxyArgs`) and [`run`]; [`handler`] is the
-//! [`Handler`](sockman::Handler) that does the above, [`stats`] its counters.
+//! [`Handler`](sockman::Handler) that does the above, [`session`] the termination states,
+//! [`stats`] its counters.
 
 mod handler;
+mod session;
 mod stats;
 #[cfg(test)]
 mod tests;

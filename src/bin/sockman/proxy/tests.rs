@@ -2,6 +2,7 @@
 //! stepped with `turn_at`), and the PROXY headers.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sockman::{CloseReason, Config, Handler};
@@ -66,18 +67,7 @@ fn a_session_closes_when_both_sides_are_idle_not_while_the_upstream_talks() {
         tick: Duration::from_millis(10),
         ..Config::default()
     };
-    let stats = Stats::new(&[up], 1);
-    let proxy = Proxy::new(
-        &[up],
-        None,
-        3,
-        Duration::from_secs(10),
-        None,
-        idle,
-        stats,
-        0,
-    );
-    let mut server = sockman::Server::bind(config, proxy).unwrap();
+    let (mut server, stats) = proxy_server(config, up);
     let t0 = server.now();
     let mut client = std::net::TcpStream::connect(server.local_addrs()[0]).unwrap();
     client.set_nonblocking(true).unwrap();
@@ -118,6 +108,9 @@ fn a_session_closes_when_both_sides_are_idle_not_while_the_upstream_talks() {
     let m = server.metrics();
     assert_eq!(m.closed_by(CloseReason::IdleTimeout), 1, "{m}");
     assert_eq!(m.closed_dialed[CloseReason::Handler.index()], 1, "{m}");
+    // A client-side timeout of the session in its data phase.
+    let line = stats.line();
+    assert!(line.contains(" sessions_ended=1{cD=1} "), "{line}");
     let bound = Instant::now() + Duration::from_secs(10);
     loop {
         match try_read(&mut client) {
@@ -164,8 +157,8 @@ fn the_dial_failures_help_says_what_it_counts() {
     );
 }
 
-/// A proxy (one worker) with `config` in front of the upstream at `up`.
-fn proxy_server(config: Config, up: SocketAddr) -> sockman::Server<Proxy> {
+/// A proxy (one worker) with `config` in front of the upstream at `up`, and its counters.
+fn proxy_server(config: Config, up: SocketAddr) -> (sockman::Server<Proxy>, Arc<Stats>) {
     let stats = Stats::new(&[up], 1);
     let idle = config.idle_timeout;
     let proxy = Proxy::new(
@@ -175,10 +168,10 @@ fn proxy_server(config: Config, up: SocketAddr) -> sockman::Server<Proxy> {
         Duration::from_secs(10),
         None,
         idle,
-        stats,
+        Arc::clone(&stats),
         0,
     );
-    sockman::Server::bind(config, proxy).unwrap()
+    (sockman::Server::bind(config, proxy).unwrap(), stats)
 }
 
 /// A client of `addr` whose receive buffer is small (4 KiB, doubled by the kernel), so that a
@@ -209,7 +202,7 @@ fn a_client_closed_for_a_write_stall_takes_its_upstream_with_it_at_once() {
         write_low_watermark: Some(0),
         ..Config::default()
     };
-    let mut server = proxy_server(config, up);
+    let (mut server, stats) = proxy_server(config, up);
     let t0 = server.now();
     let _client = small_rcvbuf_client(server.local_addrs()[0]);
     let mut pusher = None;
@@ -251,6 +244,8 @@ fn a_client_closed_for_a_write_stall_takes_its_upstream_with_it_at_once() {
     assert_eq!(m.closed_dialed[CloseReason::Handler.index()], 1, "{m}");
     assert_eq!(m.lingering, 0, "{m}");
     assert_eq!(m.active, 0, "{m}");
+    let line = stats.line();
+    assert!(line.contains(" sessions_ended=1{cD=1} "), "{line}");
     // The upstream learns at once: a reset (its bytes were unread), not a FIN.
     pusher.set_nonblocking(false).unwrap();
     pusher
@@ -261,4 +256,32 @@ fn a_client_closed_for_a_write_stall_takes_its_upstream_with_it_at_once() {
         matches!(&read, Err(e) if e.kind() == ErrorKind::ConnectionReset),
         "the upstream read {read:?}, not a reset"
     );
+}
+
+#[test]
+fn a_dial_refused_at_the_proxys_own_cap_ends_its_session_as_the_proxys_doing() {
+    // One connection allowed: the client takes it, its dial is refused (PC), not the
+    // upstream's failure.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = upstream.local_addr().unwrap();
+    let config = Config {
+        listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+        max_connections: Some(1),
+        ..Config::default()
+    };
+    let (mut server, stats) = proxy_server(config, up);
+    let t0 = server.now();
+    let mut client = std::net::TcpStream::connect(server.local_addrs()[0]).unwrap();
+    turn_until_at(&mut server, t0, "the client's close", |s| {
+        s.metrics().closed_total() == 1
+    });
+    let line = stats.line();
+    assert!(line.contains(" sessions_ended=1{PC=1} "), "{line}");
+    assert!(line.contains(" dial_failures=0 no_upstream=1 "), "{line}");
+    client.set_nonblocking(true).unwrap();
+    let bound = Instant::now() + Duration::from_secs(10);
+    while try_read(&mut client) != Some(0) {
+        assert!(Instant::now() < bound, "no EOF");
+        server.turn_at(t0, Some(Duration::from_millis(10))).unwrap();
+    }
 }
