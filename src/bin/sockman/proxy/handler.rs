@@ -15,7 +15,7 @@ use clap::ValueEnum;
 use log::{debug, warn};
 use sockman::{CloseReason, ConnId, Context, DialFailure, Eof, Handler, Idle, SendError};
 
-use super::session::{Cause, End, Phase};
+use super::session::{Cause, End, Phase, Side, CLIENT_FIN, NO_INDEX, UPSTREAM_FIN};
 use super::stats::{Counters, Stats, WorkerStats};
 
 /// The PROXY protocol version `--send-proxy` writes.
@@ -83,99 +83,6 @@ enum Dialed {
     Refused(End, Option<u16>),
     /// The proxy itself could not dial (see [`is_local`]): the client is shed.
     Local(Option<u16>),
-}
-
-/// A session's `index` while it has dialed no upstream.
-const NO_INDEX: u16 = u16::MAX;
-/// [`Side::Relaying`]'s `fins`: the client's FIN was passed on to the upstream...
-const CLIENT_FIN: u8 = 1;
-/// ...the upstream's to the client.
-const UPSTREAM_FIN: u8 = 2;
-
-/// One side of a session: the handler state of each connection. The client side goes from
-/// `Client` (dialing) to `Relaying` (connected) to `Ended` (the proxy decided how the session
-/// ended, and closes it); its phase is the session's (see [`session`](super::session)).
-#[derive(Debug)]
-pub(crate) enum Side {
-    /// The accepted connection while its upstream is dialed. `upstream` is [`ConnId::NONE`]
-    /// only between a failed dial and the next (not an `Option`: a session's two sides fit 16
-    /// bytes each this way).
-    Client {
-        upstream: ConnId,
-        index: u16,
-        tries: u8,
-    },
-    /// The accepted connection once its upstream is connected; `fins`: [`CLIENT_FIN`] and
-    /// [`UPSTREAM_FIN`], the FINs passed on so far.
-    Relaying {
-        upstream: ConnId,
-        index: u16,
-        fins: u8,
-    },
-    /// The accepted connection once the proxy decided how its session ended (it is closing):
-    /// `end`, counted when it closes. `index` is [`NO_INDEX`] if no dial was tried.
-    Ended {
-        upstream: ConnId,
-        index: u16,
-        end: End,
-    },
-    /// The dialed connection.
-    Upstream {
-        client: ConnId,
-        index: u16,
-        connected: bool,
-    },
-}
-
-impl Side {
-    fn peer(&self) -> Option<ConnId> {
-        match *self {
-            Side::Client { upstream, .. }
-            | Side::Relaying { upstream, .. }
-            | Side::Ended { upstream, .. } => (upstream != ConnId::NONE).then_some(upstream),
-            Side::Upstream { client, .. } => Some(client),
-        }
-    }
-
-    fn index(&self) -> usize {
-        match *self {
-            Side::Client { index, .. }
-            | Side::Relaying { index, .. }
-            | Side::Ended { index, .. }
-            | Side::Upstream { index, .. } => index as usize,
-        }
-    }
-
-    fn is_client(&self) -> bool {
-        !matches!(self, Side::Upstream { .. })
-    }
-
-    /// The phase of this client side's session.
-    fn phase(&self) -> Phase {
-        match *self {
-            Side::Relaying { fins: 0, .. } => Phase::Data,
-            Side::Relaying { .. } => Phase::Last,
-            _ => Phase::Connect,
-        }
-    }
-
-    /// Decides that this client side's session ended with `end`, unless that was decided
-    /// before (the first decision stands).
-    fn end(&mut self, end: End) {
-        if let Side::Client {
-            upstream, index, ..
-        }
-        | Side::Relaying {
-            upstream, index, ..
-        } = *self
-        {
-            *self = Side::Ended {
-                upstream,
-                index,
-                end,
-            };
-        }
-    }
 }
 
 /// The proxy handler.

@@ -6,7 +6,9 @@
 //!
 //! A session is one accepted client, from its accept to its close, whether a dial succeeded or
 //! not; its state is decided by whichever side ended first (the proxy's own decisions included)
-//! and counted once, when the client side closes.
+//! and counted once, when the client side closes. Each of its two connections carries a
+//! [`Side`]: the client's says where the session is (dialing, relaying and the FINs passed on,
+//! ended), which is what its phase is judged from.
 //!
 //! | state | meaning |
 //! |---|---|
@@ -36,7 +38,7 @@
 
 use std::fmt;
 
-use sockman::CloseReason;
+use sockman::{CloseReason, ConnId};
 
 /// The first letter: who or what ended the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +172,99 @@ impl fmt::Display for End {
             self.0 as usize % PHASES.len(),
         );
         write!(f, "{}{}", CAUSES[cause].1, PHASES[phase].1)
+    }
+}
+
+/// A session's `index` while it has dialed no upstream.
+pub(super) const NO_INDEX: u16 = u16::MAX;
+/// [`Side::Relaying`]'s `fins`: the client's FIN was passed on to the upstream...
+pub(super) const CLIENT_FIN: u8 = 1;
+/// ...the upstream's to the client.
+pub(super) const UPSTREAM_FIN: u8 = 2;
+
+/// One side of a session: the handler state of each connection. The client side goes from
+/// `Client` (dialing) to `Relaying` (connected) to `Ended` (the proxy decided how the session
+/// ended, and closes it); its phase is the session's.
+#[derive(Debug)]
+pub(crate) enum Side {
+    /// The accepted connection while its upstream is dialed. `upstream` is [`ConnId::NONE`]
+    /// only between a failed dial and the next (not an `Option`: a session's two sides fit 16
+    /// bytes each this way).
+    Client {
+        upstream: ConnId,
+        index: u16,
+        tries: u8,
+    },
+    /// The accepted connection once its upstream is connected; `fins`: [`CLIENT_FIN`] and
+    /// [`UPSTREAM_FIN`], the FINs passed on so far.
+    Relaying {
+        upstream: ConnId,
+        index: u16,
+        fins: u8,
+    },
+    /// The accepted connection once the proxy decided how its session ended (it is closing):
+    /// `end`, counted when it closes. `index` is [`NO_INDEX`] if no dial was tried.
+    Ended {
+        upstream: ConnId,
+        index: u16,
+        end: End,
+    },
+    /// The dialed connection.
+    Upstream {
+        client: ConnId,
+        index: u16,
+        connected: bool,
+    },
+}
+
+impl Side {
+    pub(super) fn peer(&self) -> Option<ConnId> {
+        match *self {
+            Side::Client { upstream, .. }
+            | Side::Relaying { upstream, .. }
+            | Side::Ended { upstream, .. } => (upstream != ConnId::NONE).then_some(upstream),
+            Side::Upstream { client, .. } => Some(client),
+        }
+    }
+
+    pub(super) fn index(&self) -> usize {
+        match *self {
+            Side::Client { index, .. }
+            | Side::Relaying { index, .. }
+            | Side::Ended { index, .. }
+            | Side::Upstream { index, .. } => index as usize,
+        }
+    }
+
+    pub(super) fn is_client(&self) -> bool {
+        !matches!(self, Side::Upstream { .. })
+    }
+
+    /// The phase of this client side's session.
+    pub(super) fn phase(&self) -> Phase {
+        match *self {
+            Side::Relaying { fins: 0, .. } => Phase::Data,
+            Side::Relaying { .. } => Phase::Last,
+            _ => Phase::Connect,
+        }
+    }
+
+    /// Decides that this client side's session ended with `end`, unless that was decided
+    /// before (the first decision stands).
+    pub(super) fn end(&mut self, end: End) {
+        if let Side::Client {
+            upstream, index, ..
+        }
+        | Side::Relaying {
+            upstream, index, ..
+        } = *self
+        {
+            *self = Side::Ended {
+                upstream,
+                index,
+                end,
+            };
+        }
     }
 }
 

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use sockman::{CloseReason, Config, Handler};
 
-use super::handler::{Proxy, ProxyVersion, Side};
+use super::handler::{Proxy, ProxyVersion};
+use super::session::Side;
 use super::stats::Stats;
 
 #[test]
