@@ -1,6 +1,7 @@
 //! The `sockman` binary: `sockman serve` (an echo server with limits, idle timeouts and metrics),
 //! `sockman proxy` (an L4 proxy) and `sockman load` (the load generator). It uses only the library's public API.
 
+mod access_log;
 mod load;
 mod proxy;
 mod resolve;

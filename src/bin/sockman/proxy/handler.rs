@@ -17,6 +17,7 @@ use sockman::{CloseReason, ConnId, Context, DialFailure, Eof, Handler, Idle, Sen
 
 use super::session::{Cause, End, Phase, Side, CLIENT_FIN, NO_INDEX, UPSTREAM_FIN};
 use super::stats::{Counters, Stats, WorkerStats};
+use crate::access_log::Sink;
 
 /// The PROXY protocol version `--send-proxy` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -104,6 +105,8 @@ pub(crate) struct Proxy {
     /// Dials failed for the proxy's own lack of descriptors, memory or ports, and none has
     /// started since: the warning is logged on this flag's transitions only.
     local_failing: bool,
+    /// `--access-log`: a line per ended session, written at its client side's close.
+    log: Option<Sink>,
 }
 
 impl Proxy {
@@ -136,7 +139,14 @@ impl Proxy {
             stats,
             me,
             local_failing: false,
+            log: None,
         }
+    }
+
+    /// Logs a line per ended session to `log` (`--access-log`).
+    pub(crate) fn with_access_log(mut self, log: Sink) -> Proxy {
+        self.log = Some(log);
+        self
     }
 
     /// This worker's counters.
@@ -533,6 +543,24 @@ impl Handler for Proxy {
                     _ => End::by_client(reason, side.phase()),
                 };
                 self.my().ended[end.index()].fetch_add(1, Relaxed);
+                if let Some(log) = &mut self.log {
+                    let upstream = self.upstreams.get(side.index()).map(|u| u.addr);
+                    log.line(|line| {
+                        let _ = write!(line, " client={}", ctx.peer());
+                        let _ = match upstream {
+                            Some(addr) => write!(line, " upstream={addr}"),
+                            None => write!(line, " upstream=-"),
+                        };
+                        let _ = write!(
+                            line,
+                            " duration_ms={} bytes_in={} bytes_out={} state={end} reason={}",
+                            ctx.age().as_millis(),
+                            ctx.bytes_in(),
+                            ctx.bytes_out(),
+                            reason.name()
+                        );
+                    });
+                }
             }
         }
         // One lifecycle: the other side goes too (after an abandoned dial, a client still there,
@@ -570,7 +598,16 @@ impl Handler for Proxy {
         }
     }
 
+    fn on_periodic(&mut self, _ctx: &mut Context<'_, Side>) {
+        if let Some(log) = &mut self.log {
+            log.flush();
+        }
+    }
+
     fn write_metrics(&self, out: &mut String) {
         self.stats.write_metrics(out);
+        if let Some(log) = &self.log {
+            log.write_metrics(out);
+        }
     }
 }

@@ -47,6 +47,7 @@ use sockman::Config;
 pub(crate) use handler::{Proxy, ProxyVersion};
 use stats::Stats;
 
+use crate::access_log::{self, AccessLog};
 use crate::resolve::{self, Addrs};
 use crate::server::{self, ServerArgs};
 use crate::units::parse_duration;
@@ -88,6 +89,8 @@ pub(crate) struct ProxyArgs {
     /// Send a PROXY protocol header to the upstream so that it sees the client's address.
     #[arg(long, value_enum, value_name = "v1|v2", env = "SOCKMAN_SEND_PROXY")]
     send_proxy: Option<ProxyVersion>,
+    #[command(flatten)]
+    access_log: access_log::Args,
 }
 
 impl ProxyArgs {
@@ -108,12 +111,19 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<(), String> {
     if args.connect_tries == Some(0) {
         return Err("--connect-tries must be at least 1".into());
     }
-    let config = args.config();
+    let mut config = args.config();
     let upstreams = resolve::flatten(&args.upstream);
     let stats = Stats::new(&upstreams, args.server.workers);
+    let log = match &args.access_log.target {
+        Some(target) => Some(AccessLog::start(target)?),
+        None => None,
+    };
+    if log.is_some() && config.periodic.is_zero() {
+        config.periodic = access_log::FLUSH_EVERY; // the batch goes out at least this often
+    }
     let idle = config.idle_timeout;
     let make = |me| {
-        Proxy::new(
+        let proxy = Proxy::new(
             &upstreams,
             args.connect_tries,
             args.upstream_max_fails,
@@ -122,7 +132,19 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<(), String> {
             idle,
             Arc::clone(&stats),
             me,
-        )
+        );
+        match &log {
+            Some(log) => proxy.with_access_log(log.sink()),
+            None => proxy,
+        }
     };
-    server::run(config, make, &args.server, || stats.line()).map(|_| ())
+    let line = || match &log {
+        Some(log) => format!("{} access_log_dropped={}", stats.line(), log.dropped()),
+        None => stats.line(),
+    };
+    let result = server::run(config, make, &args.server, line);
+    if let Some(log) = log {
+        log.finish();
+    }
+    result.map(|_| ())
 }
