@@ -507,6 +507,9 @@ impl<S> Conn<S> {
         if n > 0 {
             self.bytes_out += n as u64;
             out.metrics.bytes_out += n as u64;
+            if self.has(flag::DIALED) {
+                out.metrics.dialed_bytes_out += n as u64;
+            }
             self.last_active = out.now; // write progress is activity
         }
     }

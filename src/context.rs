@@ -112,6 +112,13 @@ impl<'a, S> Context<'a, S> {
         }
     }
 
+    /// Closes the current connection at once, without lingering (see [`ConnMut::close_now`]).
+    pub fn close_now(&mut self) {
+        if let Some(mut c) = self.current() {
+            c.close_now();
+        }
+    }
+
     /// Bytes written to the current connection but not yet taken by its socket (0 in
     /// `on_close`: what was pending has been flushed or dropped).
     pub fn pending(&self) -> usize {
@@ -119,6 +126,41 @@ impl<'a, S> Context<'a, S> {
             Some(_) => 0,
             None => self.entry().map_or(0, |c| c.pending_len()),
         }
+    }
+
+    /// Bytes read from the current connection so far (a PROXY protocol header excluded); in
+    /// `on_close`, in all. 0 where there is no current connection.
+    pub fn bytes_in(&self) -> u64 {
+        match (&self.closed, self.entry()) {
+            (Some(ended), _) => ended.bytes_in,
+            (None, Some(c)) => c.bytes_in,
+            (None, None) => 0,
+        }
+    }
+
+    /// Bytes the current connection's socket took so far; in `on_close`, in all. 0 where
+    /// there is no current connection.
+    pub fn bytes_out(&self) -> u64 {
+        match (&self.closed, self.entry()) {
+            (Some(ended), _) => ended.bytes_out,
+            (None, Some(c)) => c.bytes_out,
+            (None, None) => 0,
+        }
+    }
+
+    /// How long the current connection has been open, from its accept or dial to this turn's
+    /// time (to the tick); in `on_close`, its whole life. Zero where there is no current
+    /// connection. What an access log writes as the duration, with [`bytes_in`](Self::bytes_in)
+    /// and [`bytes_out`](Self::bytes_out), from `on_close`, at no cost to the connection before.
+    pub fn age(&self) -> Duration {
+        let opened = match (&self.closed, self.entry()) {
+            (Some(ended), _) => ended.opened,
+            (None, Some(c)) => c.opened,
+            (None, None) => return Duration::ZERO,
+        };
+        self.table
+            .clock
+            .duration(self.table.now.saturating_sub(opened))
     }
 
     /// Whether the current connection is writable (its pending output is not above the high
@@ -401,6 +443,18 @@ impl<S> ConnMut<'_, S> {
     /// Closes once pending output is flushed (reason [`CloseReason::Handler`]), then lingers.
     pub fn close(&mut self) {
         self.touch().close_gracefully(CloseReason::Handler);
+    }
+
+    /// Closes at once, without lingering (reason [`CloseReason::Handler`]): what is queued gets
+    /// one last nonblocking write and the rest is dropped; then the socket is closed, so the
+    /// kernel sends a FIN, or a reset if input is still unread. No further callbacks but
+    /// `on_close` follow.
+    ///
+    /// For a connection that ends because another one failed, where lingering has nothing to
+    /// protect: a proxy's upstream when its client stopped reading (what the upstream still
+    /// sends can go nowhere) or reset. [`close`](Self::close) is the orderly close.
+    pub fn close_now(&mut self) {
+        self.touch().fail(CloseReason::Handler);
     }
 
     /// Shuts down the write side (sends FIN) once pending output is flushed; later writes are

@@ -186,8 +186,9 @@ pub trait Handler {
     /// after a graceful one the loop still owns it while it lingers (it is no longer the
     /// handler's: [`Context::conn`] no longer finds it). `ctx` acts on the *other* connections;
     /// what it says of this one is still true ([`Context::id`], [`Context::peer`],
-    /// [`Context::origin`]: "reconnect if it was dialed" works here), and writes to it are
-    /// refused.
+    /// [`Context::origin`]: "reconnect if it was dialed" works here; [`Context::bytes_in`],
+    /// [`Context::bytes_out`] and [`Context::age`] give its whole life, what an access log
+    /// writes), and writes to it are refused.
     fn on_close(
         &mut self,
         conn: Self::Conn,

@@ -24,6 +24,14 @@ pub const ACCEPT_ERROR_NAMES: [&str; AcceptError::COUNT] = AcceptError::NAMES;
 pub const LINGER_END_NAMES: [&str; LingerEnd::COUNT] = LingerEnd::NAMES;
 
 /// Counters (monotonic) and gauges (current values) of one server loop.
+///
+/// The fields count accepted and dialed connections together, with the dialed part apart
+/// ([`active_dialed`](Self::active_dialed), [`closed_dialed`](Self::closed_dialed),
+/// [`dialed_bytes_in`](Self::dialed_bytes_in), ...). What is shown outside tells the two sides
+/// apart: the [`Display`](fmt::Display) line and `/metrics` give the accepted side (a proxy's
+/// clients) under the plain names (`active`, `closed`, `bytes_in`) and the dialed side (its
+/// upstreams) under `dialed` ones (`active_dialed`, `dialed_closed`, `dialed_bytes_in`), so that
+/// each side adds up: `accepted = active + closed` and `dialed = active_dialed + dialed_closed`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Metrics {
     /// Gauge: connections open for the handler, accepted and dialed (dials still connecting
@@ -60,10 +68,14 @@ pub struct Metrics {
     pub lingering: u64,
     /// How lingering closes ended, named by [`LINGER_END_NAMES`].
     pub linger_ends: [u64; LingerEnd::COUNT],
-    /// Bytes read from peers.
+    /// Bytes read from peers, accepted and dialed connections together.
     pub bytes_in: u64,
-    /// Bytes written to peers.
+    /// Bytes written to peers, accepted and dialed connections together.
     pub bytes_out: u64,
+    /// The part of [`bytes_in`](Self::bytes_in) read from dialed connections.
+    pub dialed_bytes_in: u64,
+    /// The part of [`bytes_out`](Self::bytes_out) written to dialed connections.
+    pub dialed_bytes_out: u64,
     /// `write`/`writev` calls made to send them: output written to one connection during a
     /// turn leaves in one call (more only when the socket takes it in parts), so this grows by
     /// at most one per connection written to per turn in the common case.
@@ -179,6 +191,8 @@ impl Metrics {
             &mut self.lingering,
             &mut self.bytes_in,
             &mut self.bytes_out,
+            &mut self.dialed_bytes_in,
+            &mut self.dialed_bytes_out,
             &mut self.write_calls,
             &mut self.pending_bytes,
             &mut self.turns,
@@ -247,78 +261,85 @@ impl Metrics {
         total
     }
 
-    /// Dials that ended before their handshake completed (refused, unreachable, timed out, or
-    /// another error while connecting).
+    /// Dials that ended before their handshake completed: refused, unreachable, timed out,
+    /// another error while connecting, or closed by the handler or a stop before they connected.
     pub fn dial_failures(&self) -> u64 {
         self.dialed - self.connected - self.connecting
     }
+
+    /// Accepted connections open for the handler (the accepted side of [`active`](Self::active)).
+    pub(crate) fn active_accepted(&self) -> u64 {
+        self.active - self.active_dialed
+    }
+
+    /// Closes of accepted connections, per [`CloseReason::index`].
+    pub(crate) fn closed_accepted(&self) -> [u64; CloseReason::COUNT] {
+        std::array::from_fn(|i| self.closed[i] - self.closed_dialed[i])
+    }
+}
+
+/// Writes ` NAME=TOTAL{reason=n ..}` (reasons with a zero count left out).
+fn write_counts(
+    f: &mut fmt::Formatter<'_>,
+    name: &str,
+    names: &[&str],
+    counts: &[u64],
+) -> fmt::Result {
+    write!(f, " {name}={}{{", counts.iter().sum::<u64>())?;
+    let mut sep = "";
+    for (name, n) in names.iter().zip(counts) {
+        if *n > 0 {
+            write!(f, "{sep}{name}={n}")?;
+            sep = " ";
+        }
+    }
+    f.write_str("}")
 }
 
 /// One line for logs: `active=.. peak=.. accepted=.. closed=N{reason=n ..} rejected=N{..}
-/// bytes_in=.. bytes_out=.. pending=..`; reasons with a zero count are left out.
+/// bytes_in=.. bytes_out=.. pending=..`; reasons with a zero count are left out. These are the
+/// accepted side's figures (`peak` and `pending` are both sides'); once anything was dialed, the
+/// dialed side follows: `dialed=.. connected=.. active_dialed=.. dialed_closed=N{..}
+/// dialed_bytes_in=.. dialed_bytes_out=..`.
 impl fmt::Display for Metrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "active={} peak={} accepted={} closed={}{{",
-            self.active,
+            "active={} peak={} accepted={}",
+            self.active_accepted(),
             self.peak,
             self.accepted,
-            self.closed_total()
         )?;
-        let mut sep = "";
-        for (name, n) in CloseReason::NAMES.iter().zip(self.closed) {
-            if n > 0 {
-                write!(f, "{sep}{name}={n}")?;
-                sep = " ";
-            }
-        }
-        write!(f, "}} rejected={}{{", self.rejected.iter().sum::<u64>())?;
-        sep = "";
-        for (name, n) in RejectReason::NAMES.iter().zip(self.rejected) {
-            if n > 0 {
-                write!(f, "{sep}{name}={n}")?;
-                sep = " ";
-            }
-        }
+        write_counts(f, "closed", &CloseReason::NAMES, &self.closed_accepted())?;
+        write_counts(f, "rejected", &RejectReason::NAMES, &self.rejected)?;
         write!(
             f,
-            "}} bytes_in={} bytes_out={} pending={}",
-            self.bytes_in, self.bytes_out, self.pending_bytes
+            " bytes_in={} bytes_out={} pending={}",
+            self.bytes_in - self.dialed_bytes_in,
+            self.bytes_out - self.dialed_bytes_out,
+            self.pending_bytes
         )?;
         if self.dialed > 0 {
             write!(
                 f,
-                " dialed={} connected={} active_dialed={} dial_failed={}",
-                self.dialed,
-                self.connected,
-                self.active_dialed,
-                self.dial_failures()
+                " dialed={} connected={} active_dialed={}",
+                self.dialed, self.connected, self.active_dialed,
+            )?;
+            write_counts(f, "dialed_closed", &CloseReason::NAMES, &self.closed_dialed)?;
+            write!(
+                f,
+                " dialed_bytes_in={} dialed_bytes_out={}",
+                self.dialed_bytes_in, self.dialed_bytes_out
             )?;
         }
         let lingered: u64 = self.linger_ends.iter().sum();
         if self.lingering > 0 || lingered > 0 {
-            write!(f, " lingering={} lingered={lingered}{{", self.lingering)?;
-            sep = "";
-            for (name, n) in LINGER_END_NAMES.iter().zip(self.linger_ends) {
-                if n > 0 {
-                    write!(f, "{sep}{name}={n}")?;
-                    sep = " ";
-                }
-            }
-            f.write_str("}")?;
+            write!(f, " lingering={}", self.lingering)?;
+            write_counts(f, "lingered", &LINGER_END_NAMES, &self.linger_ends)?;
         }
-        let accept_errors: u64 = self.accept_errors.iter().sum();
-        if accept_errors > 0 {
-            write!(f, " accept_errors={accept_errors}{{")?;
-            sep = "";
-            for (name, n) in ACCEPT_ERROR_NAMES.iter().zip(self.accept_errors) {
-                if n > 0 {
-                    write!(f, "{sep}{name}={n}")?;
-                    sep = " ";
-                }
-            }
-            write!(f, "}} accept_pauses={}", self.accept_pauses)?;
+        if self.accept_errors.iter().any(|&n| n > 0) {
+            write_counts(f, "accept_errors", &ACCEPT_ERROR_NAMES, &self.accept_errors)?;
+            write!(f, " accept_pauses={}", self.accept_pauses)?;
         }
         Ok(())
     }
@@ -373,5 +394,40 @@ mod tests {
         );
         assert!(line.contains("rejected=3{full=3}"), "{line}");
         assert!(!line.contains("reset"), "{line}");
+    }
+
+    #[test]
+    fn the_line_tells_the_accepted_side_from_the_dialed_one_and_each_adds_up() {
+        // A proxy's three sessions, two ended: each client closed by the proxy, each upstream
+        // on its FIN.
+        let mut m = Metrics::default();
+        for _ in 0..3 {
+            m.count_open();
+            m.count_dial();
+            m.connecting -= 1;
+            m.connected += 1;
+        }
+        for _ in 0..2 {
+            m.count_close(CloseReason::Handler, false, 10);
+            m.count_close(CloseReason::PeerClosed, true, 10);
+        }
+        (
+            m.bytes_in,
+            m.dialed_bytes_in,
+            m.bytes_out,
+            m.dialed_bytes_out,
+        ) = (10, 4, 10, 6);
+        let line = m.to_string();
+        assert!(
+            line.starts_with("active=1 peak=6 accepted=3 closed=2{handler=2} rejected=0{}"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(
+                " bytes_in=6 bytes_out=4 pending=0 dialed=3 connected=3 active_dialed=1 \
+                 dialed_closed=2{peer_closed=2} dialed_bytes_in=4 dialed_bytes_out=6"
+            ),
+            "{line}"
+        );
     }
 }

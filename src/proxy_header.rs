@@ -3,8 +3,9 @@
 //! the header is complete, still coming, missing or invalid; the loop owns the socket.
 //!
 //! Never guess: a listener configured for the PROXY protocol requires a header of an accepted
-//! version; bytes that cannot start one are "missing", whatever they are. A header longer than
-//! [`MAX_HEADER`] is invalid.
+//! version; bytes that cannot start a header of either version are "missing", whatever they
+//! are; the whole signature of the other version is a "wrong version" (its header is not
+//! parsed). A header longer than [`MAX_HEADER`] is invalid.
 
 use std::net::SocketAddr;
 
@@ -31,8 +32,10 @@ pub(crate) enum Parsed {
         len: usize,
         source: Option<SocketAddr>,
     },
-    /// Not the start of a header of an accepted version.
+    /// Not the start of a PROXY protocol header.
     Missing,
+    /// The whole signature of a header of the version the listener does not accept.
+    WrongVersion,
     /// A malformed or oversized header.
     Invalid,
 }
@@ -45,13 +48,25 @@ fn starts(input: &[u8], prefix: &[u8]) -> bool {
 
 /// Parses the header at the start of `input` for a listener that accepts `accept`.
 pub(crate) fn parse(input: &[u8], accept: ProxyProtocol) -> Parsed {
-    let v1 = matches!(accept, ProxyProtocol::V1 | ProxyProtocol::Any) && starts(input, V1_PREFIX);
-    let v2 =
-        matches!(accept, ProxyProtocol::V2 | ProxyProtocol::Any) && starts(input, V2_SIGNATURE);
+    let (could_v1, could_v2) = (starts(input, V1_PREFIX), starts(input, V2_SIGNATURE));
+    let v1 = matches!(accept, ProxyProtocol::V1 | ProxyProtocol::Any) && could_v1;
+    let v2 = matches!(accept, ProxyProtocol::V2 | ProxyProtocol::Any) && could_v2;
     let parsed = if v2 {
         parse_v2(input)
     } else if v1 {
         parse_v1(input)
+    } else if could_v1 || could_v2 {
+        // The other version's header, or its start: only its whole signature tells.
+        let signature = if could_v2 {
+            V2_SIGNATURE.len()
+        } else {
+            V1_PREFIX.len()
+        };
+        return if input.len() >= signature {
+            Parsed::WrongVersion
+        } else {
+            Parsed::Incomplete
+        };
     } else {
         return Parsed::Missing;
     };
@@ -224,11 +239,19 @@ mod tests {
 
     #[test]
     fn wrong_versions_plain_data_and_garbage_are_refused() {
+        // The other version is present, not missing: told once its signature is whole.
         let v1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 7000\r\n";
-        assert_eq!(parse(v1, ProxyProtocol::V2), Parsed::Missing);
+        assert_eq!(parse(v1, ProxyProtocol::V2), Parsed::WrongVersion);
+        assert_eq!(parse(&v1[..6], ProxyProtocol::V2), Parsed::WrongVersion);
+        assert_eq!(parse(&v1[..5], ProxyProtocol::V2), Parsed::Incomplete);
         let src: SocketAddr = "198.51.100.9:40000".parse().unwrap();
         let h2 = v2(src, "127.0.0.1:1".parse().unwrap(), false);
-        assert_eq!(parse(&h2, ProxyProtocol::V1), Parsed::Missing);
+        assert_eq!(parse(&h2, ProxyProtocol::V1), Parsed::WrongVersion);
+        assert_eq!(parse(&h2[..11], ProxyProtocol::V1), Parsed::Incomplete);
+        assert_eq!(
+            parse(b"PUT / HTTP/1.1\r\n", ProxyProtocol::V2),
+            Parsed::Missing
+        );
         assert_eq!(
             parse(b"GET / HTTP/1.1\r\n", ProxyProtocol::Any),
             Parsed::Missing

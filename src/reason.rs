@@ -167,11 +167,14 @@ pub enum RejectReason {
     Shed,
     /// The socket could not be registered with the poll.
     Register,
-    /// A PROXY protocol listener got bytes that are not a header of an accepted version
+    /// A PROXY protocol listener got bytes that are not the start of a PROXY protocol header
     /// (or the client went away before sending one).
     ProxyHeaderMissing,
     /// A PROXY protocol header was malformed or oversized.
     ProxyHeaderInvalid,
+    /// A PROXY protocol header of a version the listener does not accept (a v1 header on a
+    /// `v2` listener, or v2 on `v1`): a balancer configured for the other version.
+    ProxyHeaderVersion,
     /// A PROXY protocol header was not complete within
     /// [`Config::proxy_header_timeout`](crate::Config::proxy_header_timeout).
     ProxyHeaderTimeout,
@@ -179,7 +182,7 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Number of counters, one per variant.
-    pub const COUNT: usize = 7;
+    pub const COUNT: usize = 8;
     /// Counter names, in [`RejectReason::index`] order.
     pub const NAMES: [&'static str; Self::COUNT] = [
         "full",
@@ -188,6 +191,7 @@ impl RejectReason {
         "register",
         "proxy_header_missing",
         "proxy_header_invalid",
+        "proxy_header_version",
         "proxy_header_timeout",
     ];
 
@@ -200,7 +204,8 @@ impl RejectReason {
             RejectReason::Register => 3,
             RejectReason::ProxyHeaderMissing => 4,
             RejectReason::ProxyHeaderInvalid => 5,
-            RejectReason::ProxyHeaderTimeout => 6,
+            RejectReason::ProxyHeaderVersion => 6,
+            RejectReason::ProxyHeaderTimeout => 7,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The handler API beyond echo, over real sockets with time stepped by `turn_at`: writes to and
 //! closes of other connections by id (and the stale-id guarantee), timers, the idle policy,
-//! writability, half-close, pausing reads, periodic work, and work from other threads.
+//! writability, half-close, pausing reads, periodic work, work from other threads, what
+//! `Context` says of a connection (bytes, age; in `on_close` too), and closing without a linger.
 
 mod util;
 
@@ -514,5 +515,111 @@ fn a_connection_without_an_idle_timeout_outlives_it() {
     step(&mut server, t0 + Duration::from_secs(10));
     assert_eq!(server.metrics().active, 1, "{}", server.metrics());
     assert_eq!(server.metrics().closed_total(), 0);
+    util::stop(&mut server);
+}
+
+/// Echoes, and writes down what `Context` says of each connection: while it is open (at its
+/// first data) and in `on_close` (what an access log needs, asked only at the close).
+#[derive(Default)]
+struct Ledger {
+    /// `(bytes_in, bytes_out, age)` at each connection's first data.
+    at_data: Vec<(u64, u64, Duration)>,
+    /// `(bytes_in, bytes_out, age, reason)` in each `on_close`.
+    at_close: Vec<(u64, u64, Duration, CloseReason)>,
+}
+
+impl Handler for Ledger {
+    type Conn = ();
+    fn on_open(&mut self, _: &mut Context<'_>) {}
+    fn on_data(&mut self, _: &mut (), ctx: &mut Context<'_>, data: &[u8]) {
+        self.at_data
+            .push((ctx.bytes_in(), ctx.bytes_out(), ctx.age()));
+        ctx.write(data);
+    }
+    fn on_close(&mut self, _: (), ctx: &mut Context<'_>, reason: CloseReason) {
+        self.at_close
+            .push((ctx.bytes_in(), ctx.bytes_out(), ctx.age(), reason));
+    }
+}
+
+#[test]
+fn context_tells_a_connections_bytes_and_age_and_on_close_its_whole_life() {
+    let (mut server, t0, mut client) = bind_and_accept(config(), Ledger::default());
+    let t1 = t0 + Duration::from_millis(250);
+    util::ping_at(&mut server, t1, &mut client, b"hello");
+    client.write_all(b", world").unwrap();
+    let t2 = t0 + Duration::from_millis(1000);
+    turn_until_at(&mut server, t2, "the second echo", |s| {
+        s.metrics().bytes_out == 12
+    });
+    read_exactly(&mut client, 7);
+    client.shutdown(Shutdown::Write).unwrap();
+    let t3 = t0 + Duration::from_millis(1500);
+    turn_until_at(&mut server, t3, "the close", |s| {
+        s.metrics().closed_total() == 1
+    });
+    let h = server.handler();
+    // To the tick: the accept's stamp is rounded down, the turn's time too.
+    let about = |age: Duration, want: u64| {
+        let ms = age.as_millis() as u64;
+        assert!(ms + 10 >= want && ms <= want + 10, "{age:?}, not {want} ms");
+    };
+    assert_eq!(h.at_data.len(), 2);
+    assert_eq!((h.at_data[0].0, h.at_data[0].1), (5, 0)); // this data counted, not echoed yet
+    about(h.at_data[0].2, 250);
+    assert_eq!((h.at_data[1].0, h.at_data[1].1), (12, 5));
+    about(h.at_data[1].2, 1000);
+    let &[(bytes_in, bytes_out, age, reason)] = &h.at_close[..] else {
+        panic!("{:?}", h.at_close);
+    };
+    assert_eq!(
+        (bytes_in, bytes_out, reason),
+        (12, 12, CloseReason::PeerClosed)
+    );
+    about(age, 1500);
+    util::stop(&mut server);
+}
+
+/// On `now` from any connection, writes `bye` to every connection and closes each at once.
+#[derive(Default)]
+struct Closer {
+    ids: Vec<ConnId>,
+}
+
+impl Handler for Closer {
+    type Conn = ();
+    fn on_open(&mut self, ctx: &mut Context<'_>) {
+        self.ids.push(ctx.id());
+    }
+    fn on_data(&mut self, _: &mut (), ctx: &mut Context<'_>, data: &[u8]) {
+        if data == b"now" {
+            for &id in &self.ids {
+                if let Some(mut c) = ctx.conn(id) {
+                    c.write(b"bye\n");
+                    c.close_now();
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn close_now_writes_what_is_queued_and_closes_this_and_another_connection_without_lingering() {
+    let (mut server, t0, mut a) = bind_and_accept(config(), Closer::default());
+    let mut b = accept_one(&mut server, t0);
+    a.write_all(b"now").unwrap();
+    turn_until_at(&mut server, t0, "both closes", |s| {
+        s.metrics().closed_total() == 2
+    });
+    // Closed in the same turn, and neither lingers (a graceful close would, 5 s by default,
+    // until each peer's EOF).
+    let m = server.metrics();
+    assert_eq!(m.closed_by(CloseReason::Handler), 2, "{m}");
+    assert_eq!(m.lingering, 0, "{m}");
+    assert_eq!(m.active, 0, "{m}");
+    for c in [&mut a, &mut b] {
+        assert_eq!(read_exactly(c, 4), b"bye\n");
+        util::expect_closed(c);
+    }
     util::stop(&mut server);
 }

@@ -1,8 +1,8 @@
 //! Life behind a balancer, in process over real sockets, with time stepped by `turn_at`: PROXY
-//! protocol headers (the client address replaces the peer; LOCAL keeps it; missing, malformed
-//! and late headers are refused and counted; the per-IP cap applies to the header's client),
-//! the maximum connection lifetime with its jitter, the first-byte timeout, and readiness
-//! during a lame-duck drain delay.
+//! protocol headers (the client address replaces the peer; LOCAL keeps it; missing, malformed,
+//! late and wrong-version headers are refused and counted, each apart; the per-IP cap applies
+//! to the header's client), the maximum connection lifetime with its jitter, the first-byte
+//! timeout, and readiness during a lame-duck drain delay.
 #![cfg(feature = "proxy-protocol")]
 
 mod util;
@@ -173,9 +173,11 @@ fn missing_malformed_wrong_version_and_late_headers_are_refused_and_counted() {
     .unwrap();
     let mut late = connect(addr);
     late.write_all(b"PROXY TCP4 10.0.0.1 ").unwrap(); // and never the rest
+                                                      // The v2 header is there, of the other version: counted apart from a missing one.
     turn_until_at(&mut server, t0, "three refusals", |s| {
         let m = s.metrics();
-        m.rejected_by(RejectReason::ProxyHeaderMissing) == 2
+        m.rejected_by(RejectReason::ProxyHeaderMissing) == 1
+            && m.rejected_by(RejectReason::ProxyHeaderVersion) == 1
             && m.rejected_by(RejectReason::ProxyHeaderInvalid) == 1
     });
     for c in [&mut plain, &mut bad, &mut v2] {
@@ -201,6 +203,21 @@ fn missing_malformed_wrong_version_and_late_headers_are_refused_and_counted() {
     let m = util::stop(&mut server);
     assert_eq!(m.accepted, 0, "none became a connection: {m}");
     assert_eq!(m.awaiting_header, 0);
+}
+
+#[test]
+fn a_v1_header_on_a_v2_listener_is_of_the_wrong_version_not_missing() {
+    let (mut server, t0, mut c) = header_server(ProxyProtocol::V2);
+    c.write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 7000\r\nhello")
+        .unwrap();
+    turn_until_at(&mut server, t0, "the refusal", |s| {
+        s.metrics().rejected.iter().sum::<u64>() == 1
+    });
+    util::expect_closed(&mut c);
+    let m = util::stop(&mut server);
+    assert_eq!(m.rejected_by(RejectReason::ProxyHeaderVersion), 1, "{m}");
+    assert_eq!(m.rejected_by(RejectReason::ProxyHeaderMissing), 0, "{m}");
+    assert_eq!(m.accepted, 0, "{m}");
 }
 
 #[test]

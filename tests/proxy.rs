@@ -59,7 +59,7 @@ fn echoes_byte_exact_through_the_proxy_on_several_connections_and_sizes() {
     });
     let m = proxy.scrape();
     assert_eq!(m.get(&proxy.up("sessions_active")), CONNS as i64, "{m}");
-    assert_eq!(m.get("sockman_connections_active"), 2 * CONNS as i64, "{m}");
+    assert_eq!(m.get("sockman_connections_active"), CONNS as i64, "{m}");
     assert_eq!(
         m.get("sockman_connections_dialed_active"),
         CONNS as i64,
@@ -82,13 +82,72 @@ fn echoes_byte_exact_through_the_proxy_on_several_connections_and_sizes() {
         CONNS as i64,
         "{m}"
     );
-    assert_eq!(m.closed(CloseReason::PeerClosed), CONNS as i64, "{m}");
     assert_eq!(m.closed(CloseReason::Handler), CONNS as i64, "{m}");
-    assert_eq!(m.closed_all(), 2 * CONNS as i64, "{m}");
+    assert_eq!(m.closed_all(), CONNS as i64, "{m}");
+    assert_eq!(m.dialed_closed_all(), CONNS as i64, "{m}");
+    assert_eq!(m.ended("--"), CONNS as i64, "{m}");
 
     let um = upstream.stop();
     assert_eq!(um.accepted, CONNS as u64, "{um}");
     assert_eq!(um.closed_by(CloseReason::PeerClosed), CONNS as u64, "{um}");
+}
+
+#[test]
+fn counters_add_up_per_side_in_the_stats_line_and_in_metrics() {
+    // The run: sessions that each send a line, read the reply and close. Each side
+    // is told apart and adds up: the client side (accepted) and the upstream side (dialed).
+    const N: u64 = 20;
+    let upstream = util::start(util::local_config(), sockman::Echo);
+    let mut proxy = Proxy::spawn(upstream.addr, &[]);
+    for i in 0..N {
+        let mut c = connect(proxy.addr);
+        util::echo(&mut c, format!("line {i:02}\n").as_bytes()); // 8 bytes
+        util::close_gracefully(c);
+    }
+    let m = proxy.wait_idle("every session to end");
+    let (n, bytes) = (N as i64, 8 * N as i64);
+    for (name, want) in [
+        ("sockman_accepted_total", n),
+        ("sockman_dialed_total", n),
+        ("sockman_connected_total", n),
+        ("sockman_received_bytes_total", bytes),
+        ("sockman_sent_bytes_total", bytes),
+        ("sockman_dialed_received_bytes_total", bytes),
+        ("sockman_dialed_sent_bytes_total", bytes),
+    ] {
+        assert_eq!(m.get(name), want, "{name}: {m}");
+    }
+    assert_eq!(m.closed_all(), n, "{m}");
+    assert_eq!(m.dialed_closed_all(), n, "{m}");
+    // Every session ended normally (both FINs), though the proxy closed each client side
+    // itself (`handler`) after its upstream's FIN.
+    assert_eq!(m.ended("--"), n, "{m}");
+    assert_eq!(m.ended_all(), n, "{m}");
+    // The stats line says the same, with one name per thing.
+    let line = proxy.bin.wait_line("a stats line after the sessions", |l| {
+        is_stats(l) && stat(l, "closed") == Some(N) && stat(l, "dialed_closed") == Some(N)
+    });
+    for (key, want) in [
+        ("active", 0),
+        ("accepted", N),
+        ("closed", N),
+        ("bytes_in", 8 * N),
+        ("bytes_out", 8 * N),
+        ("dialed", N),
+        ("connected", N),
+        ("active_dialed", 0),
+        ("dialed_closed", N),
+        ("dialed_bytes_in", 8 * N),
+        ("dialed_bytes_out", 8 * N),
+        ("dial_failures", 0),
+        ("sessions", N),
+        ("sessions_ended", N),
+        ("--", N),
+    ] {
+        assert_eq!(stat(&line, key), Some(want), "{key}: {line}");
+    }
+    assert!(!line.contains("dial_failed"), "{line}");
+    upstream.stop();
 }
 
 #[test]
@@ -110,7 +169,9 @@ fn a_client_half_close_after_1_mib_gets_1_mib_back_then_eof() {
     assert_eq!(m.get(&proxy.up("sent_bytes_total")), MIB as i64, "{m}");
     assert_eq!(m.get(&proxy.up("received_bytes_total")), MIB as i64, "{m}");
     assert_eq!(m.dialed_closed(CloseReason::PeerClosed), 1, "{m}");
-    assert_eq!(m.closed_all(), 2, "{m}");
+    assert_eq!(m.closed_all(), 1, "{m}");
+    assert_eq!(m.dialed_closed_all(), 1, "{m}");
+    assert_eq!(m.ended("--"), 1, "{m}");
     upstream.stop();
 }
 
@@ -169,7 +230,9 @@ fn an_upstream_half_close_reaches_the_client_while_the_client_still_sends() {
     // The upstream's FIN came first: the proxy closed the upstream side after the client's FIN.
     assert_eq!(m.closed(CloseReason::PeerClosed), 1, "{m}");
     assert_eq!(m.dialed_closed(CloseReason::Handler), 1, "{m}");
-    assert_eq!(m.closed_all(), 2, "{m}");
+    assert_eq!(m.closed_all(), 1, "{m}");
+    assert_eq!(m.dialed_closed_all(), 1, "{m}");
+    assert_eq!(m.ended("--"), 1, "{m}");
 }
 
 #[test]
@@ -194,6 +257,9 @@ fn a_refused_upstream_closes_the_client_promptly_and_counts_it() {
     assert_eq!(m.get(&proxy.up("dials_total")), CLIENTS, "{m}");
     assert_eq!(m.dialed_closed(CloseReason::ConnectRefused), CLIENTS, "{m}");
     assert_eq!(m.get(&proxy.up("sessions_total")), 0, "{m}");
+    // Each session ended with its dial refused: the upstream's doing, while connecting.
+    assert_eq!(m.ended("SC"), CLIENTS, "{m}");
+    assert_eq!(m.ended_all(), CLIENTS, "{m}");
     // Three failures in a row (--upstream-max-fails 3) mark it down once.
     assert_eq!(m.get(&proxy.up("marked_down_total")), 1, "{m}");
     let line = proxy
@@ -208,6 +274,7 @@ fn a_refused_upstream_closes_the_client_promptly_and_counts_it() {
         Some(CLIENTS as u64),
         "{line}"
     );
+    assert_eq!(stat(&line, "SC"), Some(CLIENTS as u64), "{line}");
 }
 
 #[test]
@@ -235,6 +302,8 @@ fn an_upstream_that_never_completes_the_handshake_times_out_and_closes_the_clien
     assert_eq!(m.get(&proxy.up("dial_failures_total")), 1, "{m}");
     assert_eq!(m.get(&proxy.up("sent_bytes_total")), 0, "{m}");
     assert_eq!(m.get("sockman_connections_connecting"), 0, "{m}");
+    // A server-side timeout while connecting.
+    assert_eq!(m.ended("sC"), 1, "{m}");
 }
 
 #[test]
@@ -261,6 +330,8 @@ fn a_client_closed_while_its_dial_is_in_flight_does_not_count_against_the_upstre
     assert_eq!(m.closed(CloseReason::IdleTimeout), CLIENTS, "{m}");
     assert_eq!(m.dialed_closed(CloseReason::Handler), CLIENTS, "{m}");
     assert_eq!(m.dialed_closed(CloseReason::ConnectTimeout), 0, "{m}");
+    // A client-side timeout while connecting, not the upstream's doing.
+    assert_eq!(m.ended("cC"), CLIENTS, "{m}");
     assert_eq!(m.get(&proxy.up("dials_total")), CLIENTS, "{m}");
     assert_eq!(
         m.get(&proxy.up("dial_failures_total")),
@@ -365,14 +436,16 @@ fn an_upstream_killed_mid_stream_closes_the_client_within_a_second() {
     let m = proxy.wait_metrics("the close of both sides", |m| {
         m.dialed_closed(CloseReason::Reset) + m.dialed_closed(CloseReason::PeerClosed) == 1
             && m.get("sockman_connections_active") == 0
+            && m.get("sockman_connections_dialed_active") == 0
     });
     assert_eq!(m.get(&proxy.up("sessions_active")), 0, "{m}");
     stop.store(true, Ordering::Release);
     let sent = writer.join().expect("the client's writer failed");
     assert!(sent as usize >= got, "sent {sent}, echoed {got}");
     let m = proxy.wait_idle("both sides to end");
-    assert_eq!(m.closed_all(), 2, "{m}");
+    assert_eq!(m.closed_all(), 1, "{m}");
     assert_eq!(m.dialed_closed_all(), 1, "{m}");
+    assert_eq!(m.ended_all(), 1, "{m}");
 }
 
 #[test]
@@ -402,16 +475,19 @@ fn an_upstream_reset_closes_its_idle_client_at_once() {
         took < Duration::from_secs(1),
         "the client was closed {took:?} after its upstream reset"
     );
-    // Its FIN ends the proxy's linger on the client side.
-    client.shutdown(Shutdown::Write).unwrap();
+    // The client side was closed at once, without a linger (its upstream reset).
     let m = proxy.wait_idle("both sides to end");
+    assert_eq!(m.get("sockman_connections_lingering"), 0, "{m}");
     assert_eq!(m.dialed_closed(CloseReason::Reset), 1, "{m}");
     assert_eq!(
         m.closed(CloseReason::Handler),
         1,
         "the proxy closes the client side: {m}"
     );
-    assert_eq!(m.closed_all(), 2, "{m}");
+    assert_eq!(m.closed_all(), 1, "{m}");
+    assert_eq!(m.dialed_closed_all(), 1, "{m}");
+    // The session's end is the upstream's doing, not the client's nor the proxy's.
+    assert_eq!(m.ended("SD"), 1, "{m}");
 }
 
 #[test]
@@ -425,11 +501,13 @@ fn a_client_that_resets_closes_its_upstream_side() {
 
     util::abort(client); // an RST, not a FIN
 
-    // Lingering 0 too: the proxy's upstream side ended when the upstream's FIN answered its own.
+    // Lingering 0 too: the proxy closed its upstream side at once (a FIN: nothing was unread).
     let m = proxy.wait_idle("both sides of the reset session to end");
     assert_eq!(m.closed(CloseReason::Reset), 1, "{m}");
     assert_eq!(m.dialed_closed(CloseReason::Handler), 1, "{m}");
-    assert_eq!(m.closed_all(), 2, "{m}");
+    assert_eq!(m.closed_all(), 1, "{m}");
+    assert_eq!(m.dialed_closed_all(), 1, "{m}");
+    assert_eq!(m.ended("CD"), 1, "{m}");
     assert_eq!(m.get(&proxy.up("sessions_active")), 0, "{m}");
     // The upstream saw an orderly close of its connection, before the test stopped it.
     let um = upstream.stop();
@@ -543,7 +621,9 @@ fn a_slow_client_pauses_the_upstream_and_gets_every_byte_once_it_reads() {
     assert_eq!(m.get(&proxy.up("received_bytes_total")), LEN as i64, "{m}");
     assert_eq!(m.closed(CloseReason::WriteStall), 0, "{m}");
     assert_eq!(m.closed(CloseReason::Overflow), 0, "{m}");
-    assert_eq!(m.closed_all(), 2, "{m}");
+    assert_eq!(m.closed_all(), 1, "{m}");
+    assert_eq!(m.dialed_closed_all(), 1, "{m}");
+    assert_eq!(m.ended("--"), 1, "{m}");
 }
 
 #[test]
@@ -579,10 +659,9 @@ fn a_client_that_never_reads_pushes_the_upstream_back_then_the_write_timeout_clo
             "64KiB",
             "--write-timeout",
             "500ms",
-            // The upstream side closes at once when the session ends (an RST, as it has unread
-            // input), so that nothing the upstream writes after that is taken by a linger.
-            "--linger-timeout",
-            "0",
+            // The linger timeout is the default (5 s): the upstream side closes at once when
+            // the session ends (a reset, as it has unread input), not lingering, so that
+            // nothing the upstream writes after that is taken.
         ],
     );
     let pid = proxy.bin.pid();
@@ -635,7 +714,10 @@ fn a_client_that_never_reads_pushes_the_upstream_back_then_the_write_timeout_clo
         "the upstream wrote {total} bytes in all (plateau {plateau}, bound {BOUND})"
     );
     let m = proxy.wait_idle("both sides to end");
-    assert_eq!(m.closed_all(), 2, "{m}");
+    assert_eq!(m.closed_all(), 1, "{m}");
+    assert_eq!(m.dialed_closed_all(), 1, "{m}");
+    // A client-side timeout in the data phase.
+    assert_eq!(m.ended("cD"), 1, "{m}");
     drop(client);
 }
 
@@ -685,7 +767,17 @@ fn sigterm_lets_an_open_session_finish_its_exchange_and_refuses_new_ones() {
         None,
         "no connection was cut: {line}"
     );
-    assert_eq!(stat(line, "bytes_in"), Some(2 * 512 * KIB as u64), "{line}");
+    assert_eq!(stat(line, "bytes_in"), Some(512 * KIB as u64), "{line}");
+    assert_eq!(
+        stat(line, "dialed_bytes_in"),
+        Some(512 * KIB as u64),
+        "{line}"
+    );
+    assert_eq!(
+        stat(line, "--"),
+        Some(1),
+        "finished, not cut by the drain: {line}"
+    );
     let um = upstream.stop();
     assert_eq!(um.closed_by(CloseReason::PeerClosed), 1, "{um}");
 }

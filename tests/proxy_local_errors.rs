@@ -107,6 +107,8 @@ fn a_proxy_out_of_descriptors_sheds_clients_and_leaves_healthy_upstreams_up() {
     });
     assert_eq!(stat(&line, "dial_failures"), Some(0), "{line}");
     assert_eq!(stat(&line, "no_upstream"), Some(0), "{line}");
+    // Each shed session ended for lack of a resource of the proxy's, while connecting.
+    assert_eq!(stat(&line, "RC"), Some(CLIENTS), "{line}");
     // Descriptors are back: clients get through, and no upstream is skipped as down.
     for i in 0..4 {
         let mut c = connect(addr);

@@ -129,14 +129,14 @@ fn prometheus<S>(view: &View<'_, S>) -> String {
         &mut out,
         "connections_active",
         "gauge",
-        "Data connections open for the handler (accepted and dialed).",
-        |m| m.active,
+        "Accepted connections open for the handler (the client side; the dialed side is sockman_connections_dialed_active).",
+        |m| m.active_accepted(),
     );
     p.metric(
         &mut out,
         "connections_peak",
         "gauge",
-        "Most data connections open at once (summed over workers).",
+        "Most data connections open at once, accepted and dialed (summed over workers).",
         |m| m.peak,
     );
     p.metric(
@@ -157,7 +157,7 @@ fn prometheus<S>(view: &View<'_, S>) -> String {
         &mut out,
         "connections_dialed_active",
         "gauge",
-        "Dialed (outbound) connections open, connecting ones included.",
+        "Dialed (outbound) connections open for the handler, connecting ones included.",
         |m| m.active_dialed,
     );
     p.metric(
@@ -195,9 +195,13 @@ fn prometheus<S>(view: &View<'_, S>) -> String {
         "Data connections accepted.",
         |m| m.accepted,
     );
-    p.metric(&mut out, "dialed_total", "counter", "Dials started.", |m| {
-        m.dialed
-    });
+    p.metric(
+        &mut out,
+        "dialed_total",
+        "counter",
+        "Dials started (connections the handler dialed).",
+        |m| m.dialed,
+    );
     p.metric(
         &mut out,
         "connected_total",
@@ -211,23 +215,23 @@ fn prometheus<S>(view: &View<'_, S>) -> String {
         "Connections refused at accept (or at their PROXY header), by reason.",
         "reason",
         &RejectReason::NAMES,
-        |m| &m.rejected,
+        |m, i| m.rejected[i],
     );
     p.labelled(
         &mut out,
         "closed_total",
-        "Data connections closed (accepted and dialed), by reason.",
+        "Accepted connections closed, by reason (dialed ones: sockman_dialed_closed_total).",
         "reason",
         &CloseReason::NAMES,
-        |m| &m.closed,
+        |m, i| m.closed_accepted()[i],
     );
     p.labelled(
         &mut out,
         "dialed_closed_total",
-        "Dialed connections closed, by reason (a part of sockman_closed_total).",
+        "Dialed connections closed, by reason (failed dials included: connect_refused, connect_timeout, unreachable).",
         "reason",
         &CloseReason::NAMES,
-        |m| &m.closed_dialed,
+        |m, i| m.closed_dialed[i],
     );
     p.labelled(
         &mut out,
@@ -235,7 +239,7 @@ fn prometheus<S>(view: &View<'_, S>) -> String {
         "Graceful closes that lingered, by how the linger ended.",
         "end",
         &LINGER_END_NAMES,
-        |m| &m.linger_ends,
+        |m, i| m.linger_ends[i],
     );
     p.labelled(
         &mut out,
@@ -243,27 +247,41 @@ fn prometheus<S>(view: &View<'_, S>) -> String {
         "accept() failures, by kind.",
         "kind",
         &ACCEPT_ERROR_NAMES,
-        |m| &m.accept_errors,
+        |m, i| m.accept_errors[i],
     );
     p.metric(
         &mut out,
         "received_bytes_total",
         "counter",
-        "Bytes read from peers.",
-        |m| m.bytes_in,
+        "Bytes read from accepted connections (the dialed side: sockman_dialed_received_bytes_total).",
+        |m| m.bytes_in - m.dialed_bytes_in,
     );
     p.metric(
         &mut out,
         "sent_bytes_total",
         "counter",
-        "Bytes written to peers.",
-        |m| m.bytes_out,
+        "Bytes written to accepted connections (the dialed side: sockman_dialed_sent_bytes_total).",
+        |m| m.bytes_out - m.dialed_bytes_out,
+    );
+    p.metric(
+        &mut out,
+        "dialed_received_bytes_total",
+        "counter",
+        "Bytes read from dialed connections.",
+        |m| m.dialed_bytes_in,
+    );
+    p.metric(
+        &mut out,
+        "dialed_sent_bytes_total",
+        "counter",
+        "Bytes written to dialed connections.",
+        |m| m.dialed_bytes_out,
     );
     p.metric(
         &mut out,
         "pending_output_bytes",
         "gauge",
-        "Output waiting for slow peers.",
+        "Output waiting for slow peers, accepted and dialed.",
         |m| m.pending_bytes,
     );
     p.metric(&mut out, "accept_pauses_total", "counter", "Times accepting paused (fd exhaustion, memory, a turn of nothing but errors); while exhausted every failed retry counts.", |m| m.accept_pauses);
@@ -313,7 +331,7 @@ fn prometheus<S>(view: &View<'_, S>) -> String {
     let name = "sockman_connection_lifetime_seconds";
     let _ = writeln!(
         out,
-        "# HELP {name} Lifetime of closed data connections.\n# TYPE {name} histogram"
+        "# HELP {name} Lifetime of closed data connections, accepted and dialed.\n# TYPE {name} histogram"
     );
     let mut cumulative = 0;
     for (i, le_ms) in LIFETIME_BUCKETS_MS.iter().enumerate() {
@@ -366,17 +384,22 @@ impl Page<'_> {
         help: &str,
         label: &str,
         names: &[&str],
-        values: impl Fn(&Metrics) -> &[u64],
+        values: impl Fn(&Metrics, usize) -> u64,
     ) {
         let _ = writeln!(
             out,
             "# HELP sockman_{name} {help}\n# TYPE sockman_{name} counter"
         );
-        for (n, v) in names.iter().zip(values(self.total)) {
-            let _ = writeln!(out, "sockman_{name}{{{label}=\"{n}\"}} {v}");
+        for (j, n) in names.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "sockman_{name}{{{label}=\"{n}\"}} {}",
+                values(self.total, j)
+            );
         }
         for (i, m) in self.workers.iter().enumerate() {
-            for (n, v) in names.iter().zip(values(m)) {
+            for (j, n) in names.iter().enumerate() {
+                let v = values(m, j);
                 let _ = writeln!(out, "sockman_{name}{{worker=\"{i}\",{label}=\"{n}\"}} {v}");
             }
         }

@@ -366,6 +366,17 @@ impl<H: Handler> Server<H> {
                 Parsed::Invalid => {
                     return self.reject_header(key, RejectReason::ProxyHeaderInvalid)
                 }
+                Parsed::WrongVersion => {
+                    let (got, wanted) = match self.accept.proxy_protocol {
+                        ProxyProtocol::V1 => ("v2", "v1"),
+                        _ => ("v1", "v2"),
+                    };
+                    debug!(
+                        "peer={}: a PROXY protocol {got} header on a listener that takes {wanted} only (is the balancer configured for {got}?)",
+                        self.table.slab[key].peer()
+                    );
+                    return self.reject_header(key, RejectReason::ProxyHeaderVersion);
+                }
                 Parsed::Done { len, source } => {
                     let rest = joined.split_off(len);
                     // A short read drained the socket (as in `read`): what comes next brings
@@ -423,7 +434,7 @@ impl<H: Handler> Server<H> {
     pub(super) fn reject_header(&mut self, key: usize, reason: RejectReason) {
         let conn = self.release(key);
         self.table.metrics.rejected[reason.index()] += 1;
-        trace!(
+        debug!(
             "rejected peer={} reason={}",
             conn.peer(),
             RejectReason::NAMES[reason.index()]

@@ -270,6 +270,9 @@ impl<H: Handler> Server<H> {
         conn.bytes_in += n as u64;
         conn.last_active = now;
         self.table.metrics.bytes_in += n as u64;
+        if conn.has(flag::DIALED) {
+            self.table.metrics.dialed_bytes_in += n as u64;
+        }
         self.touch_lru(key);
         let Some(mut state) = self.table.slab[key].state.take() else {
             return false;

@@ -103,12 +103,13 @@ impl Proxy {
         }
     }
 
-    /// Waits until no connection is open or lingering and no session is active.
+    /// Waits until no connection is open (either side) or lingering and no session is active.
     #[track_caller]
     pub fn wait_idle(&self, what: &str) -> Scrape {
         let sessions = self.up("sessions_active");
         self.wait_metrics(what, |m| {
             m.get("sockman_connections_active") == 0
+                && m.get("sockman_connections_dialed_active") == 0
                 && m.get("sockman_connections_lingering") == 0
                 && m.get(&sessions) == 0
         })
@@ -125,7 +126,7 @@ impl Scrape {
         http::sample(&self.0, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{self}"))
     }
 
-    /// `sockman_closed_total{reason=...}`: closes of both sides.
+    /// `sockman_closed_total{reason=...}`: closes of the client side (accepted connections).
     #[track_caller]
     pub fn closed(&self, reason: CloseReason) -> i64 {
         self.get(&format!(
@@ -143,7 +144,24 @@ impl Scrape {
         ))
     }
 
-    /// Every close, whatever its reason.
+    /// `sockman_proxy_sessions_ended_total{state=...}`: sessions that ended in termination
+    /// state `state` (`--`, `CD`, `sC`, ...); 0 for a state that never happened (not listed).
+    #[track_caller]
+    pub fn ended(&self, state: &str) -> i64 {
+        http::sample(
+            &self.0,
+            &format!("sockman_proxy_sessions_ended_total{{state=\"{state}\"}}"),
+        )
+        .unwrap_or(0)
+    }
+
+    /// Every session ended, whatever its state.
+    #[track_caller]
+    pub fn ended_all(&self) -> i64 {
+        self.sum("sockman_proxy_sessions_ended_total{")
+    }
+
+    /// Every close of a client side, whatever its reason.
     #[track_caller]
     pub fn closed_all(&self) -> i64 {
         self.sum("sockman_closed_total{")

@@ -1,8 +1,10 @@
 //! The `sockman` binary: `sockman serve` (an echo server with limits, idle timeouts and metrics),
 //! `sockman proxy` (an L4 proxy) and `sockman load` (the load generator). It uses only the library's public API.
 
+mod access_log;
 mod load;
 mod proxy;
+mod resolve;
 mod serve;
 mod server;
 mod units;
@@ -63,7 +65,9 @@ fn init_logger() {
             writeln!(
                 buf,
                 "[{} {style}{level:<5}{style:#} {} pid={pid}] {}",
-                buf.timestamp(),
+                // Milliseconds, in UTC (`2026-12-03T06:22:34.123Z`): what operators correlate
+                // logs at.
+                buf.timestamp_millis(),
                 record.target(),
                 record.args()
             )

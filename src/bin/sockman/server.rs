@@ -4,7 +4,6 @@
 //! before the server binds and logs its listening line, so a SIGTERM right after "ready"
 //! drains instead of killing.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
 use signal_hook::iterator::Signals;
 use sockman::{Config, Handler, Metrics, OnFull, ProxyProtocol, Server, Workers};
 
+use crate::resolve::{self, Addrs};
 use crate::units::{parse_duration, parse_size};
 use crate::upgrade::{self, UpgradeArgs, Upgrader, Upgrades, WithUpgrades};
 
@@ -52,14 +52,17 @@ fn parse_workers(text: &str) -> Result<usize, String> {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ServerArgs {
-    /// Address to listen on; repeat for several (replaces the default 127.0.0.1:7000).
+    /// Address to listen on, HOST:PORT: an IP address, or a host name (resolved at start: a
+    /// listener on each of its addresses); repeat for several (replaces the default
+    /// 127.0.0.1:7000).
     #[arg(
         long = "listen",
         value_name = "ADDR",
         env = "SOCKMAN_LISTEN",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = resolve::parse_addrs
     )]
-    listen: Vec<SocketAddr>,
+    listen: Vec<Addrs>,
     /// Close connections idle this long (e.g. 30s, 250ms); 0 = off.
     #[arg(long, value_name = "DURATION", default_value = "60s", env = "SOCKMAN_IDLE_TIMEOUT", value_parser = parse_duration)]
     idle_timeout: Duration,
@@ -109,9 +112,10 @@ pub(crate) struct ServerArgs {
     /// During a drain, close connections idle this long with nothing pending.
     #[arg(long, value_name = "DURATION", default_value = "1s", env = "SOCKMAN_DRAIN_IDLE", value_parser = parse_duration)]
     drain_idle: Duration,
-    /// Serve /metrics, /connections and /health on this address (e.g. 127.0.0.1:9090); off unless given.
-    #[arg(long, value_name = "ADDR", env = "SOCKMAN_ADMIN")]
-    admin: Option<SocketAddr>,
+    /// Serve /metrics, /connections, /livez and /readyz (= /health) on this address (e.g.
+    /// 127.0.0.1:9090, or a host name: its first address); off unless given.
+    #[arg(long, value_name = "ADDR", env = "SOCKMAN_ADMIN", value_parser = resolve::parse_addrs)]
+    admin: Option<Addrs>,
     /// How often to check that every open descriptor is accounted for (the leak self-check); 0 = off.
     #[arg(long, value_name = "DURATION", default_value = "5s", env = "SOCKMAN_FD_CHECK_INTERVAL", value_parser = parse_duration)]
     fd_check_interval: Duration,
@@ -171,7 +175,7 @@ impl ServerArgs {
             listen: if self.listen.is_empty() {
                 defaults.listen.clone()
             } else {
-                self.listen.clone()
+                resolve::flatten(&self.listen)
             },
             idle_timeout: self.idle_timeout,
             tick: self.tick,
@@ -188,7 +192,7 @@ impl ServerArgs {
             backlog: self.backlog,
             tcp_keepalive: self.tcp_keepalive,
             drain_idle: self.drain_idle,
-            admin: self.admin,
+            admin: self.admin.as_ref().and_then(|a| a.0.first().copied()),
             fd_check_interval: self.fd_check_interval,
             recv_buffer: self.rcvbuf,
             send_buffer: self.sndbuf,

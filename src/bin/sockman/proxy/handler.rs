@@ -15,7 +15,9 @@ use clap::ValueEnum;
 use log::{debug, warn};
 use sockman::{CloseReason, ConnId, Context, DialFailure, Eof, Handler, Idle, SendError};
 
+use super::session::{Cause, End, Phase, Side, CLIENT_FIN, NO_INDEX, UPSTREAM_FIN};
 use super::stats::{Counters, Stats, WorkerStats};
+use crate::access_log::Sink;
 
 /// The PROXY protocol version `--send-proxy` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -49,6 +51,17 @@ fn is_dial_failure(reason: CloseReason) -> bool {
     )
 }
 
+/// Whether a side that closed for `reason` ended abortively (reset, I/O error, write stall,
+/// overflow): its session is broken, and the other side is closed at once
+/// ([`ConnMut::close_now`](sockman::ConnMut::close_now): a reset if it still sends) rather
+/// than gracefully, as after a FIN, an idle timeout or a drain.
+fn ends_abortively(reason: CloseReason) -> bool {
+    matches!(
+        reason,
+        CloseReason::Reset | CloseReason::Io(_) | CloseReason::WriteStall | CloseReason::Overflow
+    )
+}
+
 /// Whether a dial's socket error is the proxy's own failure, not the upstream's: out of
 /// descriptors (EMFILE, ENFILE), kernel memory (ENOBUFS, ENOMEM) or local ports
 /// (EADDRNOTAVAIL). Another upstream would fare no better, and none of them is to blame.
@@ -59,52 +72,18 @@ fn is_local(e: &std::io::Error) -> bool {
     )
 }
 
-/// How dialing for a client went.
+/// How dialing for a client went. The upstream index that comes with a failure is the last
+/// one tried (`None`: no try was made).
 #[derive(Debug)]
 enum Dialed {
     /// A dial started: the upstream's id and index.
     Started(ConnId, u16),
-    /// Every try failed at once, or the proxy is at its cap or stopping.
-    NoUpstream,
+    /// Every try failed at once (or none was left): the caller knows the last failure.
+    Exhausted(Option<u16>),
+    /// The proxy could not dial at all (at its cap, stopping): the session's end.
+    Refused(End, Option<u16>),
     /// The proxy itself could not dial (see [`is_local`]): the client is shed.
-    Local,
-}
-
-/// A client's `(upstream, index)` while it has no upstream: after its last dial failed, or
-/// when every try did.
-const NO_UPSTREAM: (ConnId, u16) = (ConnId::NONE, 0);
-
-/// One side of a session: the handler state of each connection.
-#[derive(Debug)]
-pub(crate) enum Side {
-    /// The accepted connection. `upstream` is [`ConnId::NONE`] only between a failed dial and
-    /// the next (not an `Option`: a session's two sides fit 16 bytes each this way).
-    Client {
-        upstream: ConnId,
-        index: u16,
-        tries: u8,
-    },
-    /// The dialed connection.
-    Upstream {
-        client: ConnId,
-        index: u16,
-        connected: bool,
-    },
-}
-
-impl Side {
-    fn peer(&self) -> Option<ConnId> {
-        match *self {
-            Side::Client { upstream, .. } => (upstream != ConnId::NONE).then_some(upstream),
-            Side::Upstream { client, .. } => Some(client),
-        }
-    }
-
-    fn index(&self) -> usize {
-        match *self {
-            Side::Client { index, .. } | Side::Upstream { index, .. } => index as usize,
-        }
-    }
+    Local(Option<u16>),
 }
 
 /// The proxy handler.
@@ -126,6 +105,8 @@ pub(crate) struct Proxy {
     /// Dials failed for the proxy's own lack of descriptors, memory or ports, and none has
     /// started since: the warning is logged on this flag's transitions only.
     local_failing: bool,
+    /// `--access-log`: a line per ended session, written at its client side's close.
+    log: Option<Sink>,
 }
 
 impl Proxy {
@@ -158,7 +139,14 @@ impl Proxy {
             stats,
             me,
             local_failing: false,
+            log: None,
         }
+    }
+
+    /// Logs a line per ended session to `log` (`--access-log`).
+    pub(crate) fn with_access_log(mut self, log: Sink) -> Proxy {
+        self.log = Some(log);
+        self
     }
 
     /// This worker's counters.
@@ -192,9 +180,11 @@ impl Proxy {
 
     /// Dials for `client` until one dial starts or `tries` runs out.
     fn dial(&mut self, ctx: &mut Context<'_, Side>, client: ConnId, tries: &mut u8) -> Dialed {
+        let mut last = None;
         while (*tries as usize) < self.tries {
             *tries += 1;
             let i = self.pick(ctx.now());
+            last = Some(i as u16);
             let addr = self.upstreams[i].addr;
             let state = Side::Upstream {
                 client,
@@ -219,18 +209,48 @@ impl Proxy {
                                     "cannot dial {addr}: {err}: the proxy is out of descriptors, memory or local ports; shedding clients (upstream health unchanged)"
                                 );
                             }
-                            return Dialed::Local;
+                            return Dialed::Local(last);
                         }
                         DialFailure::Socket(_) => {
                             self.counters(i).dials.fetch_add(1, Relaxed);
                             self.dial_failed(i, ctx.now());
                         }
-                        _ => return Dialed::NoUpstream,
+                        DialFailure::Full { .. } => {
+                            return Dialed::Refused(End::new(Cause::Proxy, Phase::Connect), last)
+                        }
+                        DialFailure::Stopped => {
+                            return Dialed::Refused(End::new(Cause::Down, Phase::Connect), last)
+                        }
+                        _ => {
+                            let end = End::new(Cause::Internal, Phase::Connect);
+                            return Dialed::Refused(end, last);
+                        }
                     }
                 }
             }
         }
-        Dialed::NoUpstream
+        Dialed::Exhausted(last)
+    }
+
+    /// How the session of a client whose dialing came to nothing (`dialed`, anything but
+    /// [`Dialed::Started`]) ended, and the upstream last tried; counts it. `failure`: the last
+    /// dial's failure, if it failed after it started.
+    fn no_dial(&self, dialed: Dialed, failure: Option<CloseReason>) -> (End, Option<u16>) {
+        let no_upstream = || self.my().no_upstream.fetch_add(1, Relaxed);
+        match dialed {
+            Dialed::Started(..) => (End::new(Cause::Internal, Phase::Connect), None),
+            Dialed::Exhausted(last) => {
+                no_upstream();
+                let reason = failure.unwrap_or(CloseReason::ConnectRefused);
+                (End::by_upstream(reason, Phase::Connect), last)
+            }
+            Dialed::Refused(end, last) => {
+                no_upstream();
+                (end, last)
+            }
+            // Counted in `dial`.
+            Dialed::Local(last) => (End::new(Cause::Resource, Phase::Connect), last),
+        }
     }
 
     /// Counts a failed dial to upstream `i`; `max_fails` in a row mark it down for `down_for`.
@@ -264,30 +284,35 @@ impl Proxy {
         };
         let mut tries = tries;
         let next = self.dial(ctx, client, &mut tries);
+        let ended = match next {
+            Dialed::Started(id, i) => {
+                if let Some(Side::Client {
+                    upstream,
+                    index,
+                    tries: t,
+                }) = ctx.conn(client).as_mut().and_then(|c| c.state_mut())
+                {
+                    (*upstream, *index, *t) = (id, i, tries);
+                }
+                return;
+            }
+            other => {
+                debug!("client {client}: no upstream after {tries} dials ({reason})");
+                self.no_dial(other, Some(reason))
+            }
+        };
         let Some(mut c) = ctx.conn(client) else {
             return;
         };
-        if let Some(Side::Client {
-            upstream,
-            index,
-            tries: t,
-        }) = c.state_mut()
-        {
-            *t = tries;
-            (*upstream, *index) = match next {
-                Dialed::Started(id, i) => (id, i),
-                _ => NO_UPSTREAM,
+        if let Some(state) = c.state_mut() {
+            let (end, last) = ended;
+            *state = Side::Ended {
+                upstream: ConnId::NONE,
+                index: last.unwrap_or(index),
+                end,
             };
         }
-        match next {
-            Dialed::Started(..) => {}
-            Dialed::NoUpstream => {
-                debug!("client {client}: no upstream after {tries} dials ({reason})");
-                self.my().no_upstream.fetch_add(1, Relaxed);
-                c.close();
-            }
-            Dialed::Local => c.close(), // counted in `dial`
-        }
+        c.close();
     }
 
     /// The PROXY protocol header for a session from `client` to `local` (our listener).
@@ -336,22 +361,21 @@ impl Handler for Proxy {
             c.pause_reading();
         }
         let mut tries = 0;
-        let (upstream, index) = match self.dial(ctx, client, &mut tries) {
-            Dialed::Started(id, i) => (id, i),
-            Dialed::NoUpstream => {
-                self.my().no_upstream.fetch_add(1, Relaxed);
+        match self.dial(ctx, client, &mut tries) {
+            Dialed::Started(upstream, index) => Side::Client {
+                upstream,
+                index,
+                tries,
+            },
+            other => {
+                let (end, last) = self.no_dial(other, None);
                 ctx.close();
-                NO_UPSTREAM
+                Side::Ended {
+                    upstream: ConnId::NONE,
+                    index: last.unwrap_or(NO_INDEX),
+                    end,
+                }
             }
-            Dialed::Local => {
-                ctx.close(); // shed: counted in `dial`
-                NO_UPSTREAM
-            }
-        };
-        Side::Client {
-            upstream,
-            index,
-            tries,
         }
     }
 
@@ -381,6 +405,14 @@ impl Handler for Proxy {
         let Some(mut c) = ctx.conn(*client) else {
             return ctx.close(); // the client left while we dialed
         };
+        if let Some(state @ Side::Client { .. }) = c.state_mut() {
+            let (upstream, index) = (me, *index);
+            *state = Side::Relaying {
+                upstream,
+                index,
+                fins: 0,
+            };
+        }
         let header = self.send_proxy.and_then(|v| {
             let local = c.local_addr().ok()?;
             Some(Proxy::proxy_header(v, c.peer(), local))
@@ -393,12 +425,15 @@ impl Handler for Proxy {
 
     fn on_data(&mut self, side: &mut Side, ctx: &mut Context<'_, Side>, data: &[u8]) {
         let Some(peer) = side.peer() else {
+            // A client is not read until its upstream is connected.
+            side.end(End::new(Cause::Internal, side.phase()));
             return ctx.close();
         };
         let c = self.counters(side.index());
-        let relayed = match side {
-            Side::Client { .. } => &c.bytes_up,
-            Side::Upstream { .. } => &c.bytes_down,
+        let relayed = if side.is_client() {
+            &c.bytes_up
+        } else {
+            &c.bytes_down
         };
         relayed.fetch_add(data.len() as u64, Relaxed);
         match ctx.send(peer, data) {
@@ -412,7 +447,30 @@ impl Handler for Proxy {
                     }
                 }
             }
-            Err(SendError::Gone | SendError::Refused) => ctx.close(),
+            Err(SendError::Gone | SendError::Refused) => {
+                let me = ctx.id();
+                match ctx.conn(peer) {
+                    // The peer is closing (a write to it failed, it overflowed, or it closed
+                    // meanwhile): its `on_close` ends the session and closes this side. Read
+                    // nothing more until then.
+                    None => {
+                        if let Some(mut c) = ctx.conn(me) {
+                            c.pause_reading();
+                        }
+                    }
+                    // Still open, and refused: a relay never writes to a shut write side.
+                    Some(mut p) => {
+                        let end = End::new(Cause::Internal, Phase::Data);
+                        if side.is_client() {
+                            side.end(end);
+                        } else if let Some(client) = p.state_mut() {
+                            client.end(end);
+                        }
+                        p.close();
+                        ctx.close();
+                    }
+                }
+            }
         }
     }
 
@@ -426,12 +484,27 @@ impl Handler for Proxy {
         let Some(mut peer) = side.peer().and_then(|peer| ctx.conn(peer)) else {
             return Eof::Close;
         };
+        let client = side.is_client();
         if peer.is_eof() {
-            // Both directions are done: close both (each after its pending output).
+            // Both directions are done: the session ended normally; close both (each after
+            // its pending output).
+            if client {
+                side.end(End::NORMAL);
+            } else if let Some(state) = peer.state_mut() {
+                state.end(End::NORMAL);
+            }
             peer.close();
             Eof::Close
         } else {
             // Pass the FIN on; this side stays open to carry the other direction.
+            let (session, fin) = if client {
+                (Some(side), CLIENT_FIN)
+            } else {
+                (peer.state_mut(), UPSTREAM_FIN)
+            };
+            if let Some(Side::Relaying { fins, .. }) = session {
+                *fins |= fin;
+            }
             peer.shutdown_write();
             Eof::KeepOpen
         }
@@ -463,19 +536,57 @@ impl Handler for Proxy {
             Side::Upstream { index, .. } => {
                 self.counters(index as usize).active.fetch_sub(1, Relaxed);
             }
-            Side::Client { .. } => {}
+            // The client side: its session ends now, as decided before, or by this close.
+            Side::Client { .. } | Side::Relaying { .. } | Side::Ended { .. } => {
+                let end = match side {
+                    Side::Ended { end, .. } => end,
+                    _ => End::by_client(reason, side.phase()),
+                };
+                self.my().ended[end.index()].fetch_add(1, Relaxed);
+                if let Some(log) = &mut self.log {
+                    let upstream = self.upstreams.get(side.index()).map(|u| u.addr);
+                    log.line(|line| {
+                        let _ = write!(line, " client={}", ctx.peer());
+                        let _ = match upstream {
+                            Some(addr) => write!(line, " upstream={addr}"),
+                            None => write!(line, " upstream=-"),
+                        };
+                        let _ = write!(
+                            line,
+                            " duration_ms={} bytes_in={} bytes_out={} state={end} reason={}",
+                            ctx.age().as_millis(),
+                            ctx.bytes_in(),
+                            ctx.bytes_out(),
+                            reason.name()
+                        );
+                    });
+                }
+            }
         }
-        // One lifecycle: the other side goes too (after an abandoned dial, a client still there:
-        // none is, today).
-        if let Some(mut peer) = side.peer().and_then(|peer| ctx.conn(peer)) {
+        // One lifecycle: the other side goes too (after an abandoned dial, a client still there,
+        // if the stop closed the dial first). After an abortive end it goes at once, without
+        // lingering: what it still sends can go nowhere, and a linger would read and discard it
+        // for seconds. An upstream that goes first decides how its session ended.
+        let Some(mut peer) = side.peer().and_then(|peer| ctx.conn(peer)) else {
+            return;
+        };
+        if !side.is_client() {
+            if let Some(client) = peer.state_mut() {
+                client.end(End::by_upstream(reason, client.phase()));
+            }
+        }
+        if ends_abortively(reason) {
+            peer.close_now();
+        } else {
             peer.close();
         }
     }
 
     fn describe(&self, side: &Side, out: &mut String) {
-        let name = match side {
-            Side::Client { .. } => "client",
-            Side::Upstream { .. } => "upstream",
+        let name = if side.is_client() {
+            "client"
+        } else {
+            "upstream"
         };
         let _ = write!(out, " side={name}");
         if let Some(peer) = side.peer() {
@@ -487,7 +598,16 @@ impl Handler for Proxy {
         }
     }
 
+    fn on_periodic(&mut self, _ctx: &mut Context<'_, Side>) {
+        if let Some(log) = &mut self.log {
+            log.flush();
+        }
+    }
+
     fn write_metrics(&self, out: &mut String) {
         self.stats.write_metrics(out);
+        if let Some(log) = &self.log {
+            log.write_metrics(out);
+        }
     }
 }

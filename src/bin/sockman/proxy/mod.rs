@@ -17,20 +17,28 @@
 //! - **Half-close**: a FIN from one side becomes `shutdown(Write)` on the other once what is
 //!   pending is flushed; the session ends when both sides have sent their FIN.
 //! - **One lifecycle**: when either side closes (reset, error, idle with its peer idle too,
-//!   write stall, drain), the other is closed too, each exactly once; closes are counted per
-//!   side by the core (`closed` for all, `dialed_closed` for the upstream side).
+//!   write stall, drain), the other is closed too, each exactly once: gracefully after an
+//!   orderly end (FIN, idle, drain, lifetime), at once after an abortive one (reset, I/O
+//!   error, write stall, overflow: [`ConnMut::close_now`](sockman::ConnMut::close_now), no
+//!   linger, so a side that still sends gets a reset). Closes are counted per side by the core
+//!   (`closed` for the client side, `dialed_closed` for the upstream side).
 //! - `--send-proxy v1|v2` writes a PROXY protocol header (the ppp crate) to the upstream before
 //!   any client byte.
 //!
+//! - **How each session ended**: its termination state, HAProxy's two letters (who ended it, in
+//!   which phase: `--`, `CD`, `SD`, `sC`, ...), decided by whichever side ends first and
+//!   counted once per session, when its client side closes.
+//!
 //! This module owns the command line (`ProxyArgs`) and [`run`]; [`handler`] is the
-//! [`Handler`](sockman::Handler) that does the above, [`stats`] its counters.
+//! [`Handler`](sockman::Handler) that does the above, [`session`] the termination states,
+//! [`stats`] its counters.
 
 mod handler;
+mod session;
 mod stats;
 #[cfg(test)]
 mod tests;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +47,8 @@ use sockman::Config;
 pub(crate) use handler::{Proxy, ProxyVersion};
 use stats::Stats;
 
+use crate::access_log::{self, AccessLog};
+use crate::resolve::{self, Addrs};
 use crate::server::{self, ServerArgs};
 use crate::units::parse_duration;
 
@@ -47,15 +57,18 @@ use crate::units::parse_duration;
 pub(crate) struct ProxyArgs {
     #[command(flatten)]
     server: ServerArgs,
-    /// Upstream address; repeat or separate with commas for several (round robin).
+    /// Upstream address, HOST:PORT: an IP address, or a host name (resolved at start: an
+    /// upstream for each of its addresses, in the order resolved); repeat or separate with
+    /// commas for several (round robin).
     #[arg(
         long,
         value_name = "ADDR",
         env = "SOCKMAN_UPSTREAM",
         value_delimiter = ',',
-        required = true
+        required = true,
+        value_parser = resolve::parse_addrs
     )]
-    upstream: Vec<SocketAddr>,
+    upstream: Vec<Addrs>,
     /// A dial to an upstream that has not completed after this long fails (and the next is tried).
     #[arg(long, value_name = "DURATION", default_value = "5s", env = "SOCKMAN_CONNECT_TIMEOUT", value_parser = parse_duration)]
     connect_timeout: Duration,
@@ -76,6 +89,8 @@ pub(crate) struct ProxyArgs {
     /// Send a PROXY protocol header to the upstream so that it sees the client's address.
     #[arg(long, value_enum, value_name = "v1|v2", env = "SOCKMAN_SEND_PROXY")]
     send_proxy: Option<ProxyVersion>,
+    #[command(flatten)]
+    access_log: access_log::Args,
 }
 
 impl ProxyArgs {
@@ -96,12 +111,20 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<(), String> {
     if args.connect_tries == Some(0) {
         return Err("--connect-tries must be at least 1".into());
     }
-    let config = args.config();
-    let stats = Stats::new(&args.upstream, args.server.workers);
+    let mut config = args.config();
+    let upstreams = resolve::flatten(&args.upstream);
+    let stats = Stats::new(&upstreams, args.server.workers);
+    let log = match &args.access_log.target {
+        Some(target) => Some(AccessLog::start(target)?),
+        None => None,
+    };
+    if log.is_some() && config.periodic.is_zero() {
+        config.periodic = access_log::FLUSH_EVERY; // the batch goes out at least this often
+    }
     let idle = config.idle_timeout;
     let make = |me| {
-        Proxy::new(
-            &args.upstream,
+        let proxy = Proxy::new(
+            &upstreams,
             args.connect_tries,
             args.upstream_max_fails,
             args.upstream_down_for,
@@ -109,7 +132,19 @@ pub(crate) fn run(args: &ProxyArgs) -> Result<(), String> {
             idle,
             Arc::clone(&stats),
             me,
-        )
+        );
+        match &log {
+            Some(log) => proxy.with_access_log(log.sink()),
+            None => proxy,
+        }
     };
-    server::run(config, make, &args.server, || stats.line()).map(|_| ())
+    let line = || match &log {
+        Some(log) => format!("{} access_log_dropped={}", stats.line(), log.dropped()),
+        None => stats.line(),
+    };
+    let result = server::run(config, make, &args.server, line);
+    if let Some(log) = log {
+        log.finish();
+    }
+    result.map(|_| ())
 }

@@ -10,6 +10,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use super::session::End;
+
 /// What happened to one upstream through one worker. Atomics written by that worker only
 /// (uncontended), summed by whoever reads them: the stats line, worker 0's `/metrics`.
 #[derive(Debug, Default)]
@@ -116,6 +118,23 @@ const PROXY_TOTALS: [Family<WorkerStats>; 3] = [
     },
 ];
 
+/// Sessions ended, per termination state ([`End::index`]).
+#[derive(Debug)]
+pub(super) struct Ended(pub(super) [AtomicU64; End::COUNT]);
+
+impl Default for Ended {
+    fn default() -> Ended {
+        Ended(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl std::ops::Index<usize> for Ended {
+    type Output = AtomicU64;
+    fn index(&self, i: usize) -> &AtomicU64 {
+        &self.0[i]
+    }
+}
+
 /// One worker's counters, on cache lines of their own.
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -128,6 +147,8 @@ pub(super) struct WorkerStats {
     pub(super) skipped: AtomicU64,
     /// Dials the proxy could not start itself (out of descriptors, memory, local ports).
     pub(super) local_dial_errors: AtomicU64,
+    /// Sessions ended (every accepted client, counted at its close), by termination state.
+    pub(super) ended: Ended,
 }
 
 /// The proxy's counters for every worker (see [`Counters`]).
@@ -173,12 +194,29 @@ impl Stats {
         self.workers.iter().map(|w| field(w).load(Relaxed)).sum()
     }
 
-    /// The proxy's part of the stats line.
+    /// Sessions ended in termination state `i` ([`End::index`]), over the workers.
+    fn ended(&self, i: usize) -> u64 {
+        self.workers.iter().map(|w| w.ended[i].load(Relaxed)).sum()
+    }
+
+    /// The proxy's part of the stats line: ` sessions=.. active_sessions=..
+    /// sessions_ended=N{--=n CD=n ..} dial_failures=.. no_upstream=.. local_dial_errors=..`
+    /// (states with a zero count left out).
     pub(crate) fn line(&self) -> String {
+        let ended: Vec<(End, u64)> = (0..End::COUNT)
+            .map(|i| (End::from_index(i), self.ended(i)))
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        let mut states = String::new();
+        for (end, n) in &ended {
+            let sep = if states.is_empty() { "" } else { " " };
+            let _ = write!(states, "{sep}{end}={n}");
+        }
         format!(
-            " sessions={} active_sessions={} dial_failures={} no_upstream={} local_dial_errors={}",
+            " sessions={} active_sessions={} sessions_ended={}{{{states}}} dial_failures={} no_upstream={} local_dial_errors={}",
             self.all(|c| &c.sessions),
             self.all(|c| &c.active),
+            ended.iter().map(|(_, n)| n).sum::<u64>(),
             self.all(|c| &c.dial_failures),
             self.worker_sum(|w| &w.no_upstream),
             self.worker_sum(|w| &w.local_dial_errors),
@@ -201,6 +239,20 @@ impl Stats {
         for family in &PROXY_TOTALS {
             family.write_header(out);
             let _ = writeln!(out, "{} {}", family.name, self.worker_sum(family.field));
+        }
+        // Every state that happened, and the normal end always (so that the family is there
+        // from the start).
+        let name = "sockman_proxy_sessions_ended_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Sessions ended (each accepted client, at its close), by termination state: who ended it and in which phase, as HAProxy's (-- normal, CD client abort in data, SD upstream abort, cD/sD timeouts, SC/sC no upstream, PC at the cap, RC out of resources, DD stopping; see the README).\n# TYPE {name} counter"
+        );
+        for i in 0..End::COUNT {
+            let n = self.ended(i);
+            let end = End::from_index(i);
+            if n > 0 || end == End::NORMAL {
+                let _ = writeln!(out, "{name}{{state=\"{end}\"}} {n}");
+            }
         }
     }
 }

@@ -2,11 +2,13 @@
 //! stepped with `turn_at`), and the PROXY headers.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sockman::{CloseReason, Config, Handler};
 
-use super::handler::{Proxy, ProxyVersion, Side};
+use super::handler::{Proxy, ProxyVersion};
+use super::session::Side;
 use super::stats::Stats;
 
 #[test]
@@ -66,18 +68,7 @@ fn a_session_closes_when_both_sides_are_idle_not_while_the_upstream_talks() {
         tick: Duration::from_millis(10),
         ..Config::default()
     };
-    let stats = Stats::new(&[up], 1);
-    let proxy = Proxy::new(
-        &[up],
-        None,
-        3,
-        Duration::from_secs(10),
-        None,
-        idle,
-        stats,
-        0,
-    );
-    let mut server = sockman::Server::bind(config, proxy).unwrap();
+    let (mut server, stats) = proxy_server(config, up);
     let t0 = server.now();
     let mut client = std::net::TcpStream::connect(server.local_addrs()[0]).unwrap();
     client.set_nonblocking(true).unwrap();
@@ -118,6 +109,9 @@ fn a_session_closes_when_both_sides_are_idle_not_while_the_upstream_talks() {
     let m = server.metrics();
     assert_eq!(m.closed_by(CloseReason::IdleTimeout), 1, "{m}");
     assert_eq!(m.closed_dialed[CloseReason::Handler.index()], 1, "{m}");
+    // A client-side timeout of the session in its data phase.
+    let line = stats.line();
+    assert!(line.contains(" sessions_ended=1{cD=1} "), "{line}");
     let bound = Instant::now() + Duration::from_secs(10);
     loop {
         match try_read(&mut client) {
@@ -162,4 +156,133 @@ fn the_dial_failures_help_says_what_it_counts() {
         help.contains("refused") && help.contains("timed out"),
         "{help}"
     );
+}
+
+/// A proxy (one worker) with `config` in front of the upstream at `up`, and its counters.
+fn proxy_server(config: Config, up: SocketAddr) -> (sockman::Server<Proxy>, Arc<Stats>) {
+    let stats = Stats::new(&[up], 1);
+    let idle = config.idle_timeout;
+    let proxy = Proxy::new(
+        &[up],
+        None,
+        3,
+        Duration::from_secs(10),
+        None,
+        idle,
+        Arc::clone(&stats),
+        0,
+    );
+    (sockman::Server::bind(config, proxy).unwrap(), stats)
+}
+
+/// A client of `addr` whose receive buffer is small (4 KiB, doubled by the kernel), so that a
+/// proxy's output to it blocks after a few tens of KiB.
+fn small_rcvbuf_client(addr: SocketAddr) -> std::net::TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect(&addr.into()).unwrap();
+    s.into()
+}
+
+#[test]
+fn a_client_closed_for_a_write_stall_takes_its_upstream_with_it_at_once() {
+    use std::io::{ErrorKind, Read, Write};
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    upstream.set_nonblocking(true).unwrap();
+    let up = upstream.local_addr().unwrap();
+    let write_timeout = Duration::from_millis(500);
+    // The proxy's own settings (watermarks of zero), small socket buffers, and the default
+    // linger timeout (5 s).
+    let config = Config {
+        listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+        tick: Duration::from_millis(10),
+        write_timeout,
+        recv_buffer: Some(16 * 1024),
+        send_buffer: Some(16 * 1024),
+        write_high_watermark: Some(0),
+        write_low_watermark: Some(0),
+        ..Config::default()
+    };
+    let (mut server, stats) = proxy_server(config, up);
+    let t0 = server.now();
+    let _client = small_rcvbuf_client(server.local_addrs()[0]);
+    let mut pusher = None;
+    turn_until_at(&mut server, t0, "upstream connect", |_| {
+        pusher = upstream.accept().ok().map(|(s, _)| s);
+        pusher.is_some()
+    });
+    let mut pusher = pusher.unwrap();
+    pusher.set_nonblocking(true).unwrap();
+    // The upstream writes until it is pushed back (the client reads nothing): 20 turns in a
+    // row in which its socket takes nothing and the proxy writes nothing more to the client.
+    let chunk = [7u8; 16 * 1024];
+    let (mut still, mut last) = (0, u64::MAX);
+    turn_until_at(&mut server, t0, "the upstream pushed back", |s| {
+        let out = s.metrics().bytes_out;
+        let took = match pusher.write(&chunk) {
+            Ok(_) => true,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+            Err(e) => panic!("the upstream's write: {e}"),
+        };
+        still = if took || out != last { 0 } else { still + 1 };
+        last = out;
+        still >= 20 && s.metrics().pending_bytes > 0
+    });
+    assert_eq!(server.metrics().closed_total(), 0, "{}", server.metrics());
+    // The client side is closed for its stall within a few write timeouts (a probe at the
+    // deadline that the socket still takes a little of, as acknowledgements free space,
+    // restarts the clock), time stepped 100 ms at a time...
+    let mut at = t0;
+    while server.metrics().closed_total() == 0 {
+        at += Duration::from_millis(100);
+        assert!(at < t0 + 10 * write_timeout, "{}", server.metrics());
+        server.turn_at(at, Some(Duration::ZERO)).unwrap();
+    }
+    let m = server.metrics();
+    assert_eq!(m.closed_by(CloseReason::WriteStall), 1, "{m}");
+    // ...and the upstream side with it, in the same turn, without lingering (a linger would
+    // read and discard what the upstream still sends, for up to 5 s).
+    assert_eq!(m.closed_dialed[CloseReason::Handler.index()], 1, "{m}");
+    assert_eq!(m.lingering, 0, "{m}");
+    assert_eq!(m.active, 0, "{m}");
+    let line = stats.line();
+    assert!(line.contains(" sessions_ended=1{cD=1} "), "{line}");
+    // The upstream learns at once: a reset (its bytes were unread), not a FIN.
+    pusher.set_nonblocking(false).unwrap();
+    pusher
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let read = pusher.read(&mut [0; 64]);
+    assert!(
+        matches!(&read, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "the upstream read {read:?}, not a reset"
+    );
+}
+
+#[test]
+fn a_dial_refused_at_the_proxys_own_cap_ends_its_session_as_the_proxys_doing() {
+    // One connection allowed: the client takes it, its dial is refused (PC), not the
+    // upstream's failure.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = upstream.local_addr().unwrap();
+    let config = Config {
+        listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+        max_connections: Some(1),
+        ..Config::default()
+    };
+    let (mut server, stats) = proxy_server(config, up);
+    let t0 = server.now();
+    let mut client = std::net::TcpStream::connect(server.local_addrs()[0]).unwrap();
+    turn_until_at(&mut server, t0, "the client's close", |s| {
+        s.metrics().closed_total() == 1
+    });
+    let line = stats.line();
+    assert!(line.contains(" sessions_ended=1{PC=1} "), "{line}");
+    assert!(line.contains(" dial_failures=0 no_upstream=1 "), "{line}");
+    client.set_nonblocking(true).unwrap();
+    let bound = Instant::now() + Duration::from_secs(10);
+    while try_read(&mut client) != Some(0) {
+        assert!(Instant::now() < bound, "no EOF");
+        server.turn_at(t0, Some(Duration::from_millis(10))).unwrap();
+    }
 }
