@@ -168,6 +168,11 @@ impl Output {
 
     /// Marks `n` more bytes as written, from the front.
     fn advance(&mut self, mut n: usize) {
+        if n == self.len {
+            // All of it (the common case: a turn's replies leave whole).
+            self.reset();
+            return;
+        }
         self.len -= n;
         while n > 0 {
             let Some(front) = self.segs.front() else {
@@ -196,10 +201,20 @@ impl Output {
         }
         if self.segs.is_empty() {
             debug_assert_eq!((self.len, self.copied), (0, 0));
-            self.buf.clear();
-            self.start = 0;
-            self.front = 0;
+            self.reset();
         }
+    }
+
+    /// Empty: nothing queued, the buffer cleared (its capacity kept).
+    fn reset(&mut self) {
+        if !self.segs.is_empty() {
+            self.segs.clear();
+        }
+        self.buf.clear();
+        self.start = 0;
+        self.front = 0;
+        self.len = 0;
+        self.copied = 0;
     }
 
     /// Writes as much as `w` takes: one `write` for a single run, `writev` for several, until
@@ -249,17 +264,16 @@ impl Output {
     /// Drops everything queued and readies the output for reuse, with at most `keep` bytes of
     /// buffer capacity (at most [`KEEP_CAPACITY`]).
     pub(crate) fn clear(&mut self, keep: usize) {
-        self.buf.clear();
+        if !self.is_empty() {
+            self.reset();
+        }
         let keep = keep.min(KEEP_CAPACITY);
         if self.buf.capacity() > keep {
             self.buf.shrink_to(keep);
         }
-        self.segs.clear();
-        self.segs.shrink_to(16);
-        self.start = 0;
-        self.front = 0;
-        self.len = 0;
-        self.copied = 0;
+        if self.segs.capacity() > 16 {
+            self.segs.shrink_to(16);
+        }
     }
 
     /// The copied bytes, taken out (for the PROXY header phase, which keeps a partial header

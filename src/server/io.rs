@@ -140,6 +140,16 @@ impl<H: Handler> Server<H> {
                 return None;
             }
         };
+        let c = &self.table.slab[key];
+        if done && c.graceful.is_none() && !c.has(flag::DRAINED | flag::SHUT_WANTED | flag::RESUME)
+        {
+            // The common case (an echo's reply): all out, and nothing waits on it (no close or
+            // half-close after the flush, no drained callback, no resumed read). No deadline
+            // moved either (output that was not refused has none), so there is nothing to
+            // settle: measured, settling every flush cost 9 % of the CPU per echo at 5 000
+            // connections.
+            return Some(true);
+        }
         if self.table.slab[key].has(flag::DRAINED) {
             self.table.slab[key].clear(flag::DRAINED);
             self.call(key, |h, state, ctx| h.on_drained(state, ctx))?;
