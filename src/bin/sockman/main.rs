@@ -9,6 +9,7 @@ mod serve;
 mod server;
 mod units;
 mod upgrade;
+mod wrapped;
 
 use std::process::ExitCode;
 

@@ -1,14 +1,15 @@
 //! `sockman serve`: the library's [`Echo`] or [`Discard`] handler behind the shared server
-//! flags ([`ServerArgs`]); with `--access-log`, wrapped in [`Logged`], which writes a line at
-//! each close and adds nothing else.
+//! flags ([`ServerArgs`]); with `--access-log`, its [`Sink`] around the handler
+//! ([`Wrapped`]), which writes a line at each close and adds nothing else.
 
 use std::fmt::Write as _;
 
 use clap::ValueEnum;
-use sockman::{CloseReason, Context, Discard, Echo, Eof, Handler, Idle};
+use sockman::{CloseReason, Context, Discard, Echo};
 
 use crate::access_log::{self, AccessLog, Sink};
 use crate::server::{self, ServerArgs};
+use crate::wrapped::{Around, Wrapped};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum HandlerKind {
@@ -47,11 +48,11 @@ pub(crate) fn run(args: &ServeArgs) -> Result<(), String> {
     let dropped = || format!(" access_log_dropped={}", log.dropped());
     let result = match args.handler {
         HandlerKind::Echo => {
-            let make = |_| Logged::new(Echo, log.sink());
+            let make = |_| Wrapped::new(Echo, log.sink());
             server::run(config, make, &args.server, dropped)
         }
         HandlerKind::Discard => {
-            let make = |_| Logged::new(Discard, log.sink());
+            let make = |_| Wrapped::new(Discard, log.sink());
             server::run(config, make, &args.server, dropped)
         }
     };
@@ -59,56 +60,11 @@ pub(crate) fn run(args: &ServeArgs) -> Result<(), String> {
     result.map(|_| ())
 }
 
-/// A handler `H` that logs one line per closed connection: every callback is `H`'s, and
-/// `on_close` also writes the line (what `Context` says of the connection then: its peer,
-/// age and bytes).
-#[derive(Debug)]
-pub(crate) struct Logged<H> {
-    inner: H,
-    log: Sink,
-}
-
-impl<H> Logged<H> {
-    pub(crate) fn new(inner: H, log: Sink) -> Logged<H> {
-        Logged { inner, log }
-    }
-}
-
-impl<H: Handler> Handler for Logged<H> {
-    type Conn = H::Conn;
-    const PAUSE_READING_WHILE_PENDING: bool = H::PAUSE_READING_WHILE_PENDING;
-
-    fn on_open(&mut self, ctx: &mut Context<'_, H::Conn>) -> H::Conn {
-        self.inner.on_open(ctx)
-    }
-
-    #[inline]
-    fn on_data(&mut self, conn: &mut H::Conn, ctx: &mut Context<'_, H::Conn>, data: &[u8]) {
-        self.inner.on_data(conn, ctx, data);
-    }
-
-    fn on_connected(&mut self, conn: &mut H::Conn, ctx: &mut Context<'_, H::Conn>) {
-        self.inner.on_connected(conn, ctx);
-    }
-
-    fn on_eof(&mut self, conn: &mut H::Conn, ctx: &mut Context<'_, H::Conn>) -> Eof {
-        self.inner.on_eof(conn, ctx)
-    }
-
-    fn on_drained(&mut self, conn: &mut H::Conn, ctx: &mut Context<'_, H::Conn>) {
-        self.inner.on_drained(conn, ctx);
-    }
-
-    fn on_timer(&mut self, conn: &mut H::Conn, ctx: &mut Context<'_, H::Conn>) {
-        self.inner.on_timer(conn, ctx);
-    }
-
-    fn on_idle(&mut self, conn: &mut H::Conn, ctx: &mut Context<'_, H::Conn>) -> Idle {
-        self.inner.on_idle(conn, ctx)
-    }
-
-    fn on_close(&mut self, conn: H::Conn, ctx: &mut Context<'_, H::Conn>, reason: CloseReason) {
-        self.log.line(|line| {
+/// The access log around a handler: one line per closed connection, of what `Context` says of
+/// it then (its peer, age and bytes); every callback is the handler's ([`Wrapped`]).
+impl Around for Sink {
+    fn on_close<C>(&mut self, ctx: &mut Context<'_, C>, reason: CloseReason) {
+        self.line(|line| {
             let _ = write!(
                 line,
                 " client={} duration_ms={} bytes_in={} bytes_out={} reason={}",
@@ -119,20 +75,13 @@ impl<H: Handler> Handler for Logged<H> {
                 reason.name()
             );
         });
-        self.inner.on_close(conn, ctx, reason);
     }
 
-    fn on_periodic(&mut self, ctx: &mut Context<'_, H::Conn>) {
-        self.log.flush();
-        self.inner.on_periodic(ctx);
-    }
-
-    fn describe(&self, conn: &H::Conn, out: &mut String) {
-        self.inner.describe(conn, out);
+    fn on_periodic(&mut self) {
+        self.flush();
     }
 
     fn write_metrics(&self, out: &mut String) {
-        self.inner.write_metrics(out);
-        self.log.write_metrics(out);
+        Sink::write_metrics(self, out);
     }
 }

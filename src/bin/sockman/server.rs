@@ -15,7 +15,8 @@ use sockman::{Config, Handler, Metrics, OnFull, ProxyProtocol, Server, Workers};
 
 use crate::resolve::{self, Addrs};
 use crate::units::{parse_duration, parse_size};
-use crate::upgrade::{self, UpgradeArgs, Upgrader, Upgrades, WithUpgrades};
+use crate::upgrade::{self, UpgradeArgs, Upgrader, Upgrades};
+use crate::wrapped::Wrapped;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum OnFullArg {
@@ -313,7 +314,7 @@ where
     };
     let handed = takeover.as_mut().map(|t| t.take_listeners());
     let upgrades = Arc::new(Upgrades::default());
-    let mut make = |i| WithUpgrades::new(make(i), Arc::clone(&upgrades));
+    let mut make = |i| Wrapped::new(make(i), Arc::clone(&upgrades));
     let upgrader = |handover| {
         let drain = args.drain_timeout;
         Upgrader::new(

@@ -41,19 +41,19 @@
 //! process's side), `successor.rs` (the new one's), `handler.rs` (the counters in `/metrics`).
 
 mod channel;
-mod handler;
 mod successor;
 mod upgrader;
 mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use log::warn;
 
 use crate::units::parse_duration;
+use crate::wrapped::Around;
 
-pub(crate) use handler::WithUpgrades;
 pub(crate) use successor::{confirm, take_over};
 pub(crate) use upgrader::Upgrader;
 
@@ -89,7 +89,12 @@ impl Upgrades {
         let [started, succeeded, failed] = self.counts();
         format!(" upgrades={started}{{succeeded={succeeded} failed={failed}}}")
     }
+}
 
+/// The upgrade counters ride on every server's handler
+/// ([`Wrapped`](crate::wrapped::Wrapped)); the admin endpoint asks worker 0's handler only, so
+/// they appear once in `/metrics`.
+impl Around for Arc<Upgrades> {
     /// `sockman_upgrades_total{result=...}` in Prometheus text.
     fn write_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;

@@ -1,27 +1,34 @@
-//! [`WithUpgrades`]: any handler, plus the upgrade counters in `/metrics`. It passes every
-//! callback through unchanged and appends `sockman_upgrades_total` after the handler's own
-//! families (the admin endpoint asks worker 0's handler only, so they appear once).
-
-use std::sync::Arc;
+//! [`Wrapped`]: a handler `H` with something added around it ([`Around`]): every callback is
+//! `H`'s, and the addition sees the close, the periodic tick and the `/metrics` text. The
+//! access log (`serve --access-log`) and the upgrade counters are such additions; one wrapper
+//! serves both, so neither repeats the forwarding of every callback.
 
 use sockman::{CloseReason, Context, Eof, Handler, Idle};
 
-use super::Upgrades;
-
-/// `H` with the upgrade counters in `/metrics`.
-#[derive(Debug)]
-pub(crate) struct WithUpgrades<H> {
-    inner: H,
-    upgrades: Arc<Upgrades>,
+/// What a [`Wrapped`] handler adds to `H`; each hook runs next to `H`'s own callback.
+pub(crate) trait Around {
+    /// At a close, before `H::on_close` (the connection's accessors still answer).
+    fn on_close<C>(&mut self, _ctx: &mut Context<'_, C>, _reason: CloseReason) {}
+    /// At the periodic tick, before `H::on_periodic`.
+    fn on_periodic(&mut self) {}
+    /// After `H`'s own families in `/metrics`.
+    fn write_metrics(&self, out: &mut String);
 }
 
-impl<H> WithUpgrades<H> {
-    pub(crate) fn new(inner: H, upgrades: Arc<Upgrades>) -> WithUpgrades<H> {
-        WithUpgrades { inner, upgrades }
+/// `H` with `A` around it.
+#[derive(Debug)]
+pub(crate) struct Wrapped<H, A> {
+    inner: H,
+    around: A,
+}
+
+impl<H, A> Wrapped<H, A> {
+    pub(crate) fn new(inner: H, around: A) -> Wrapped<H, A> {
+        Wrapped { inner, around }
     }
 }
 
-impl<H: Handler> Handler for WithUpgrades<H> {
+impl<H: Handler, A: Around> Handler for Wrapped<H, A> {
     type Conn = H::Conn;
     const PAUSE_READING_WHILE_PENDING: bool = H::PAUSE_READING_WHILE_PENDING;
 
@@ -29,6 +36,7 @@ impl<H: Handler> Handler for WithUpgrades<H> {
         self.inner.on_open(ctx)
     }
 
+    #[inline]
     fn on_data(&mut self, conn: &mut H::Conn, ctx: &mut Context<'_, H::Conn>, data: &[u8]) {
         self.inner.on_data(conn, ctx, data);
     }
@@ -54,10 +62,12 @@ impl<H: Handler> Handler for WithUpgrades<H> {
     }
 
     fn on_close(&mut self, conn: H::Conn, ctx: &mut Context<'_, H::Conn>, reason: CloseReason) {
+        self.around.on_close(ctx, reason);
         self.inner.on_close(conn, ctx, reason);
     }
 
     fn on_periodic(&mut self, ctx: &mut Context<'_, H::Conn>) {
+        self.around.on_periodic();
         self.inner.on_periodic(ctx);
     }
 
@@ -67,6 +77,6 @@ impl<H: Handler> Handler for WithUpgrades<H> {
 
     fn write_metrics(&self, out: &mut String) {
         self.inner.write_metrics(out);
-        self.upgrades.write_metrics(out);
+        self.around.write_metrics(out);
     }
 }
