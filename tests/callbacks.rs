@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use sockman::{CloseReason, ConnId, Context, Handler, Origin, SendError, Server};
-use util::{bind, connect, local_config, turn_until_at};
+use util::{bind, connect, local_config, refused_port, turn_until_at};
 
 /// What `on_close` saw of its connection.
 #[derive(Debug)]
@@ -68,16 +68,6 @@ impl Handler for Asker {
             pending: ctx.pending(),
         });
     }
-}
-
-/// A port where a connect is refused: bound (nobody else gets it meanwhile), not listening.
-fn refused_port() -> (socket2::Socket, SocketAddr) {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    let addr = socket.local_addr().unwrap().as_socket().unwrap();
-    (socket, addr)
 }
 
 /// Asserts that `seen` describes connection `id` to `peer` of `origin`, closed for `reason` at

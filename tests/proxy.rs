@@ -22,22 +22,12 @@ use util::child::is_stats;
 use util::procfs::rss_kib;
 use util::proxy::{serve_child, Proxy};
 use util::{
-    accept_within, assert_same, connect, expect_closed, pattern, read_to_eof, silent_listener, stat,
+    accept_within, assert_same, connect, expect_closed, pattern, read_to_eof, refused_port,
+    silent_listener, stat,
 };
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
-
-/// A port where a connect is refused: bound (so that nobody else gets it while the test runs)
-/// but not listening, so the kernel answers a SYN with a reset.
-fn refused_port() -> (socket2::Socket, SocketAddr) {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    let addr = socket.local_addr().unwrap().as_socket().unwrap();
-    (socket, addr)
-}
 
 #[test]
 fn echoes_byte_exact_through_the_proxy_on_several_connections_and_sizes() {

@@ -450,11 +450,14 @@ fn twenty_upgrades_in_a_row_under_load_refuse_nothing_and_leak_nothing() {
     assert_clean_log(&chain.bin.log, false);
 }
 
-/// A copy of the binary in `dir`, to be replaced during a test.
-fn copy_of_sockman(dir: &Path) -> PathBuf {
+/// A copy of the binary in `dir`, to be replaced during a test, and the command that runs it as
+/// `serve --listen 127.0.0.1:0` with `args` and the common flags.
+fn copy_of_sockman(dir: &Path, args: &[&str]) -> (PathBuf, std::process::Command) {
     let path = dir.join("sockman");
     std::fs::copy(env!("CARGO_BIN_EXE_sockman"), &path).expect("copy the binary");
-    path
+    let mut command = std::process::Command::new(&path);
+    command.args([&["serve", "--listen", "127.0.0.1:0"][..], args, &COMMON].concat());
+    (path, command)
 }
 
 /// Replaces the file at `path` (renaming a new file over it, as an install does) with a shell
@@ -477,23 +480,8 @@ fn replace_with_sockman(path: &Path) {
 #[test]
 fn failed_upgrades_leave_the_old_process_serving_counted_and_a_later_one_succeeds() {
     let dir = TempDir::new("upgrade-fail");
-    let exe = copy_of_sockman(dir.path());
-    let mut command = std::process::Command::new(&exe);
-    command.args(
-        [
-            &[
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--upgrade-timeout",
-                "1s",
-            ][..],
-            &COMMON,
-        ]
-        .concat(),
-    );
+    let args = ["--admin", "127.0.0.1:0", "--upgrade-timeout", "1s"];
+    let (exe, command) = copy_of_sockman(dir.path(), &args);
     let mut chain = Chain::from_bin(Bin::from_command(command));
     let (addr, admin) = chain.bin.wait_listening_with_admin();
     let old = chain.current();
@@ -585,21 +573,7 @@ fn failed_upgrades_leave_the_old_process_serving_counted_and_a_later_one_succeed
 #[test]
 fn a_drain_during_an_upgrade_calls_it_off_and_new_connects_are_refused_as_in_any_drain() {
     let dir = TempDir::new("upgrade-drain");
-    let exe = copy_of_sockman(dir.path());
-    let mut command = std::process::Command::new(&exe);
-    command.args(
-        [
-            &[
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--upgrade-timeout",
-                "20s",
-            ][..],
-            &COMMON,
-        ]
-        .concat(),
-    );
+    let (exe, command) = copy_of_sockman(dir.path(), &["--upgrade-timeout", "20s"]);
     let mut chain = Chain::from_bin(Bin::from_command(command));
     let addr = chain.bin.wait_listening();
     let old = chain.current();

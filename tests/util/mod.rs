@@ -377,6 +377,18 @@ pub fn abort(stream: TcpStream) {
     drop(stream);
 }
 
+/// A port where a connect is refused: bound (so that nobody else gets it while the test runs)
+/// but not listening, so the kernel answers a SYN with a reset. Keep the socket while the port
+/// is in use.
+pub fn refused_port() -> (socket2::Socket, SocketAddr) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    (socket, addr)
+}
+
 /// A listener that never accepts, with its backlog (0: one queued connection) filled, so that
 /// the kernel drops further SYNs and a dial to it never completes. Fails unless a filler connect
 /// timed out, i.e. the backlog is seen to be full.
