@@ -38,7 +38,8 @@
 //! only descriptors of the sockets.
 //!
 //! The files: `channel.rs` (the unix socket), `wire.rs` (its messages), `upgrader.rs` (the old
-//! process's side), `successor.rs` (the new one's), `handler.rs` (the counters in `/metrics`).
+//! process's side), `successor.rs` (the new one's); this file the flags and the counters, which
+//! ride in `/metrics` around every server's handler (`wrapped.rs`).
 
 mod channel;
 mod successor;
